@@ -1,0 +1,101 @@
+"""Config pieces shared by every recipe: the privacy block, train block, mesh.
+
+Every key is declared here with a comment; recipes override values, never add
+keys in code. `parse_arg("tiny,steps=10")` gives the preset name and overrides.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses big_vision-style `configs/x.py:tiny,foo=1` arguments.
+
+  Args:
+    arg: the string after the colon, e.g. "tiny" or "tiny,tan=8"; may be None.
+    **defaults: declared option names with default values; the first bare word
+      sets `preset`.
+
+  Returns:
+    A ConfigDict with `preset` and the declared options.
+  """
+  out = ml_collections.ConfigDict(dict(preset="paper", **defaults))
+  for i, part in enumerate(p for p in (arg or "").split(",") if p):
+    if "=" not in part:
+      if i:
+        raise ValueError(f"config arg {part!r}: only the first word is a preset")
+      out.preset = part
+      continue
+    key, value = part.split("=", 1)
+    if key not in out:
+      raise ValueError(
+          f"config arg {key!r} unknown; valid: {sorted(out.keys())}")
+    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return out
+
+
+def privacy_block() -> ml_collections.ConfigDict:
+  """DP-SGD settings (read by recipes/common.py:privacy_from_config)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=True,  # False: non-private training (baselines); spends nothing.
+      l2_clip_norm=1.0,  # C: each unit's gradient is clipped to this L2 norm.
+      clipping="clip",  # "clip": min(1, C/|g|); "normalize": C/(|g|+gamma).
+      normalize_gamma=0.01,  # gamma of automatic (normalising) clipping.
+      noise_multiplier=-1.0,  # sigma; < 0 means calibrate to target_epsilon.
+      target_epsilon=8.0,  # budget: sigma is calibrated to it; training
+                           # stops before the ledger would exceed it.
+      delta=-1.0,  # < 0 means 1/N (N = private examples or users).
+      accountant="pld",  # "pld" or "rdp" (dp_accounting).
+      sampling="poisson",  # Poisson subsampling (the accounted mechanism).
+      # TAN simulation (DP-Cap, Sander et al. 2023): > 0 means "simulate the
+      # run at this reference batch": sigma is calibrated for the reference
+      # batch and scaled by batch_size / reference. Not an epsilon run.
+      tan_reference_batch_size=0,
+      method="vmap",  # per-example clipping: "vmap" | "ghost" | "auto".
+      # Secret seed of the DP noise. -1: fresh OS entropy, kept in the
+      # checkpoint. A seed others know lets them subtract the noise: set one
+      # only for reproducible tests and experiments.
+      noise_seed=-1,
+  ))
+
+
+def train_block(**overrides) -> ml_collections.ConfigDict:
+  """Optimisation and loop settings."""
+  cfg = ml_collections.ConfigDict(dict(
+      steps=100,  # logical DP steps (T).
+      batch_size=256,  # EXPECTED logical batch q*N (Poisson: realised varies).
+      microbatch_size=64,  # global physical batch per accumulation call.
+      inner_microbatch=0,  # > 0: lax.scan inside a device call (memory).
+      optimizer="adamw",  # "adamw" | "sgd".
+      learning_rate=1e-3,  # peak learning rate.
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.005,  # decoupled, on all params (costs no privacy).
+      momentum=0.0,  # for sgd.
+      warmup_steps=0,  # linear warm-up.
+      decay_steps=0,  # cosine horizon; 0 means `steps` (can exceed steps:
+                      # DP-Cap truncates its cosine at 5,708 of 10,000).
+      grad_clip_nonprivate=0.0,  # > 0: global-norm clip in non-private phases.
+      log_every=10,  # steps between log lines (loss, epsilon, examples/s).
+      checkpoint_every=50,  # steps between Orbax checkpoints.
+      keep_checkpoints=2,
+      eval_every=0,  # 0: evaluate at the end only.
+      dtype="float32",  # activation dtype: "float32" | "bfloat16".
+      num_workers=0,  # Grain worker processes for decoding/augmentation.
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def mesh_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      data=-1,  # devices on the data-parallel axis; -1 = all that remain.
+      fsdp=1,  # devices over which parameters are sharded (FSDP-style).
+  ))
+
+
+def audit_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      enabled=False,  # insert input-space canaries and report an empirical eps.
+      num_canaries=0,
+      confidence=0.95,
+  ))

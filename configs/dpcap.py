@@ -1,0 +1,95 @@
+r"""DP-Cap: differentially private image captioning (Sander et al., ICML 2024).
+
+Paper preset (default): ViT-B/16 encoder + 6-layer 768-d bias-free decoder on
+Dedup-LAION-233M, C=1, B=1,310,720, sigma=0.728, T=5,708, AdamW (0.9, 0.95),
+wd 0.005, lr 5.12e-4, 2,000 warm-up steps of a 10,000-step cosine truncated at
+5,708, mixed precision with f32 per-example norms, Poisson sampling,
+epsilon 8 at delta 1/N (PLD; the paper's RDP gives 8.05).
+
+  python -m dpjax.main --config=configs/dpcap.py --workdir=/tmp/dpcap
+  python -m dpjax.main --config=configs/dpcap.py:tiny --workdir=/tmp/dpcap_tiny
+
+`:tiny` trains on the embedded procedural shapes-and-captions data on a CPU in
+minutes. `:tiny,tan=8` is a TAN simulation of the tiny run at batch B/8 with
+sigma/8 (same steps and lr): it tunes hyper-parameters cheaply and is NOT an
+epsilon-8 run. `:paper,tan=1024` simulates the paper run at B'=1,280.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the DP-Cap config; `arg` = "paper" (default) | "tiny" [,tan=k]."""
+  arg = common.parse_arg(arg, tan=0)
+  c = ml_collections.ConfigDict()
+  c.recipe = "dpcap"
+  c.seed = 0
+  c.eval_only = False  # only restore the latest checkpoint and evaluate.
+  c.init_checkpoint = ""  # warm start (e.g. a synthetic-data pretrained run).
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant="B/16",  # dpjax.models.captioner.captioner_config variant.
+      vocab_size=30522,  # bert-base-uncased WordPiece (user-supplied vocab).
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      # Private training data; "synthetic:shapes" | "tfds:<name>" |
+      # "arrayrecord:<glob>" | "folder:<dir>" (see dpjax/data/sources.py).
+      source="tfds:laion233m",
+      data_dir="",  # TFDS data_dir / base folder ("" = TFDS default).
+      split="train",
+      num_examples=233_804_767,  # N; synthetic sources are generated at it.
+      image_key="image",  # record field names of real sources.
+      caption_key="caption",
+      image_size=224,
+      max_caption_len=40,  # tokens incl. BOS/EOS; longer captions truncated.
+      tokenizer="wordpiece:vocab.txt",  # "synthetic" | "bytes" |
+                                        # "wordpiece:<vocab.txt>".
+      augment=True,  # RandomResizedCrop(0.2-1) + horizontal flip.
+      # Held-out public evaluation data (labels for probes, zero-shot, ARO).
+      eval_source="synthetic:shapes",
+      eval_split="test",
+      eval_num_examples=2000,
+  ))
+  c.privacy = common.privacy_block()
+  c.privacy.update(dict(
+      l2_clip_norm=1.0, noise_multiplier=0.728, target_epsilon=8.0,
+      tan_reference_batch_size=0))
+  c.train = common.train_block(
+      steps=5708, batch_size=1_310_720, microbatch_size=1024,
+      learning_rate=5.12e-4, b1=0.9, b2=0.95, weight_decay=0.005,
+      warmup_steps=2000, decay_steps=10_000, dtype="bfloat16",
+      checkpoint_every=50, log_every=10, num_workers=16)
+  c.mesh = common.mesh_block()
+  c.evals = ml_collections.ConfigDict(dict(
+      linear_probe=True, few_shot=True, zero_shot=True, aro=True,
+      heldout_loss=True, captions=8,  # number of greedy captions to write.
+      probe_train_examples=10_000,
+  ))
+  c.audit = common.audit_block()
+
+  if arg.preset == "tiny":
+    c.model.variant = "tiny"
+    c.model.vocab_size = 0  # 0: taken from the tokenizer.
+    c.data.update(dict(
+        source="synthetic:shapes", num_examples=20_000, image_size=32,
+        max_caption_len=16, tokenizer="synthetic", augment=False,
+        eval_num_examples=1000))
+    c.privacy.noise_multiplier = -1.0  # calibrated to epsilon 8 at start.
+    c.train.update(dict(
+        steps=150, batch_size=512, microbatch_size=256, learning_rate=2e-3,
+        warmup_steps=15, decay_steps=0, dtype="float32", checkpoint_every=50,
+        log_every=10, num_workers=0))
+    c.evals.probe_train_examples = 2000
+    c.evals.captions = 4
+  elif arg.preset != "paper":
+    raise ValueError(f"configs/dpcap.py:{arg.preset}: unknown preset; "
+                     "use :paper or :tiny")
+
+  if arg.tan:
+    # TAN simulation: B' = B/tan, sigma' = sigma/tan, same steps and lr.
+    c.privacy.tan_reference_batch_size = c.train.batch_size
+    c.train.batch_size //= arg.tan
+    c.train.microbatch_size = min(c.train.microbatch_size, c.train.batch_size)
+  return c

@@ -1,0 +1,1 @@
+"""The generic DP training loop that every recipe plugs into."""

@@ -1,0 +1,329 @@
+"""`run(config, workdir)`: the one training loop every recipe plugs into.
+
+build task -> resolve privacy -> init or resume -> for each phase: Poisson
+batches -> microbatch accumulation of clipped sums -> one noisy update per
+step -> ledger, logs, checkpoints -> evaluate -> results.json. Notebooks,
+tests and launch scripts call this function; `dpjax.main` is a thin wrapper.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpjax import privacy
+from dpjax import recipes
+from dpjax.data import pipeline
+from dpjax.recipes import common
+from dpjax.train import checkpoint as ckpt_lib
+from dpjax.train import mesh as mesh_lib
+from dpjax.train import metrics as metrics_lib
+from dpjax.train import step as step_lib
+from dpjax.train import task as task_lib
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked after every step (all processes)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. inside a notebook thread).
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: finishing this step, checkpointing, exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+
+def _noise_key(config) -> jax.Array:
+  """The secret root of the DP noise; identical on every process."""
+  seed = config.privacy.noise_seed
+  if seed < 0:  # Default: fresh secret entropy, kept in the checkpoint.
+    seed = int.from_bytes(os.urandom(4), "little") >> 1
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
+  return jax.random.PRNGKey(seed)
+
+
+def _init_state(task, phase, config, mesh):
+  shardings = mesh_lib.param_shardings(
+      jax.eval_shape(task.init_params, jax.random.PRNGKey(0)), mesh)
+  params = jax.jit(task.init_params, out_shardings=shardings)(
+      jax.random.PRNGKey(config.seed))
+  if config.init_checkpoint:
+    params = _load_params(config.init_checkpoint, params, task)
+  opt_state = jax.jit(phase.optimizer.init)(params)
+  rep = mesh_lib.replicated(mesh)
+  return step_lib.TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+      opt_state=opt_state,
+      noise_key=jax.device_put(_noise_key(config), rep))
+
+
+def _load_params(path: str, params, task):
+  """Warm start: the params of another run's latest checkpoint."""
+  ckpt = ckpt_lib.Checkpointer(path, async_save=False)
+  if ckpt.latest_step() is None:
+    raise ValueError(f"config.init_checkpoint={path!r} holds no checkpoint: "
+                     "point it at the workdir of a finished run")
+  restored = ckpt.restore_params(ckpt_lib.abstract_like(params))
+  ckpt.close()
+  return restored
+
+
+class _Run:
+  """State of one `run` call: config, task, mesh, ledger, writers."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.task: task_lib.Task = recipes.get(config.recipe).build(config)
+    self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    common.validate_train(config.train, jax.device_count())
+    self.settings = {}
+    for phase in self.task.phases:
+      if phase.private:
+        s = common.privacy_from_config(
+            config.privacy, num_examples=phase.num_examples,
+            batch_size=phase.batch_size, steps=phase.steps)
+        phase.noise_multiplier = s.noise_multiplier
+        self.settings[phase.name] = s
+    private = [p for p in self.task.phases if p.private]
+    self.dp = self.settings[private[0].name] if private else None
+    self.ledger = privacy.PrivacyLedger(
+        num_examples=private[0].num_examples if private else 1,
+        delta=self.dp.delta if self.dp else None,
+        accountant=self.dp.accountant if self.dp else "pld")
+    self.ckpt = ckpt_lib.Checkpointer(workdir,
+                                      keep=config.train.keep_checkpoints)
+    self.total_steps = sum(p.steps for p in self.task.phases)
+
+  def epsilon(self) -> float:
+    return self.ledger.epsilon() if self.ledger.steps else 0.0
+
+  def describe(self) -> dict:
+    """Public facts of the run for logs and results.json."""
+    out = dict(recipe=self.config.recipe, total_steps=self.total_steps)
+    for phase in self.task.phases:
+      out[f"{phase.name}/private"] = phase.private
+      out[f"{phase.name}/steps"] = phase.steps
+      out[f"{phase.name}/batch_size"] = phase.batch_size
+      out[f"{phase.name}/num_examples"] = phase.num_examples
+      if phase.private:
+        s = self.settings[phase.name]
+        out[f"{phase.name}/noise_multiplier"] = phase.noise_multiplier
+        out[f"{phase.name}/sampling_rate"] = phase.sampling_rate
+        out[f"{phase.name}/l2_clip_norm"] = s.l2_clip_norm
+        out[f"{phase.name}/clipping"] = s.clipping
+    if self.dp:
+      out.update(delta=self.dp.delta, accountant=self.dp.accountant,
+                 target_epsilon=self.dp.target_epsilon,
+                 tan_simulation=self.dp.is_simulation)
+      if self.dp.is_simulation:
+        out.update(
+            tan_reference_batch_size=self.dp.tan_reference_batch_size,
+            tan_reference_noise_multiplier=
+            self.dp.tan_reference_noise_multiplier)
+    return out
+
+
+def _sum_fn(phase: task_lib.Phase, s: common.PrivacySettings | None, config):
+  if phase.clipped_sum_fn is not None:
+    return phase.clipped_sum_fn
+  if not phase.private:
+    return step_lib.nonprivate_sum_fn(phase.loss_fn)
+  return step_lib.private_sum_fn(
+      phase.loss_fn, s.l2_clip_norm, clipping=s.clipping,
+      normalize_gamma=s.normalize_gamma,
+      inner_microbatch=config.train.inner_microbatch, method=s.method)
+
+
+def _allowed_steps(run: _Run, phase: task_lib.Phase, done: int) -> int:
+  """Steps of `phase` that keep the ledger within the target epsilon."""
+  remaining = phase.steps - done
+  if not phase.private or remaining <= 0 or run.dp.is_simulation:
+    return remaining
+  target = run.settings[phase.name].target_epsilon
+  eps = lambda t: run.ledger.epsilon_after(
+      phase.noise_multiplier, phase.sampling_rate, t)
+  if eps(remaining) <= target:
+    return remaining
+  lo, hi = 0, remaining  # eps(lo) <= target < eps(hi).
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if eps(mid) <= target else (lo, mid)
+  logging.warning("%s: stopping after %d of %d remaining steps: one more "
+                  "would exceed target epsilon %.3g", phase.name, lo,
+                  remaining, target)
+  return lo
+
+
+def _train_phase(run: _Run, index: int, state, phase_step: int,
+                 data_state, preempt: _Preemption, writer):
+  """Trains phase `index` from `phase_step`; returns (state, done, stopped)."""
+  config, phase = run.config, run.task.phases[index]
+  s = run.settings.get(phase.name)
+  sum_fn = _sum_fn(phase, s, config)
+  pshard = jax.tree.map(lambda x: x.sharding, state.params)
+  acc_shard = {k: mesh_lib.replicated(run.mesh) for k in step_lib.AUX_KEYS}
+  acc_shard["grad"] = pshard
+  zeros = jax.jit(step_lib.zeros_accumulator, out_shardings=acc_shard)
+  accumulate = jax.jit(functools.partial(step_lib.accumulate, sum_fn),
+                       donate_argnums=(1,), out_shardings=acc_shard)
+  apply = jax.jit(functools.partial(
+      step_lib.apply, optimizer=phase.optimizer, private=phase.private,
+      l2_clip_norm=s.l2_clip_norm if s else 0.0,
+      noise_multiplier=phase.noise_multiplier,
+      expected_batch_size=float(phase.batch_size)), donate_argnums=(0,))
+  allowed = _allowed_steps(run, phase, phase_step)
+  end = phase_step + allowed
+  batches = pipeline.PoissonBatches(
+      phase.source, phase.preprocess, seed=config.seed + 1000 * index,
+      sampling_rate=phase.sampling_rate, num_examples=phase.num_examples,
+      global_microbatch=config.train.microbatch_size,
+      start_step=phase_step, num_steps=end,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_workers=config.train.num_workers)
+  iterator = iter(batches)
+  if data_state is not None:
+    iterator.set_state(data_state)
+  prefix = "private/" if phase.private else "public/"
+  sharding = mesh_lib.batch_sharding(run.mesh)
+  t0, seen, stopped = time.time(), 0, allowed < phase.steps - phase_step
+  for _ in range(allowed):
+    element = next(iterator)
+    acc = zeros(state.params)
+    for m in range(element["mask"].shape[0]):
+      micro = jax.tree.map(lambda x: x[m], element["example"])
+      batch = pipeline.to_global_array(micro, run.mesh, sharding.spec)
+      mask = pipeline.to_global_array(element["mask"][m], run.mesh,
+                                      sharding.spec)
+      acc = accumulate(state.params, acc, batch, mask)
+    state, metrics = apply(state, acc)
+    phase_step += 1
+    seen += int(element["batch_size"])
+    if phase.private:
+      run.ledger.record(phase.noise_multiplier, phase.sampling_rate)
+    gstep = int(state.step)
+    last = phase_step == end
+    if gstep % config.train.log_every == 0 or last:
+      m = {prefix + k: float(v) for k, v in jax.device_get(metrics).items()}
+      m["examples_per_sec"] = seen / max(time.time() - t0, 1e-9)
+      m["epsilon"] = run.epsilon()
+      writer.write(gstep, m)
+      writer.progress(gstep, {"loss": m[prefix + "loss"],
+                              "eps": m["epsilon"],
+                              "ex/s": m["examples_per_sec"]})
+      t0, seen = time.time(), 0
+    meta = lambda: dict(phase=index, phase_step=phase_step,
+                        ledger=run.ledger.to_dict(),
+                        data=iterator.get_state())
+    if preempt.agreed():
+      run.ckpt.save(gstep, state._asdict(), meta(), force=True)
+      run.ckpt.wait()
+      return state, phase_step, True
+    if gstep % config.train.checkpoint_every == 0 or last:
+      run.ckpt.save(gstep, state._asdict(), meta())
+  return state, phase_step, stopped
+
+
+def _evaluate(run: _Run, params, writer, step: int) -> dict:
+  out = {}
+  for name, evaluator in run.task.evaluators().items():
+    t0 = time.time()
+    res = evaluator.run(params)
+    out.update({f"eval/{k}": float(v) for k, v in res.items()})
+    logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
+  writer.write(step, out)
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes, or only evaluates) the run described by `config`.
+
+  Returns:
+    results: the public facts of the run (privacy parameters, final epsilon,
+    evaluation metrics), also written to <workdir>/results.json.
+  """
+  r = _Run(config, workdir)
+  phases = r.task.phases
+  state = _init_state(r.task, phases[0], config, r.mesh)
+  meta = dict(phase=0, phase_step=0, ledger=None, data=None)
+  if r.ckpt.latest_step() is not None:
+    rmeta = r.ckpt.restore_meta()
+    if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
+      state = state._replace(
+          opt_state=phases[rmeta["phase"]].optimizer.init(state.params))
+    restored, meta = r.ckpt.restore(ckpt_lib.abstract_like(state._asdict()))
+    state = step_lib.TrainState(**restored)
+    r.ledger = privacy.PrivacyLedger.from_dict(meta["ledger"])
+    logging.info("resumed at step %d (phase %s, epsilon %.4g)",
+                 int(state.step), phases[meta["phase"]].name, r.epsilon())
+  logging.info("run: %s", json.dumps(r.describe(), indent=1))
+  writer = metrics_lib.MetricWriter(workdir, r.total_steps, int(state.step))
+  stopped = False
+  if not config.eval_only:
+    with _Preemption() as preempt:
+      for i in range(meta["phase"], len(phases)):
+        first = i == meta["phase"]
+        if not first:  # Entering a new phase: its optimizer.
+          new = phases[i].optimizer.init(state.params)
+          reset = phases[i].reset_opt_state
+          state = state._replace(
+              opt_state=reset(state.opt_state, new) if reset else new)
+        state, done, stopped = _train_phase(
+            r, i, state, meta["phase_step"] if first else 0,
+            meta["data"] if first else None, preempt, writer)
+        if stopped:
+          break
+  r.ckpt.wait()
+  if stopped and preempt.requested:
+    writer.close()
+    logging.warning("preempted at step %d; rerun the same command to resume",
+                    int(state.step))
+    return dict(preempted=True, step=int(state.step))
+  results = r.describe()
+  results.update(step=int(state.step), epsilon=r.epsilon(),
+                 stopped_at_budget=stopped)
+  results.update(_evaluate(r, state.params, writer, int(state.step)))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1, default=float)
+    if r.task.summary is not None:
+      with open(os.path.join(workdir, "samples.json"), "w") as f:
+        json.dump(r.task.summary(state.params), f, indent=1)
+  writer.close()
+  r.ckpt.close()
+  label = " (TAN SIMULATION: not an epsilon run)" if (
+      r.dp and r.dp.is_simulation) else ""
+  logging.info("done: step %d epsilon %.4g delta %.3g%s", results["step"],
+               results["epsilon"], r.dp.delta if r.dp else 0, label)
+  return results

@@ -1,0 +1,82 @@
+"""What a recipe hands to the generic loop: phases of training + evaluators.
+
+A recipe (dpjax/recipes/<name>.py) builds a `Task`; `train.loop.run` trains
+its phases in order with ONE loop. A phase is private (DP-SGD: per-unit
+clipping, one Gaussian draw per step, accounted in the ledger) or non-private
+(public data; spends no budget).
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import optax
+
+Params = Any
+Example = Any
+# loss_fn(params, example) -> scalar, for ONE example (no batch axis).
+LossFn = Callable[[Params, Example], Any]
+# clipped_sum_fn(params, batch, mask) -> (sum of clipped per-unit updates,
+# aux dict of aggregate scalars: loss_sum, grad_norm_sum, num_clipped, count).
+ClippedSumFn = Callable[[Params, Example, Any], tuple[Params, dict]]
+
+
+@dataclasses.dataclass
+class Phase:
+  """One stage of training over one data source.
+
+  Attributes:
+    name: used in logs and metric names ("pretrain", "dp", ...).
+    private: True for DP-SGD on private data (accounted); False for public.
+    source: random-access record source (len + getitem), e.g. a Grain source.
+    preprocess: record -> dict of numpy arrays for one example; runs in
+      Grain workers. Gets (record, rng_seed: int) for augmentation.
+    loss_fn: per-example loss (see LossFn).
+    steps: number of logical steps.
+    batch_size: EXPECTED logical batch size q*N (Poisson sampling).
+    optimizer: optax transformation applied to the privatised mean gradient.
+    clipped_sum_fn: overrides per-example clipping of `loss_fn` (DP-FedEmb
+      clips per-user model deltas); None = privacy.clipped_grad(loss_fn).
+    reset_opt_state: called with (old_opt_state, new_opt_state) on entering
+      the phase after an earlier one; returns the state to use (DP continual
+      pretraining keeps Adam's second moment). None = fresh optimizer state.
+    noise_multiplier: sigma for private phases (set by the loop's calibration
+      when the config asks for a target epsilon).
+    num_examples: N, the private population size (defaults to len(source)).
+  """
+  name: str
+  private: bool
+  source: Any
+  preprocess: Callable[[Mapping[str, Any], int], dict]
+  loss_fn: LossFn
+  steps: int
+  batch_size: int
+  optimizer: optax.GradientTransformation
+  clipped_sum_fn: ClippedSumFn | None = None
+  reset_opt_state: Callable[[Any, Any], Any] | None = None
+  noise_multiplier: float = 0.0
+  num_examples: int = 0
+
+  def __post_init__(self):
+    if not self.num_examples:
+      self.num_examples = len(self.source)
+
+  @property
+  def sampling_rate(self) -> float:
+    return self.batch_size / self.num_examples
+
+
+@dataclasses.dataclass
+class Task:
+  """A recipe's contribution: how to init params, what to train, how to eval.
+
+  Attributes:
+    init_params: rng -> params pytree (float32).
+    phases: trained in order by the loop.
+    evaluators: zero-arg factory -> {name: evaluator with run(params)->dict}.
+    summary: optional params -> dict of extra artefacts (e.g. captions) to
+      write to the workdir at the end (public data only).
+  """
+  init_params: Callable[[Any], Params]
+  phases: Sequence[Phase]
+  evaluators: Callable[[], Mapping[str, Any]] = lambda: {}
+  summary: Callable[[Params], Mapping[str, Any]] | None = None
