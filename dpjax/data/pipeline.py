@@ -1,0 +1,439 @@
+"""Poisson-sampled Grain input pipelines, one process's share per step.
+
+Design (why it looks like this). Each training step's batch is a pure
+function of ``(seed, step)``: ``privacy.sampling.sample_indices`` draws the
+exact Poisson batch (no truncation), and per-example randomness comes from
+``(seed, step, index)``. So the pipeline is ``grain.MapDataset.range(start,
+stop).map(StepLoader)``: element ``t`` is step ``t``'s fully loaded batch.
+``StepLoader`` samples, keeps this process's rows, reads the records, runs
+the transforms (decode, crop, tokenize, ...) and stacks them. With
+``num_workers > 0``, ``IterDataset.mp_prefetch`` runs whole steps in grain
+worker processes (worker w loads steps w, w+W, ...; grain restores step
+order), so record reading and preprocessing never touch the training
+process; with ``num_workers = 0`` it all runs in-process, giving identical
+data. The iterator's state is ``{"next_step": t, ...}``: JSON-serialisable,
+independent of the worker count, and enough to resume without replaying any
+batch (it also works with ``grain.checkpoint.CheckpointHandler``, since the
+iterator is a ``grain.DatasetIterator``). Nothing of size N is allocated.
+
+Element layout for one step (this process p of P; global microbatch M):
+  n_micro = max(1, ceil(b / M)) for the realised Poisson size b (varies!);
+  {"example": {field: [n_micro, M/P, ...], ...,
+               "rng": uint32[n_micro, M/P, 2] (from (seed, step, index))},
+   "mask": float32[n_micro, M/P],
+   "step": int64 (0-d), "batch_size": int64 (0-d; b, global; a logged
+   metric only -- never divide by it)}.
+``element["example"]`` sliced at microbatch m is the batch pytree that
+``loss_fn`` (vmapped) consumes.
+The sorted sampled indices, padded to n_micro * M, are cut into microbatches
+of M consecutive slots; process p keeps slots [p*M/P, (p+1)*M/P) of each.
+Padding rows hold a copy of a real (transformed) record 0 with mask 0, so
+models never see NaN-producing zeros; they must contribute nothing.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from dpjax.data import transforms as transforms_lib
+from dpjax.privacy import sampling
+
+METADATA_KEYS = ("step", "batch_size")
+_USER_SUBSET_TAG = 0x05E125
+
+
+def _stack(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  out = {}
+  for k in records[0]:
+    vals = [r[k] for r in records]
+    if isinstance(vals[0], (str, bytes)):
+      raise TypeError(
+          f"field {k!r} is {type(vals[0]).__name__}, which cannot be batched:"
+          f" drop it (transforms.Keep([...])) or tokenize it "
+          f"(transforms.Tokenize).")
+    out[k] = np.stack([np.asarray(v) for v in vals])
+  return out
+
+
+@dataclasses.dataclass
+class _RowLoader:
+  """Loads and transforms one example (row) of a batch."""
+  source: Any
+  transforms: Sequence[Any]
+  seed: int
+
+  def load(self, index: int, step: int) -> dict[str, Any]:
+    rng = transforms_lib.example_generator(self.seed, step, index)
+    return transforms_lib.apply(self.transforms, self.source[int(index)], rng)
+
+
+def _process_slots(size: int, micro: int, process_index: int,
+                   process_count: int) -> tuple[int, np.ndarray]:
+  """(n_micro, int64[n_micro, M/P] global slot ids kept by this process)."""
+  n_micro = max(1, math.ceil(size / micro))
+  per = micro // process_count
+  base = np.arange(n_micro, dtype=np.int64)[:, None] * micro
+  return n_micro, base + process_index * per + np.arange(per)[None, :]
+
+
+@dataclasses.dataclass
+class StepLoader:
+  """step -> this process's share of the Poisson batch (see module doc).
+
+  Picklable; runs inside grain worker processes.
+  """
+  source: Any
+  transforms: Sequence[Any]
+  sampling_rate: float
+  global_microbatch: int
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+  add_rng: bool = True
+  num_examples: int | None = None
+  _template: dict[str, Any] | None = dataclasses.field(default=None,
+                                                       repr=False)
+
+  def __post_init__(self):
+    if self.num_examples is None:
+      self.num_examples = len(self.source)
+    _check_division(self.global_microbatch, self.process_count)
+
+  def template(self) -> dict[str, Any]:
+    """The padding record: record 0 transformed at step 0."""
+    if self._template is None:
+      self._template = _RowLoader(self.source, self.transforms,
+                                  self.seed).load(0, 0)
+    return self._template
+
+  def indices(self, step: int) -> np.ndarray:
+    return sampling.sample_indices(self.seed, step, self.num_examples,
+                                   self.sampling_rate)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    idx = self.indices(step)
+    n_micro, slots = _process_slots(idx.size, self.global_microbatch,
+                                    self.process_index, self.process_count)
+    real = slots < idx.size
+    flat_idx = np.where(real, idx[np.minimum(slots, max(idx.size - 1, 0))]
+                        if idx.size else 0, 0).reshape(-1)
+    rows = _RowLoader(self.source, self.transforms, self.seed)
+    records = [rows.load(i, step) if r else self.template()
+               for i, r in zip(flat_idx, real.reshape(-1))]
+    example = {k: v.reshape(slots.shape + v.shape[1:])
+               for k, v in _stack(records).items()}
+    if self.add_rng:
+      keys = transforms_lib.example_keys(self.seed, step, flat_idx)
+      keys[~real.reshape(-1)] = 0
+      example["rng"] = keys.reshape(slots.shape + (2,))
+    return {"example": example, "mask": real.astype(np.float32),
+            "step": np.int64(step), "batch_size": np.int64(idx.size)}
+
+
+def _check_division(micro: int, process_count: int) -> None:
+  if micro < 1 or micro % process_count:
+    raise ValueError(
+        f"data.global_microbatch={micro} must be a positive multiple of the "
+        f"number of processes ({process_count}) (and of the data-parallel "
+        "devices): round it up.")
+
+
+def _process_info(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+  return int(process_index), int(process_count)
+
+
+def _ensure_flags_parsed() -> None:
+  """grain's mp_prefetch reads absl flags; outside absl.app (notebooks,
+  pytest) they are unparsed, so mark them parsed with their defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class StepIterator(grain.DatasetIterator):
+  """Iterates ``loader(step)`` for steps [next_step, stop), via grain.
+
+  State: ``{"next_step": int, **fingerprint}`` (JSON). ``set_state`` checks
+  the fingerprint (seed, rate, ...) and restarts the grain pipeline (and its
+  workers) at ``next_step``.
+  """
+
+  def __init__(self, loader: Callable[[int], dict[str, np.ndarray]],
+               start_step: int, stop_step: int, num_workers: int = 0,
+               worker_buffer_size: int = 1,
+               fingerprint: dict[str, Any] | None = None):
+    super().__init__()
+    self._loader, self._stop = loader, int(stop_step)
+    self._num_workers = int(num_workers)
+    self._buffer = int(worker_buffer_size)
+    self._fingerprint = dict(fingerprint or {})
+    self._it = None
+    self._start(int(start_step))
+
+  def _start(self, step: int) -> None:
+    self.close()
+    self._next_step = step
+    ds = grain.MapDataset.range(step, max(step, self._stop)).map(
+        self._loader).to_iter_dataset()
+    if self._num_workers > 0:
+      _ensure_flags_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._num_workers,
+          per_worker_buffer_size=self._buffer))
+    self._it = iter(ds)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self._next_step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_step": self._next_step, **self._fingerprint}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for k, v in self._fingerprint.items():
+      if k in state and state[k] != v:
+        raise ValueError(
+            f"data pipeline state has {k}={state[k]!r} but this run has "
+            f"{k}={v!r}: resume with the same data config or start afresh.")
+    self._start(int(state["next_step"]))
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
+def poisson_batches(source: Any, *, sampling_rate: float,
+                    global_microbatch: int, seed: int, num_steps: int,
+                    start_step: int = 0, transforms: Sequence[Any] = (),
+                    process_index: int | None = None,
+                    process_count: int | None = None, num_workers: int = 0,
+                    worker_buffer_size: int = 1, add_rng: bool = True,
+                    num_examples: int | None = None) -> StepIterator:
+  """Poisson-sampled batches of this process's share, steps [start, num_steps).
+
+  Formal property: step t's global batch is exactly
+  ``sampling.sample_indices(seed, t, len(source), sampling_rate)`` (Poisson,
+  never truncated); the union over processes and microbatches of rows with
+  mask 1 is that set.
+
+  Args:
+    source: random-access source (``__len__``, ``__getitem__ -> dict``).
+    sampling_rate: Poisson rate q (expected batch q * len(source)).
+    global_microbatch: M, rows per microbatch over all processes.
+    seed: sampling / augmentation seed.
+    num_steps: iteration stops before this step.
+    start_step: first step produced (e.g. a checkpoint's step).
+    transforms: grain Map/RandomMap transforms applied per record.
+    process_index, process_count: default jax.process_index()/count().
+    num_workers: grain worker processes (0: in-process).
+    worker_buffer_size: steps prefetched per worker.
+    add_rng: add the per-example "rng" uint32[2] leaf.
+    num_examples: N to sample from (default len(source); records [0, N)).
+
+  Returns:
+    A checkpointable iterator of dicts (layout in the module docstring).
+  """
+  p, n_proc = _process_info(process_index, process_count)
+  loader = StepLoader(source, tuple(transforms), sampling_rate,
+                      global_microbatch, seed, p, n_proc, add_rng,
+                      num_examples)
+  fingerprint = {"seed": int(seed), "sampling_rate": float(sampling_rate),
+                 "num_examples": int(loader.num_examples),
+                 "global_microbatch": int(global_microbatch)}
+  return StepIterator(loader, start_step, num_steps, num_workers,
+                      worker_buffer_size, fingerprint)
+
+
+class PoissonBatches:
+  """Iterable form of ``poisson_batches`` (same arguments; ``transforms``
+  may be given positionally; ``num_examples`` overrides ``len(source)``).
+  ``iter()`` returns a fresh checkpointable ``StepIterator``."""
+
+  def __init__(self, source: Any, transforms: Sequence[Any] = (), *,
+               num_examples: int | None = None, **kwargs: Any):
+    self.source, self.transforms = source, tuple(transforms)
+    self.num_examples, self.kwargs = num_examples, kwargs
+
+  def __iter__(self) -> StepIterator:
+    return poisson_batches(self.source, transforms=self.transforms,
+                           num_examples=self.num_examples, **self.kwargs)
+
+
+@dataclasses.dataclass
+class _EvalLoader:
+  source: Any
+  transforms: Sequence[Any]
+  batch_size: int
+  process_index: int
+  process_count: int
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    per = self.batch_size // self.process_count
+    ids = k * self.batch_size + self.process_index * per + np.arange(per)
+    real = ids < len(self.source)
+    rows = _RowLoader(self.source, self.transforms, 0)
+    recs = [rows.load(int(i) if r else 0, 0) for i, r in zip(ids, real)]
+    return {"example": _stack(recs), "mask": real.astype(np.float32)}
+
+
+def eval_batches(source: Any, batch_size: int, transforms: Sequence[Any] = (),
+                 *, process_index: int | None = None,
+                 process_count: int | None = None,
+                 num_workers: int = 0) -> StepIterator:
+  """Sequential batches over the whole source, padded, for evaluation.
+
+  Global batch k holds examples [k*B, (k+1)*B); this process yields its
+  slice [p*B/P, (p+1)*B/P): {"example": {field: [B/P, ...]}, "mask":
+  float32[B/P]}
+  (0 for padding past the end, which repeats record 0). Deterministic
+  transforms only are meaningful (RandomMaps get a fixed generator).
+  """
+  p, n_proc = _process_info(process_index, process_count)
+  _check_division(batch_size, n_proc)
+  n_batches = math.ceil(len(source) / batch_size)
+  return StepIterator(_EvalLoader(source, tuple(transforms), batch_size, p,
+                                  n_proc), 0, n_batches, num_workers)
+
+
+@dataclasses.dataclass
+class UserStepLoader:
+  """step -> this process's share of Poisson-sampled users (DP-FedEmb).
+
+  ``source`` must expose ``num_users`` and ``user_indices(u)``. Each
+  sampled user contributes up to ``max_examples_per_user`` examples (a
+  uniformly random subset, from (seed, step, user), if it has more).
+  Layout: {"example": {field: [n_chunks, U/P, E, ...], "rng": uint32[...,
+  E, 2]}, "mask": float32[n_chunks, U/P] (user is real), "example_mask":
+  float32[n_chunks, U/P, E], "user": int64[n_chunks, U/P] (-1 = padding),
+  "step", "batch_size" (= number of sampled users)}.
+  """
+  source: Any
+  transforms: Sequence[Any]
+  sampling_rate: float
+  users_per_chunk: int
+  max_examples_per_user: int
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+  _template: dict[str, Any] | None = dataclasses.field(default=None,
+                                                       repr=False)
+
+  def __post_init__(self):
+    _check_division(self.users_per_chunk, self.process_count)
+
+  def _user_rows(self, user: int, step: int) -> np.ndarray:
+    idx = np.asarray(self.source.user_indices(user), np.int64)
+    e = self.max_examples_per_user
+    if idx.size > e:
+      rng = transforms_lib.example_generator(self.seed, step, user,
+                                            tag=_USER_SUBSET_TAG)
+      idx = np.sort(rng.choice(idx, size=e, replace=False))
+    return idx
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    users = sampling.sample_indices(self.seed, step, self.source.num_users,
+                                    self.sampling_rate)
+    n_chunks, slots = _process_slots(users.size, self.users_per_chunk,
+                                     self.process_index, self.process_count)
+    e = self.max_examples_per_user
+    rows = _RowLoader(self.source, self.transforms, self.seed)
+    if self._template is None:
+      self._template = rows.load(0, 0)
+    template = self._template
+    per_user, user_ids, ex_mask, keys = [], [], [], []
+    for s in slots.reshape(-1):
+      u = int(users[s]) if s < users.size else -1
+      idx = self._user_rows(u, step) if u >= 0 else np.zeros((0,), np.int64)
+      recs = [rows.load(i, step) for i in idx]
+      recs += [template] * (e - len(recs))
+      per_user.append(_stack(recs))
+      m = np.zeros((e,), np.float32)
+      m[:idx.size] = 1.0
+      ex_mask.append(m)
+      k = np.zeros((e, 2), np.uint32)
+      k[:idx.size] = transforms_lib.example_keys(self.seed, step, idx)
+      keys.append(k)
+      user_ids.append(u)
+    lead = slots.shape
+    example = {k: np.stack([b[k] for b in per_user]).reshape(
+        lead + per_user[0][k].shape) for k in per_user[0]}
+    example["rng"] = np.stack(keys).reshape(lead + (e, 2))
+    return {"example": example,
+            "mask": (slots < users.size).astype(np.float32),
+            "example_mask": np.stack(ex_mask).reshape(lead + (e,)),
+            "user": np.asarray(user_ids, np.int64).reshape(lead),
+            "step": np.int64(step), "batch_size": np.int64(users.size)}
+
+
+def sample_users(source: Any, *, sampling_rate: float, users_per_chunk: int,
+                 max_examples_per_user: int, seed: int, num_steps: int,
+                 start_step: int = 0, transforms: Sequence[Any] = (),
+                 process_index: int | None = None,
+                 process_count: int | None = None,
+                 num_workers: int = 0) -> StepIterator:
+  """User-level Poisson sampling (DP-FedEmb): iterator of UserStepLoader
+  batches for steps (rounds) [start_step, num_steps).
+
+  Formal property: round t's users are exactly ``sampling.sample_indices(
+  seed, t, source.num_users, sampling_rate)`` (each user independently with
+  probability q), padded to n_chunks * users_per_chunk user slots.
+  """
+  p, n_proc = _process_info(process_index, process_count)
+  loader = UserStepLoader(source, tuple(transforms), sampling_rate,
+                          users_per_chunk, max_examples_per_user, seed, p,
+                          n_proc)
+  fingerprint = {"seed": int(seed), "sampling_rate": float(sampling_rate),
+                 "num_users": int(source.num_users)}
+  return StepIterator(loader, start_step, num_steps, num_workers,
+                      fingerprint=fingerprint)
+
+
+def to_global_array(local: Any, mesh: Any, partition_spec: Any = None,
+                    batch_axis: int | None = None) -> Any:
+  """This process's numpy share (any pytree) -> global jax.Arrays.
+
+  Each leaf with ndim > batch_axis becomes an array whose ``batch_axis``
+  is process_count times longer (the processes' shares concatenated in
+  process order), sharded by ``NamedSharding(mesh, partition_spec)``.
+  Default spec ``P("data")``; default ``batch_axis`` is the position of the
+  spec's first non-None entry (so one microbatch ``element["example"]``
+  sliced at m, leaves [M/P, ...], with ``P("data")``; or a whole element's
+  [n_micro, M/P, ...] leaves with ``P(None, "data")``). Lower-rank leaves
+  (0-d metadata "step", "batch_size") pass through as Python scalars.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from jax.sharding import NamedSharding, PartitionSpec
+  spec = (partition_spec if partition_spec is not None
+          else PartitionSpec("data"))
+  if batch_axis is None:
+    batch_axis = next((i for i, a in enumerate(spec) if a is not None), 0)
+  sharding = NamedSharding(mesh, spec)
+
+  def convert(v):
+    v = np.asarray(v)
+    if v.ndim <= batch_axis:
+      return v.item() if v.ndim == 0 else v
+    shape = list(v.shape)
+    shape[batch_axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+
+  return jax.tree.map(convert, local)
+
+
+def iterate(it: Iterator[dict[str, np.ndarray]], mesh: Any,
+            partition_spec: Any = None,
+            batch_axis: int | None = None) -> Iterator[dict[str, Any]]:
+  """Convenience: maps ``to_global_array`` over a batch iterator."""
+  for batch in it:
+    yield to_global_array(batch, mesh, partition_spec, batch_axis)

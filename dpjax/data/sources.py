@@ -1,0 +1,265 @@
+"""Random-access data sources, resolved from a config string.
+
+``make_source(spec, split=..., data_dir=...)`` understands:
+
+* ``synthetic:shapes`` | ``synthetic:classes`` | ``synthetic:textures`` |
+  ``synthetic:identities``: embedded procedural data (``synthetic.py``);
+  keyword args go to the constructor (``num_examples``, ``image_size``,
+  ``seed``; ``num_identities``, ``images_per_identity``, ``first_identity``).
+* ``tfds:<name>[:<version>]``: a *prepared* TFDS dataset in ArrayRecord
+  format, read with ``tfds.data_source`` (no TensorFlow needed; images are
+  decoded by tfds with Pillow). ``fields={"caption": "captions/text"}``
+  renames (nested, "/"-separated) features to our field names.
+* ``arrayrecord:<glob>``: ArrayRecord files whose records are msgpack maps
+  ``{field: bytes | str | int | float | list}`` with encoded images (PNG or
+  JPEG bytes) under "image" (write them with ``write_arrayrecord``).
+* ``folder:<dir>``: image files plus ``captions.jsonl`` (one
+  ``{"file": "a.png", "caption": "...", "label": 3}`` per line, label
+  optional) or ``captions.csv`` (header ``file,caption[,label]``).
+
+Records are plain dicts. Encoded images stay bytes here; ``transforms.
+DecodeImage`` decodes them inside grain worker processes. Text fields are
+returned as ``str``.
+"""
+
+import csv
+import glob as glob_lib
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from dpjax.data import synthetic
+
+_SYNTHETIC = {
+    "shapes": synthetic.ShapesCaptions,
+    "classes": synthetic.Classes,
+    "textures": synthetic.Textures,
+    "identities": synthetic.Identities,
+}
+_TEXT_FIELDS = ("caption", "text", "file")
+
+
+def _to_str(v: Any) -> Any:
+  return v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def _get_path(record: Mapping[str, Any], path: str) -> Any:
+  value = record
+  for part in path.split("/"):
+    value = value[part]
+  return value
+
+
+class FieldMapSource:
+  """Wraps a source: renames fields and turns text fields into ``str``.
+
+  Args:
+    source: any random-access source returning dicts.
+    fields: {our_name: source_path}; "/" walks nested dicts. Unmapped
+      top-level fields are kept under their own names.
+    text_fields: fields decoded from bytes to str.
+  """
+
+  def __init__(self, source: Any, fields: Mapping[str, str] | None = None,
+               text_fields: Iterable[str] = _TEXT_FIELDS):
+    self.source = source
+    self.fields = dict(fields or {})
+    self.text_fields = tuple(text_fields)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raw = self.source[int(index)]
+    used = {p.split("/")[0] for p in self.fields.values()}
+    out = {k: v for k, v in raw.items() if k not in used}
+    for name, path in self.fields.items():
+      try:
+        out[name] = _get_path(raw, path)
+      except (KeyError, TypeError) as e:
+        raise KeyError(
+            f"data.fields[{name!r}]={path!r}: the record has no such field; "
+            f"its fields are {sorted(raw)}. Fix data.fields.") from e
+    for k in self.text_fields:
+      if k in out:
+        out[k] = _to_str(out[k])
+    return out
+
+  def __repr__(self) -> str:
+    return f"FieldMapSource({self.source!r}, fields={self.fields})"
+
+
+def tfds_source(name: str, *, split: str, data_dir: str | None = None,
+                fields: Mapping[str, str] | None = None) -> FieldMapSource:
+  """A prepared ArrayRecord TFDS dataset via ``tfds.data_source``.
+
+  Args:
+    name: "<name>" or "<name>:<version>".
+    split: TFDS split string ("train", "test[:10%]", ...).
+    data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
+    fields: renames, see ``FieldMapSource``.
+
+  Returns:
+    A random-access source of dicts.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
+  try:
+    ds = tfds.data_source(name, split=split, data_dir=data_dir,
+                          download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"data.source='tfds:{name}' (split={split!r}) could not be opened "
+        f"under data_dir={where}: {type(e).__name__}: {str(e)[:300]}\n"
+        f"Fix: prepare it in ArrayRecord format, e.g. `tfds build {name} "
+        f"--file_format=array_record --data_dir=<data_dir>` and set "
+        f"data.data_dir, or use a tiny preset (e.g. configs/dpcap.py:tiny) "
+        f"with data.source='synthetic:shapes'.") from e
+  return FieldMapSource(ds, fields)
+
+
+class MsgpackArrayRecordSource:
+  """ArrayRecord files of msgpack-encoded dicts (see ``write_arrayrecord``)."""
+
+  def __init__(self, paths: list[str]):
+    import grain  # pylint: disable=g-import-not-at-top
+    self.paths = list(paths)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    import msgpack  # pylint: disable=g-import-not-at-top
+    return msgpack.unpackb(self._source[int(index)], raw=False)
+
+  def __repr__(self) -> str:
+    return f"MsgpackArrayRecordSource({self.paths})"
+
+
+def encode_image(image: np.ndarray, fmt: str = "PNG") -> bytes:
+  """uint8[H, W, 3] -> PNG (or JPEG) bytes."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def write_arrayrecord(path: str, records: Iterable[Mapping[str, Any]]) -> int:
+  """Writes records as msgpack maps into one ArrayRecord file.
+
+  Numpy image arrays under "image" are PNG-encoded; other values must be
+  msgpack types (bytes, str, int, float, bool, lists, dicts).
+
+  Returns:
+    The number of records written.
+  """
+  import msgpack  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from array_record.python import array_record_module
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  n = 0
+  for rec in records:
+    rec = dict(rec)
+    if isinstance(rec.get("image"), np.ndarray):
+      rec["image"] = encode_image(rec["image"])
+    rec = {k: (v.item() if isinstance(v, np.generic) else v)
+           for k, v in rec.items()}
+    writer.write(msgpack.packb(rec, use_bin_type=True))
+    n += 1
+  writer.close()
+  return n
+
+
+class FolderSource:
+  """Image files + captions.jsonl / captions.csv in one directory.
+
+  Record: {"image": bytes (the file's content), "caption": str, "file": str,
+  "label": int (only if the index has labels)}.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    jsonl = os.path.join(directory, "captions.jsonl")
+    csv_path = os.path.join(directory, "captions.csv")
+    if os.path.exists(jsonl):
+      with open(jsonl, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    elif os.path.exists(csv_path):
+      with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    else:
+      raise FileNotFoundError(
+          f"data.source='folder:{directory}' has no captions.jsonl or "
+          "captions.csv: add one mapping each image file to its caption "
+          '(JSONL lines {"file": "a.png", "caption": "...", "label": 0} or '
+          "CSV with header file,caption[,label]).")
+    for i, r in enumerate(rows):
+      if "file" not in r or "caption" not in r:
+        raise ValueError(f"data.source='folder:{directory}': index row {i} "
+                         f"({r}) lacks 'file' or 'caption'; add both.")
+    self.rows = rows
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    r = self.rows[int(index)]
+    with open(os.path.join(self.directory, r["file"]), "rb") as f:
+      out = {"image": f.read(), "caption": str(r["caption"]),
+             "file": str(r["file"])}
+    if r.get("label") not in (None, ""):
+      out["label"] = int(r["label"])
+    return out
+
+  def __repr__(self) -> str:
+    return f"FolderSource({self.directory!r}, {len(self)} files)"
+
+
+def make_source(spec: str, *, split: str = "train",
+                data_dir: str | None = None,
+                fields: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+  """Resolves a ``data.source`` string to a random-access source.
+
+  Args:
+    spec: see the module docstring.
+    split: "train" / "test" / a TFDS split string. For synthetic sources the
+      split names a disjoint random stream.
+    data_dir: TFDS data directory (tfds: only).
+    fields: field renames {our_name: source_path} (tfds/arrayrecord/folder).
+    **kwargs: constructor arguments of synthetic sources.
+
+  Returns:
+    An object with ``__len__`` and ``__getitem__(i) -> dict``.
+  """
+  kind, _, rest = spec.partition(":")
+  if kind == "synthetic":
+    if rest not in _SYNTHETIC:
+      raise ValueError(f"data.source={spec!r}: unknown synthetic source; use "
+                       f"one of {['synthetic:' + k for k in _SYNTHETIC]}.")
+    return _SYNTHETIC[rest](split=split, **kwargs)
+  if kwargs:
+    raise TypeError(f"data.source={spec!r} takes no extra arguments, got "
+                    f"{sorted(kwargs)}.")
+  if kind == "tfds":
+    if not rest:
+      raise ValueError(f"data.source={spec!r}: use 'tfds:<name>[:<version>]'.")
+    return tfds_source(rest, split=split, data_dir=data_dir, fields=fields)
+  if kind == "arrayrecord":
+    paths = sorted(glob_lib.glob(rest))
+    if not paths:
+      raise FileNotFoundError(
+          f"data.source={spec!r}: no files match {rest!r}; write them with "
+          "dpjax.data.sources.write_arrayrecord or fix the glob.")
+    return FieldMapSource(MsgpackArrayRecordSource(paths), fields)
+  if kind == "folder":
+    if not os.path.isdir(rest):
+      raise FileNotFoundError(f"data.source={spec!r}: {rest!r} is not a "
+                              "directory; point it at your image folder.")
+    return FieldMapSource(FolderSource(rest), fields)
+  raise ValueError(f"data.source={spec!r}: unknown kind {kind!r}; use "
+                   "synthetic:<name>, tfds:<name>, arrayrecord:<glob> or "
+                   "folder:<dir>.")

@@ -1,0 +1,243 @@
+"""Per-record preprocessing: grain Map / RandomMap transforms, numpy only.
+
+They run wherever records are loaded -- in grain worker processes when the
+pipeline has ``num_workers > 0``. Randomised transforms (crop, flip) take a
+``np.random.Generator`` that the pipeline derives from ``(seed, step,
+index)`` (``example_generator``), so augmentation is deterministic and
+independent of worker count or resumption. Each transform also works in a
+plain grain pipeline (``ds.map(t)`` / ``ds.random_map(t)``).
+"""
+
+import io
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+Record = dict[str, Any]
+
+_RNG_TAG = 0xA11CE  # per-example "rng" leaf
+_AUG_TAG = 0xB0B  # augmentation Generator
+
+
+def _mix(*keys: np.ndarray) -> np.ndarray:
+  """SplitMix64-style hash of uint64 arrays (broadcast) -> uint64."""
+  with np.errstate(over="ignore"):
+    h = np.uint64(0x9E3779B97F4A7C15)
+    for k in keys:
+      z = h ^ np.asarray(k).astype(np.uint64)
+      z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+      z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+      h = z ^ (z >> np.uint64(31))
+  return h
+
+
+def example_keys(seed: int, step: int, indices: np.ndarray) -> np.ndarray:
+  """uint32[n, 2] raw PRNG keys, one per example, from (seed, step, index).
+
+  Usable as jax.random raw keys (``jax.random.wrap_key_data`` or directly as
+  an old-style uint32[2] key). Distinct (seed, step, index) give
+  independent-looking keys; no jax needed.
+  """
+  h = _mix(np.uint64(_RNG_TAG), np.uint64(seed), np.uint64(step),
+           np.asarray(indices, np.int64).astype(np.uint64))
+  out = np.empty(h.shape + (2,), np.uint32)
+  out[..., 0] = (h >> np.uint64(32)).astype(np.uint32)
+  out[..., 1] = (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  return out
+
+
+def example_generator(seed: int, step: int, index: int,
+                      tag: int = _AUG_TAG) -> np.random.Generator:
+  """numpy Generator for augmenting example ``index`` at ``step``."""
+  k = _mix(np.uint64(tag), np.uint64(seed), np.uint64(step),
+           np.uint64(int(index) & 0xFFFFFFFFFFFFFFFF))
+  return np.random.Generator(np.random.Philox(key=int(k)))
+
+
+def apply(transforms: Sequence[Any], record: Record,
+          rng: np.random.Generator) -> Record:
+  """Applies grain Map/RandomMap transforms or plain callables in order."""
+  for t in transforms:
+    if isinstance(t, grain.transforms.RandomMap):
+      record = t.random_map(record, rng)
+    elif isinstance(t, grain.transforms.Map):
+      record = t.map(record)
+    else:
+      record = t(record)
+  return record
+
+
+def decode_image(value: Any) -> np.ndarray:
+  """PNG/JPEG bytes or an array -> uint8[H, W, 3]."""
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(bytes(value))) as im:
+      value = np.asarray(im.convert("RGB"))
+  arr = np.asarray(value)
+  if arr.ndim == 2:
+    arr = arr[:, :, None]
+  if arr.shape[-1] == 1:
+    arr = np.repeat(arr, 3, axis=-1)
+  elif arr.shape[-1] == 4:
+    arr = arr[..., :3]
+  return arr.astype(np.uint8, copy=False)
+
+
+def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  if img.shape[:2] == tuple(size):
+    return img
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR)
+  return np.asarray(out)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+class DecodeImage(grain.transforms.Map):
+  """record[key]: encoded bytes or array -> uint8[H, W, 3]."""
+
+  def __init__(self, key: str = "image"):
+    self.key = key
+
+  def map(self, record: Record) -> Record:
+    return {**record, self.key: decode_image(record[self.key])}
+
+
+class Resize(grain.transforms.Map):
+  """Bilinear resize of uint8[H, W, 3] to ``size``."""
+
+  def __init__(self, size: int | Sequence[int], key: str = "image"):
+    self.size, self.key = _pair(size), key
+
+  def map(self, record: Record) -> Record:
+    return {**record, self.key: _resize(record[self.key], self.size)}
+
+
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """Inception-style crop: area fraction in ``scale``, aspect in ``ratio``,
+  resized to ``size``; falls back to the full image after 10 tries."""
+
+  def __init__(self, size: int | Sequence[int],
+               scale: tuple[float, float] = (0.2, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3),
+               key: str = "image"):
+    self.size, self.scale, self.ratio, self.key = _pair(size), scale, ratio, key
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    img = record[self.key]
+    h, w = img.shape[:2]
+    for _ in range(10):
+      area = h * w * rng.uniform(*self.scale)
+      aspect = np.exp(rng.uniform(np.log(self.ratio[0]),
+                                  np.log(self.ratio[1])))
+      cw = int(round(np.sqrt(area * aspect)))
+      ch = int(round(np.sqrt(area / aspect)))
+      if 0 < cw <= w and 0 < ch <= h:
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        img = img[y0:y0 + ch, x0:x0 + cw]
+        break
+    return {**record, self.key: _resize(np.ascontiguousarray(img), self.size)}
+
+
+class RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip with probability ``p``."""
+
+  def __init__(self, p: float = 0.5, key: str = "image"):
+    self.p, self.key = p, key
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.uniform() < self.p:
+      return {**record, self.key: record[self.key][:, ::-1].copy()}
+    return record
+
+
+class Normalize(grain.transforms.Map):
+  """uint8 -> float32: to [-1, 1] by default, else (x/255 - mean) / std."""
+
+  def __init__(self, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, key: str = "image"):
+    self.key = key
+    self.mean = None if mean is None else np.asarray(mean, np.float32)
+    self.std = None if std is None else np.asarray(std, np.float32)
+
+  def map(self, record: Record) -> Record:
+    x = np.asarray(record[self.key], np.float32) / 255.0
+    if self.mean is None:
+      x = 2.0 * x - 1.0
+    else:
+      x = (x - self.mean) / self.std
+    return {**record, self.key: x.astype(np.float32)}
+
+
+class Tokenize(grain.transforms.Map):
+  """record[key] (str/bytes) -> record[out_key] = int32[max_len]."""
+
+  def __init__(self, tokenizer: Any, max_len: int, key: str = "caption",
+               out_key: str = "tokens"):
+    self.tokenizer, self.max_len = tokenizer, max_len
+    self.key, self.out_key = key, out_key
+
+  def map(self, record: Record) -> Record:
+    return {**record,
+            self.out_key: self.tokenizer.encode_fixed(record[self.key],
+                                                      self.max_len)}
+
+
+class Keep(grain.transforms.Map):
+  """Keeps only ``keys`` (drop strings before batching), as numpy arrays."""
+
+  def __init__(self, keys: Sequence[str]):
+    self.keys = tuple(keys)
+
+  def map(self, record: Record) -> Record:
+    missing = [k for k in self.keys if k not in record]
+    if missing:
+      raise KeyError(f"Keep({list(self.keys)}): record lacks {missing}; it "
+                     f"has {sorted(record)}. Fix the keys or the field map.")
+    return {k: np.asarray(record[k]) for k in self.keys}
+
+
+class Rename(grain.transforms.Map):
+  """Renames fields: ``{old_name: new_name}``."""
+
+  def __init__(self, mapping: dict[str, str]):
+    self.mapping = dict(mapping)
+
+  def map(self, record: Record) -> Record:
+    return {self.mapping.get(k, k): v for k, v in record.items()}
+
+
+def image_pipeline(image_size: int, *, augment: bool = False,
+                   flip: bool | None = None, tokenizer: Any = None,
+                   max_len: int = 0,
+                   keep: Sequence[str] = ("image",)) -> list[Any]:
+  """Standard list: decode, (crop+flip | resize), normalise, [tokenize], keep.
+
+  Args:
+    image_size: output side S; images become float32[S, S, 3] in [-1, 1].
+    augment: random-resized-crop (scale 0.2-1).
+    flip: horizontal flip (default: same as augment). Turn it off for
+      captions with "left of" / "right of": a flip makes them false.
+    tokenizer: if set, "caption" -> "tokens" int32[max_len].
+    max_len: caption length in tokens (with bos/eos).
+    keep: fields to keep ("tokens" is added when tokenizing).
+
+  Returns:
+    A list of transforms for ``PoissonBatches`` / ``eval_batches``.
+  """
+  ts = [DecodeImage()]
+  ts.append(RandomResizedCrop(image_size) if augment else Resize(image_size))
+  if augment if flip is None else flip:
+    ts.append(RandomFlip())
+  ts.append(Normalize())
+  keep = list(keep)
+  if tokenizer is not None:
+    ts.append(Tokenize(tokenizer, max_len))
+    if "tokens" not in keep:
+      keep.append("tokens")
+  ts.append(Keep(keep))
+  return ts
