@@ -1,0 +1,44 @@
+"""dpjax.privacy: the differentially private core of dpjax.
+
+Importable alone: depends only on jax, numpy, optax and dp_accounting (no
+Flax, Grain or TFDS). The DP step is
+
+  clipped_sum, aux = clipped_grad(loss_fn, C)(params, batch, mask)
+  updates, opt_state = dpsgd(lr, C, sigma, q * N, seed).update(clipped_sum, ..)
+
+with batches from ``poisson_sample`` and the budget from ``epsilon`` /
+``PrivacyLedger``. See each module's docstring for the formal guarantees.
+"""
+
+from dpjax.privacy import accounting
+from dpjax.privacy import clipping
+from dpjax.privacy import ledger
+from dpjax.privacy import noise
+from dpjax.privacy import optimizers
+from dpjax.privacy import sampling
+
+from dpjax.privacy.accounting import calibrate_noise_multiplier
+from dpjax.privacy.accounting import dp_event
+from dpjax.privacy.accounting import epsilon
+from dpjax.privacy.accounting import event_epsilon
+from dpjax.privacy.accounting import tan_simulation
+from dpjax.privacy.accounting import total_amount_of_noise
+from dpjax.privacy.clipping import clip_pytree
+from dpjax.privacy.clipping import clipped_grad
+from dpjax.privacy.clipping import global_norm
+from dpjax.privacy.clipping import per_example_grads
+from dpjax.privacy.ledger import PrivacyLedger
+from dpjax.privacy.noise import add_noise
+from dpjax.privacy.noise import AddNoiseState
+from dpjax.privacy.noise import dp_aggregate
+from dpjax.privacy.noise import privatize
+from dpjax.privacy.optimizers import dpadamw
+from dpjax.privacy.optimizers import dpsgd
+from dpjax.privacy.sampling import max_batch_size_for
+from dpjax.privacy.sampling import poisson_sample
+from dpjax.privacy.sampling import PoissonBatch
+from dpjax.privacy.sampling import sample_indices
+from dpjax.privacy.sampling import shard_for_process
+
+# Reserved for later additions (other owners): audit.py (empirical epsilon
+# from canaries) and ghost-clipping modules; import and re-export them here.

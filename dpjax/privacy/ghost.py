@@ -1,0 +1,296 @@
+"""Fast per-example clipping for Flax models: ghost norms + book-keeping.
+
+``privacy.clipped_grad(..., method="ghost" | "auto")`` lands here (this module
+imports Flax, so ``dpjax.privacy`` imports it lazily). The contract is the
+one of ``clipping.clipped_grad``: ``loss_fn(params, example)`` on ONE
+example; ``fn(params, batch, mask) -> (clipped_sum, aux)``.
+
+How. ``loss_fn`` is vmapped over the batch inside ``nn.intercept_methods``.
+A first abstract trace (``jax.make_jaxpr``, no FLOPs) finds every call of a
+supported layer (``ghost_layers.describe``: Dense, DenseGeneral, patch Conv,
+Embed), the params it reads (by tracer identity), and, from the jaxpr, every
+other use of those params. A call is handled by the fast path ("ghost") only
+if each of its params is used by that call and nothing else (a layer called
+twice, a tied ``Embed.attend``, a param read outside the layer, a layer
+inside ``nn.remat``/``nn.scan`` or a cast of the params all fail this). All
+other params take the exact fallback ("copy"): they are broadcast to a
+per-example copy ``[B, *shape]`` so the same backward returns their
+per-example gradients (vmap restricted to those params; cheap for LayerNorm,
+biases, position embeddings, CLS tokens). Unused params get zeros.
+
+The real pass adds a zero ``z`` (per example, shaped like the output) to
+each ghost call's output and records its input: ONE backward w.r.t. ``z``
+and the copies gives ``g_i = dloss_i/dy_i`` for every layer, without any
+weight gradient. Norms then come from ``ghost_layers.sq_norms`` and the
+clipped sum from one book-keeping matmul per layer (no second backward).
+
+Formal guarantee (as ``clipping.clipped_grad``): each real example adds a
+vector of L2 norm <= C ("clip") or < C ("normalize") to the sum, computed
+from its exact per-example gradient norm (float rounding aside), so one
+example changes the sum by at most C; ``mask == 0`` rows add exactly zero
+even when their data or gradients are NaN/inf. ``aux`` holds only aggregates
+(not private). Assumes, like vmap clipping, that ``loss_fn`` is a function of
+one example (no cross-example state).
+"""
+
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpjax.privacy import ghost_layers
+
+PyTree = Any
+_METHODS = ("ghost", "auto")
+_LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
+
+
+def _mark(k: int) -> str:
+  return f"dpjax_ghost_{k}_"
+
+
+def _is_candidate(ctx) -> bool:
+  return isinstance(ctx.module, _LAYER_TYPES) and ctx.method_name != "setup"
+
+
+def _module_params(module) -> dict:
+  try:
+    variables = module.variables
+  except Exception:  # pylint: disable=broad-except  (unbound/lifted scope)
+    return {}
+  params = flax.core.unfreeze(variables).get("params", {})
+  return {"/".join(k): v for k, v in
+          flax.traverse_util.flatten_dict(params).items()}
+
+
+def _analyze(loss_fn, leaves, treedef, batch, method) -> dict:
+  """Abstract trace -> plan: ghost calls and a mode per param leaf."""
+  calls = []
+
+  def per_example(leaves_, example):
+    ids = {id(x): i for i, x in enumerate(leaves_)}
+
+    def icpt(next_fun, args, kwargs, ctx):
+      if not _is_candidate(ctx):
+        return next_fun(*args, **kwargs)
+      k, mod = len(calls), ctx.module
+      params = _module_params(mod)
+      rec = dict(path=tuple(mod.scope.path), leaf_of={
+          n: ids.get(id(v)) for n, v in params.items()},
+                 desc=ghost_layers.describe(mod, ctx.method_name, args,
+                                            kwargs))
+      calls.append(rec)
+      with jax.named_scope(_mark(k)):
+        y = next_fun(*args, **kwargs)
+      if rec["desc"] is not None:
+        rec["t"] = ghost_layers.to_matrix(rec["desc"], mod, args[0]).shape[0]
+        rec["out"] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+      return y
+
+    with nn.intercept_methods(icpt):
+      return loss_fn(treedef.unflatten(leaves_), example)
+
+  closed = jax.make_jaxpr(jax.vmap(per_example, in_axes=(None, 0)))(
+      leaves, batch)
+  jaxpr = closed.jaxpr
+  consumers = {i: [] for i in range(len(leaves))}
+  pos = {id(v): i for i, v in enumerate(jaxpr.invars[:len(leaves)])}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if id(v) in pos:
+        consumers[pos[id(v)]].append(str(eqn.source_info.name_stack))
+  for v in jaxpr.outvars:
+    if id(v) in pos:
+      consumers[pos[id(v)]].append("<output>")
+  claims = {}
+  for k, rec in enumerate(calls):
+    for leaf in rec["leaf_of"].values():
+      if leaf is not None:
+        claims.setdefault(leaf, []).append(k)
+
+  ghost_calls, mode = [], ["copy"] * len(leaves)
+  for k, rec in enumerate(calls):
+    desc, leaf_of = rec["desc"], rec["leaf_of"]
+    ok = (desc is not None and set(leaf_of) == set(desc["params"]) and
+          all(leaf is not None and claims[leaf] == [k] and consumers[leaf]
+              and all(_mark(k) in s for s in consumers[leaf])
+              for leaf in leaf_of.values()))
+    if ok:
+      rec = dict(rec, index=k, mode=ghost_layers.pick_mode(desc, rec["t"],
+                                                            method))
+      ghost_calls.append(rec)
+      for leaf in leaf_of.values():
+        mode[leaf] = "ghost"
+  for i in range(len(leaves)):
+    if mode[i] == "copy" and not consumers[i]:
+      mode[i] = "zero"
+  return dict(calls=ghost_calls, mode=mode, num_candidates=len(calls))
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def clipping_plan(loss_fn, params: PyTree, batch: PyTree,
+                  method: str = "auto") -> dict:
+  """How each param leaf is handled (for inspection and tests; no FLOPs).
+
+  Args:
+    loss_fn: ``loss_fn(params, example)`` on one example.
+    params: the params pytree (arrays or ShapeDtypeStructs).
+    batch: a batch (leading batch axis), arrays or ShapeDtypeStructs.
+    method: "ghost" or "auto".
+
+  Returns:
+    dict "/"-joined leaf key path -> "ghost:gram" | "ghost:outer" (fast path,
+    with the norm formula) | "copy" (exact per-example fallback) | "zero"
+    (param unused by the loss).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  plan = _analyze(loss_fn, _abstract(leaves), treedef, _abstract(batch),
+                  method)
+  modes = list(plan["mode"])
+  for rec in plan["calls"]:
+    for leaf in rec["leaf_of"].values():
+      modes[leaf] = "ghost:" + rec["mode"]
+  paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  return dict(zip(paths, modes))
+
+
+def _factor(norms, l2_clip_norm, clipping, gamma):
+  if clipping == "normalize":
+    return l2_clip_norm / (norms + gamma)
+  safe = jnp.where(norms > l2_clip_norm, norms, 1.0)
+  return jnp.where(norms > l2_clip_norm, l2_clip_norm / safe, 1.0)
+
+
+def clipped_sum_fn(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    l2_clip_norm: float,
+    *,
+    method: str = "auto",
+    clipping: str = "clip",
+    normalize_gamma: float = 0.01,
+    compute_dtype: Optional[Any] = None,
+) -> Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]:
+  """Sum of clipped per-example gradients without per-example gradients.
+
+  Same guarantee and outputs as ``clipping.clipped_grad`` (see module doc).
+
+  Args:
+    loss_fn: ``loss_fn(params, example) -> scalar`` on ONE example; the
+      model is called inside as ``model.apply({"params": ...}, ...)`` with
+      leaves of ``params`` passed through unchanged (no cast / copy), or
+      those params take the (exact, slower) fallback.
+    l2_clip_norm: clip norm C > 0.
+    method: "ghost" (Gram-matrix norms for every supported layer) or "auto"
+      (per layer, Gram if 2 T^2 <= d_in d_out else the layer's per-example
+      outer product; fastDP's rule).
+    clipping: "clip" or "normalize" (automatic clipping, C/(||g|| + gamma)).
+    normalize_gamma: gamma of "normalize".
+    compute_dtype: operand dtype of the norm and book-keeping matmuls and of
+      the stored activations; None = float32. jnp.bfloat16 halves their
+      memory; accumulation, norms and sums stay float32.
+
+  Returns:
+    ``fn(params, batch, mask) -> (clipped_sum, aux)``: ``clipped_sum`` a
+    float32 pytree like ``params`` (sum over rows with mask > 0); ``aux``
+    float32 scalars loss_sum, grad_norm_sum, num_clipped, count.
+  """
+  if method not in _METHODS:
+    raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+  dtype = jnp.dtype(compute_dtype or jnp.float32)
+  cache = {}
+
+  def fn(params, batch, mask):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    abs_leaves, abs_batch = _abstract(leaves), _abstract(batch)
+    key = (treedef, tuple(abs_leaves), jax.tree_util.tree_structure(batch),
+           tuple(jax.tree_util.tree_leaves(abs_batch)))
+    if key not in cache:
+      cache[key] = _analyze(loss_fn, abs_leaves, treedef, abs_batch, method)
+    plan = cache[key]
+    b = mask.shape[0]
+    copy_ids = [i for i, m in enumerate(plan["mode"]) if m == "copy"]
+    slot = {rec["index"]: j for j, rec in enumerate(plan["calls"])}
+    copies = [jnp.broadcast_to(leaves[i], (b,) + leaves[i].shape)
+              for i in copy_ids]
+    zs = [jnp.zeros((b,) + rec["out"].shape, rec["out"].dtype)
+          for rec in plan["calls"]]
+
+    def per_example(copies_i, zs_i, example):
+      lv = list(leaves)
+      for j, i in enumerate(copy_ids):
+        lv[i] = copies_i[j]
+      acts, count = [None] * len(zs_i), [0]
+
+      def icpt(next_fun, args, kwargs, ctx):
+        if not _is_candidate(ctx):
+          return next_fun(*args, **kwargs)
+        k = count[0]
+        count[0] += 1
+        if k not in slot:
+          return next_fun(*args, **kwargs)
+        rec = plan["calls"][slot[k]]
+        if tuple(ctx.module.scope.path) != rec["path"]:
+          raise RuntimeError("layer call order differs between the analysis "
+                             f"trace and the real trace at {rec['path']}.")
+        a = ghost_layers.to_matrix(rec["desc"], ctx.module, args[0])
+        acts[slot[k]] = a if rec["desc"]["kind"] == "embed" else a.astype(
+            dtype)
+        return next_fun(*args, **kwargs) + zs_i[slot[k]]
+
+      with nn.intercept_methods(icpt):
+        loss = loss_fn(treedef.unflatten(lv), example)
+      return loss, acts
+
+    def batched(copies, zs):
+      return jax.vmap(per_example)(copies, zs, batch)
+
+    losses, vjp_fn, acts = jax.vjp(batched, copies, zs, has_aux=True)
+    g_copies, g_zs = vjp_fn(jnp.ones_like(losses))
+    real = mask > 0
+
+    def rows(x, value):  # Padding rows -> value, even if x is NaN there.
+      r = real.reshape((-1,) + (1,) * (x.ndim - 1))
+      return jnp.where(r, x, jnp.asarray(value, x.dtype))
+
+    sq = jnp.zeros((b,), jnp.float32)
+    mats = []
+    for rec, a, gz in zip(plan["calls"], acts, g_zs):
+      g = gz.reshape(b, rec["t"], -1)
+      mats.append((rec, a, g))
+      sq = sq + ghost_layers.sq_norms(rec["desc"], rec["mode"], a, g, dtype)
+    for g in g_copies:
+      sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(b, -1),
+                        axis=1)
+    norms = jnp.sqrt(sq)
+    factor = jnp.where(real, _factor(norms, l2_clip_norm, clipping,
+                                     normalize_gamma), 0.0)
+
+    out = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
+    for i, g in zip(copy_ids, g_copies):
+      scaled = g.astype(jnp.float32) * factor.reshape(
+          (-1,) + (1,) * (g.ndim - 1))
+      out[i] = jnp.sum(rows(scaled, 0), axis=0)
+    for rec, a, g in mats:
+      cg = rows(g.astype(jnp.float32) * factor[:, None, None], 0)
+      a = a if rec["desc"]["kind"] == "embed" else rows(a, 0)
+      shapes = {n: leaves[i].shape for n, i in rec["leaf_of"].items()}
+      sums = ghost_layers.clipped_sums(rec["desc"], a, cg, shapes, dtype)
+      for n, i in rec["leaf_of"].items():
+        out[i] = sums[n]
+    aux = {
+        "loss_sum": jnp.sum(rows(losses.astype(jnp.float32), 0)),
+        "grad_norm_sum": jnp.sum(rows(norms, 0)),
+        "num_clipped": jnp.sum(jnp.where(real & (norms > l2_clip_norm),
+                                         1.0, 0.0)),
+        "count": jnp.sum(jnp.where(real, 1.0, 0.0)),
+    }
+    return treedef.unflatten(out), aux
+
+  return fn

@@ -1,0 +1,185 @@
+"""Gaussian noise for DP-SGD as optax GradientTransformations.
+
+The DP step is: clipped SUM of per-example gradients (``clipping``) -> ONE
+Gaussian draw N(0, (sigma * C)^2) per coordinate -> divide by the EXPECTED
+batch size q * N (dividing by the realised size would leak it) -> optimizer.
+
+Keys: the noise key of step t is ``fold_in(PRNGKey(seed), t)``, split once per
+leaf in a fixed (tree-flatten) order, so it never repeats across steps.
+Sharding: call ``privatize`` / ``add_noise`` on the globally reduced sum
+(under ``jit`` the sum over a batch sharded on "data" is already global), so
+noise is added once, not once per device. With jax's partitionable threefry
+(the default since jax 0.5) the draws do not depend on how parameters are
+sharded: each coordinate gets exactly one independent draw.
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpjax.privacy import clipping
+
+PyTree = Any
+
+
+def noise_std_per_coordinate(l2_clip_norm: float, noise_multiplier: float,
+                             expected_batch_size: float) -> float:
+  """Std of the noise in the averaged update: sigma * C / expected_batch.
+
+  >>> noise_std_per_coordinate(1.0, 2.0, 100)
+  0.02
+  """
+  return noise_multiplier * l2_clip_norm / expected_batch_size
+
+
+def privatize(clipped_sum: PyTree, key: jax.Array, l2_clip_norm: float,
+              noise_multiplier: float, expected_batch_size: float) -> PyTree:
+  """Adds one Gaussian draw per coordinate to a clipped sum and averages.
+
+  Formal guarantees: if ``clipped_sum`` is a sum of per-example contributions
+  of L2 norm <= C (add/remove-one sensitivity C), the output is the Gaussian
+  mechanism with noise multiplier sigma; with Poisson sampling at rate q over
+  T steps, its privacy is ``accounting.epsilon(sigma, q, T, delta)``. The
+  division by ``expected_batch_size`` (a public constant) is post-processing.
+  ``key`` must be fresh for every step (e.g. ``fold_in(PRNGKey(seed), step)``).
+
+  >>> out = privatize({"w": jnp.zeros(3)}, jax.random.PRNGKey(0), 1.0, 0.0,
+  ...                 4.0)
+  >>> out["w"].tolist()
+  [0.0, 0.0, 0.0]
+
+  Args:
+    clipped_sum: pytree, the (globally reduced) sum of clipped gradients.
+    key: raw PRNG key (uint32[2]) of this step.
+    l2_clip_norm: clip norm C.
+    noise_multiplier: sigma >= 0 (0 means no noise and no privacy).
+    expected_batch_size: q * N, NOT the realised batch size.
+
+  Returns:
+    Pytree like ``clipped_sum`` (float32 or wider):
+    ``(clipped_sum + N(0, (sigma C)^2)) / expected_batch_size``.
+  """
+  if noise_multiplier < 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+  if expected_batch_size <= 0:
+    raise ValueError(
+        f"expected_batch_size must be > 0, got {expected_batch_size}.")
+  leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  std = noise_multiplier * l2_clip_norm
+  out = []
+  for leaf, k in zip(leaves, keys):
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    noise = jax.random.normal(k, leaf.shape, dtype)
+    out.append((leaf.astype(dtype) + std * noise) / expected_batch_size)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class AddNoiseState(NamedTuple):
+  """State of ``add_noise`` / ``dp_aggregate``: number of updates so far."""
+  count: jax.Array  # int32 scalar
+
+
+def _step_key(seed: int, count: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(seed), count)
+
+
+def add_noise(l2_clip_norm: float, noise_multiplier: float,
+              expected_batch_size: float,
+              seed: int) -> optax.GradientTransformation:
+  """Noise + average for a clipped SUM, as an optax transformation.
+
+  Formal guarantees: as ``privatize``, with key ``fold_in(PRNGKey(seed),
+  count)`` where ``count`` is the number of previous updates, so no key is
+  reused across steps. The input MUST be a sum of clipped per-example
+  gradients (``clipping.clipped_grad``), not a mean.
+
+  >>> tx = add_noise(1.0, 1.0, expected_batch_size=10, seed=0)
+  >>> state = tx.init({"w": jnp.zeros(2)})
+  >>> upd, state = tx.update({"w": jnp.ones(2)}, state)
+  >>> int(state.count), upd["w"].shape
+  (1, (2,))
+
+  Args:
+    l2_clip_norm: clip norm C used for the sum.
+    noise_multiplier: sigma.
+    expected_batch_size: q * N (public); the sum is divided by it.
+    seed: int seed of the noise stream.
+
+  Returns:
+    ``optax.GradientTransformation`` with state ``AddNoiseState``.
+  """
+
+  def init_fn(params):
+    del params
+    return AddNoiseState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    key = _step_key(seed, state.count)
+    noisy = privatize(updates, key, l2_clip_norm, noise_multiplier,
+                      expected_batch_size)
+    return noisy, AddNoiseState(count=state.count + 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dp_aggregate(
+    l2_clip_norm: float,
+    noise_multiplier: float,
+    seed: int,
+    expected_batch_size: Optional[float] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Clip per-example grads, sum, add noise, divide: one optax transform.
+
+  Formal guarantees: each example's gradient is clipped to L2 norm C, the
+  clipped gradients are summed and ``privatize``d with key
+  ``fold_in(PRNGKey(seed), count)``. The sum is divided by
+  ``expected_batch_size`` (default: the leading batch dimension, which is only
+  right for fixed-size batches; pass q * N for Poisson batches). An optional
+  ``mask`` keyword ([B], 1 real / 0 padding) zeroes padded rows exactly.
+
+  >>> tx = dp_aggregate(1.0, 0.0, seed=0, expected_batch_size=4)
+  >>> state = tx.init({"w": jnp.zeros(2)})
+  >>> upd, _ = tx.update({"w": jnp.array([[3., 4.], [0., 1.]])}, state)
+  >>> [round(v, 4) for v in upd["w"].tolist()]
+  [0.15, 0.45]
+
+  Args:
+    l2_clip_norm: clip norm C.
+    noise_multiplier: sigma.
+    seed: int seed of the noise stream.
+    expected_batch_size: q * N; defaults to the leading dim of the updates.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs`` consuming per-example grads
+    (leaves ``[B, *param.shape]``), producing a noisy mean like ``params``.
+  """
+
+  def init_fn(params):
+    del params
+    return AddNoiseState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, mask=None, **extra_args):
+    del params, extra_args
+    batch = jax.tree_util.tree_leaves(updates)[0].shape[0]
+    if mask is None:
+      mask = jnp.ones((batch,), jnp.float32)
+    clipped, _ = jax.vmap(clipping.clip_pytree, in_axes=(0, None))(
+        updates, l2_clip_norm)
+    real = mask > 0
+
+    def leaf_sum(g):
+      shape = (-1,) + (1,) * (g.ndim - 1)
+      g = jnp.where(real.reshape(shape), g.astype(jnp.float32), 0.0)
+      return jnp.sum(g, axis=0)
+
+    summed = jax.tree_util.tree_map(leaf_sum, clipped)
+    denom = batch if expected_batch_size is None else expected_batch_size
+    noisy = privatize(summed, _step_key(seed, state.count), l2_clip_norm,
+                      noise_multiplier, denom)
+    return noisy, AddNoiseState(count=state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,239 @@
+"""Poisson subsampling of example indices for DP-SGD.
+
+DP-SGD's accounting (``accounting.dp_event(..., sampling="poisson")``) assumes
+that each example joins each step's batch independently with probability
+``q``. We draw that batch cheaply and exactly: the batch size ``k`` is drawn
+from ``Binomial(N, q)``, then a uniformly random ``k``-subset of ``[0, N)``.
+Both draws cost O(k) time and memory, never O(N), so datasets of billions of
+examples are fine.
+
+Batches vary in size; ``poisson_sample`` pads them to a fixed physical shape
+with a ``[max_batch_size]`` mask so that ``jax.jit`` never recompiles. Padded
+rows must contribute exactly zero (``clipping.clipped_grad`` guarantees this).
+If a Poisson draw exceeds ``max_batch_size`` it is *truncated* to a uniformly
+random subset of ``max_batch_size`` examples: this is a different mechanism,
+accounted by dp_accounting's ``TruncatedSubsampledGaussianDpEvent``
+(``accounting.dp_event(..., sampling="truncated_poisson", num_examples=N,
+max_batch_size=B)``). Choose ``max_batch_size = max_batch_size_for(N, q)`` to
+make truncation negligible, or account for it.
+
+Randomness is a pure function of ``(seed, step)``: a resumed run resamples the
+same batches, and each step's batch is independent of every other step's.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+# Distinct stream tags so the batch draw and the truncation draw never share
+# random bits with each other or with other users of (seed, step).
+_SAMPLE_TAG = 0x5A4D9E1
+_TRUNCATE_TAG = 0x7C0FFEE
+
+
+class PoissonBatch(NamedTuple):
+  """A Poisson-sampled batch padded to a fixed shape.
+
+  Attributes:
+    indices: int64[max_batch_size]; example indices, sorted, padded with 0.
+    mask: float32[max_batch_size]; 1.0 for real rows, 0.0 for padding.
+    size: number of real rows (``mask.sum()``).
+    truncated: True if the Poisson draw exceeded ``max_batch_size`` and was
+      subsampled down to it (account with ``sampling="truncated_poisson"``).
+  """
+  indices: np.ndarray
+  mask: np.ndarray
+  size: int
+  truncated: bool
+
+
+def _rng(seed: int, step: int, tag: int) -> np.random.Generator:
+  if seed < 0 or step < 0:
+    raise ValueError(f"seed and step must be >= 0, got {seed=}, {step=}.")
+  return np.random.default_rng([int(seed), int(step), tag])
+
+
+def _uniform_subset(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+  """Uniformly random k-subset of [0, n), sorted int64, O(k) expected cost."""
+  if k == 0:
+    return np.zeros((0,), np.int64)
+  if 4 * k >= n:  # Dense: n <= 4k, so a permutation is still O(k).
+    return np.sort(rng.permutation(n)[:k]).astype(np.int64)
+  # Sparse: draw with replacement and redraw duplicates. The procedure commutes
+  # with every permutation of [0, n), and the symmetric group is transitive on
+  # k-subsets, so the result is uniform. With k <= n/4, each round keeps at
+  # least ~3/4 of the missing draws in expectation.
+  chosen = np.unique(rng.integers(0, n, size=k, dtype=np.int64))
+  while chosen.size < k:
+    extra = rng.integers(0, n, size=k - chosen.size, dtype=np.int64)
+    chosen = np.unique(np.concatenate([chosen, extra]))
+  return chosen
+
+
+def _check_args(num_examples: int, sampling_rate: float) -> None:
+  if num_examples < 0:
+    raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
+  if not 0.0 <= sampling_rate <= 1.0:
+    raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}.")
+
+
+def sample_indices(seed: int, step: int, num_examples: int,
+                   sampling_rate: float) -> np.ndarray:
+  """Poisson-subsamples ``[0, num_examples)`` for one step.
+
+  Formal guarantees: every index is included independently with probability
+  ``sampling_rate`` (size ~ Binomial(N, q), then a uniform subset of that
+  size, which is the same distribution). This is the sampling that
+  ``PoissonSampledDpEvent`` accounting assumes. Output is a deterministic
+  function of ``(seed, step)``; different steps use independent streams.
+  Cost is O(batch size) time and memory, independent of ``num_examples``.
+
+  >>> idx = sample_indices(seed=0, step=3, num_examples=2_000_000_000,
+  ...                      sampling_rate=5e-8)
+  >>> idx.dtype, bool(np.all(np.diff(idx) > 0))
+  (dtype('int64'), True)
+  >>> np.array_equal(idx, sample_indices(0, 3, 2_000_000_000, 5e-8))
+  True
+
+  Args:
+    seed: non-negative int; the sampling seed of the run.
+    step: non-negative int; the logical training step.
+    num_examples: dataset size N.
+    sampling_rate: inclusion probability q in [0, 1].
+
+  Returns:
+    int64[k], sorted distinct indices in ``[0, N)``, k ~ Binomial(N, q).
+  """
+  _check_args(num_examples, sampling_rate)
+  rng = _rng(seed, step, _SAMPLE_TAG)
+  k = int(rng.binomial(num_examples, sampling_rate)) if num_examples else 0
+  return _uniform_subset(rng, num_examples, k)
+
+
+def poisson_sample(seed: int, step: int, num_examples: int,
+                   sampling_rate: float, max_batch_size: int) -> PoissonBatch:
+  """Poisson-samples a batch and pads it to ``max_batch_size`` rows.
+
+  Formal guarantees: if ``truncated`` is never True, batches are exactly
+  Poisson-subsampled (see ``sample_indices``). If the draw exceeds
+  ``max_batch_size``, a uniformly random subset of ``max_batch_size`` real
+  rows is kept; the mechanism is then truncated Poisson subsampling, whose
+  privacy is given by ``TruncatedSubsampledGaussianDpEvent`` (use
+  ``accounting.dp_event(..., sampling="truncated_poisson")``). Padding slots
+  hold index 0 with mask 0 and must contribute nothing to the update.
+
+  >>> b = poisson_sample(seed=1, step=0, num_examples=1000,
+  ...                    sampling_rate=0.01, max_batch_size=32)
+  >>> b.indices.shape, b.mask.shape, int(b.mask.sum()) == b.size
+  ((32,), (32,), True)
+
+  Args:
+    seed: non-negative int; the sampling seed of the run.
+    step: non-negative int; the logical training step.
+    num_examples: dataset size N.
+    sampling_rate: inclusion probability q.
+    max_batch_size: physical batch size B (fixed shape).
+
+  Returns:
+    A ``PoissonBatch`` with indices int64[B], mask float32[B].
+  """
+  if max_batch_size < 1:
+    raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+  idx = sample_indices(seed, step, num_examples, sampling_rate)
+  truncated = idx.size > max_batch_size
+  if truncated:
+    rng = _rng(seed, step, _TRUNCATE_TAG)
+    keep = _uniform_subset(rng, idx.size, max_batch_size)
+    idx = idx[keep]
+  size = int(idx.size)
+  indices = np.zeros((max_batch_size,), np.int64)
+  indices[:size] = idx
+  mask = np.zeros((max_batch_size,), np.float32)
+  mask[:size] = 1.0
+  return PoissonBatch(indices, mask, size, bool(truncated))
+
+
+def _binomial_sf(b: int, n: int, q: float) -> float:
+  """P(Binomial(n, q) > b); scipy if available, else a Chernoff bound."""
+  try:
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+    return float(stats.binom.sf(b, n, q))
+  except ImportError:
+    mean = n * q
+    if b < mean:
+      return 1.0
+    # Chernoff: P(X >= (1+d)mu) <= exp(-d^2 mu / (2 + d)); an upper bound.
+    d = (b + 1) / mean - 1.0 if mean > 0 else math.inf
+    return math.exp(-d * d * mean / (2.0 + d)) if mean > 0 else 0.0
+
+
+def max_batch_size_for(num_examples: int, sampling_rate: float,
+                       overflow_prob: float = 1e-9) -> int:
+  """Smallest b with P(Binomial(N, q) > b) <= overflow_prob.
+
+  Use it as ``max_batch_size`` so truncation practically never happens.
+
+  >>> max_batch_size_for(60000, 256 / 60000) > 256
+  True
+
+  Args:
+    num_examples: dataset size N.
+    sampling_rate: inclusion probability q.
+    overflow_prob: allowed per-step probability that a draw is truncated.
+
+  Returns:
+    The physical batch size b (int >= 1).
+  """
+  _check_args(num_examples, sampling_rate)
+  mean = num_examples * sampling_rate
+  std = math.sqrt(max(mean * (1.0 - sampling_rate), 0.0))
+  # Bracket [lo, hi] with sf(lo) > p (or lo == 0) and sf(hi) <= p, bisect.
+  lo, hi = 0, int(min(num_examples, math.ceil(mean + 10 * std + 20)))
+  while hi < num_examples and _binomial_sf(hi, num_examples,
+                                           sampling_rate) > overflow_prob:
+    hi = min(num_examples, 2 * hi + 1)
+  if _binomial_sf(0, num_examples, sampling_rate) <= overflow_prob:
+    return 1
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if _binomial_sf(mid, num_examples, sampling_rate) <= overflow_prob:
+      hi = mid
+    else:
+      lo = mid
+  return max(hi, 1)
+
+
+def shard_for_process(indices: np.ndarray, mask: np.ndarray,
+                      process_index: int, process_count: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """This process's contiguous slice of a padded batch (multi-host loading).
+
+  Every process samples the same global batch from the same (seed, step) and
+  loads only its slice; the slices, concatenated in process order along a
+  ("data",) mesh axis, rebuild the global batch.
+
+  >>> shard_for_process(np.arange(8), np.ones(8), 1, 4)
+  (array([2, 3]), array([1., 1.]))
+
+  Args:
+    indices: [B] padded indices.
+    mask: [B] mask.
+    process_index: this process, in [0, process_count).
+    process_count: number of processes; must divide B.
+
+  Returns:
+    (indices[B / P], mask[B / P]) for this process.
+  """
+  n = indices.shape[0]
+  if mask.shape[0] != n:
+    raise ValueError(f"indices ({n}) and mask ({mask.shape[0]}) differ.")
+  if process_count < 1 or n % process_count:
+    raise ValueError(f"batch size {n} must be divisible by process_count "
+                     f"{process_count}.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in "
+                     f"[0, {process_count}).")
+  per = n // process_count
+  sl = slice(process_index * per, (process_index + 1) * per)
+  return indices[sl], mask[sl]
