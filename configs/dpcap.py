@@ -44,9 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       caption_key="caption",
       image_size=224,
       max_caption_len=40,  # tokens incl. BOS/EOS; longer captions truncated.
-      tokenizer="wordpiece:vocab.txt",  # "synthetic" | "bytes" |
+      tokenizer="wordpiece:vocab.txt",  # "shapes" | "bytes" |
                                         # "wordpiece:<vocab.txt>".
-      augment=True,  # RandomResizedCrop(0.2-1) + horizontal flip.
+      augment=True,  # RandomResizedCrop(0.2-1) (the paper's augmentation).
+      flip=True,  # Horizontal flip (the paper's); off for the synthetic
+                  # captions, whose "left of"/"right of" a flip makes false.
       # Held-out public evaluation data (labels for probes, zero-shot, ARO).
       eval_source="synthetic:shapes",
       eval_split="test",
@@ -74,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vocab_size = 0  # 0: taken from the tokenizer.
     c.data.update(dict(
         source="synthetic:shapes", num_examples=20_000, image_size=32,
-        max_caption_len=16, tokenizer="synthetic", augment=False,
+        max_caption_len=16, tokenizer="shapes", augment=False, flip=False,
         eval_num_examples=1000))
     c.privacy.noise_multiplier = -1.0  # calibrated to epsilon 8 at start.
     c.train.update(dict(

@@ -204,15 +204,17 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       expected_batch_size=float(phase.batch_size)), donate_argnums=(0,))
   allowed = _allowed_steps(run, phase, phase_step)
   end = phase_step + allowed
-  batches = pipeline.PoissonBatches(
-      phase.source, phase.preprocess, seed=config.seed + 1000 * index,
-      sampling_rate=phase.sampling_rate, num_examples=phase.num_examples,
-      global_microbatch=config.train.microbatch_size,
-      start_step=phase_step, num_steps=end,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      num_workers=config.train.num_workers)
-  iterator = iter(batches)
+  kwargs = dict(seed=config.seed + 1000 * index, start_step=phase_step,
+                num_steps=end, global_microbatch=config.train.microbatch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                num_workers=config.train.num_workers)
+  if phase.make_batches is not None:
+    iterator = phase.make_batches(**kwargs)
+  else:
+    iterator = iter(pipeline.PoissonBatches(
+        phase.source, phase.transforms, sampling_rate=phase.sampling_rate,
+        num_examples=phase.num_examples, **kwargs))
   if data_state is not None:
     iterator.set_state(data_state)
   prefix = "private/" if phase.private else "public/"
@@ -238,6 +240,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       m = {prefix + k: float(v) for k, v in jax.device_get(metrics).items()}
       m["examples_per_sec"] = seen / max(time.time() - t0, 1e-9)
       m["epsilon"] = run.epsilon()
+      if phase.monitor is not None:
+        m.update(phase.monitor(state.params, gstep))
       writer.write(gstep, m)
       writer.progress(gstep, {"loss": m[prefix + "loss"],
                               "eps": m["epsilon"],

@@ -28,8 +28,9 @@ class Phase:
     name: used in logs and metric names ("pretrain", "dp", ...).
     private: True for DP-SGD on private data (accounted); False for public.
     source: random-access record source (len + getitem), e.g. a Grain source.
-    preprocess: record -> dict of numpy arrays for one example; runs in
-      Grain workers. Gets (record, rng_seed: int) for augmentation.
+    transforms: Grain transforms (dpjax/data/transforms.py) that turn a
+      record into one example's numpy arrays; they run in Grain workers with
+      per-example randomness derived from (seed, step, index).
     loss_fn: per-example loss (see LossFn).
     steps: number of logical steps.
     batch_size: EXPECTED logical batch size q*N (Poisson sampling).
@@ -42,11 +43,20 @@ class Phase:
     noise_multiplier: sigma for private phases (set by the loop's calibration
       when the config asks for a target epsilon).
     num_examples: N, the private population size (defaults to len(source)).
+    make_batches: overrides the per-example Poisson pipeline (DP-FedEmb
+      samples users): called with keyword arguments seed, start_step,
+      num_steps, global_microbatch, process_index, process_count,
+      num_workers; returns a checkpointable iterator whose elements have
+      "example", "mask" [n_micro, M/P] and "batch_size", like
+      data.pipeline.PoissonBatches.
+    monitor: optional (params, step) -> dict of extra scalars, called at
+      every log step (e.g. a Hutchinson estimate of tr(H)); names starting
+      with "private/" mark values computed on private data.
   """
   name: str
   private: bool
   source: Any
-  preprocess: Callable[[Mapping[str, Any], int], dict]
+  transforms: Sequence[Any]
   loss_fn: LossFn
   steps: int
   batch_size: int
@@ -55,6 +65,8 @@ class Phase:
   reset_opt_state: Callable[[Any, Any], Any] | None = None
   noise_multiplier: float = 0.0
   num_examples: int = 0
+  make_batches: Callable[..., Any] | None = None
+  monitor: Callable[[Params, int], Mapping[str, float]] | None = None
 
   def __post_init__(self):
     if not self.num_examples:
