@@ -40,5 +40,5 @@ from dpjax.privacy.sampling import PoissonBatch
 from dpjax.privacy.sampling import sample_indices
 from dpjax.privacy.sampling import shard_for_process
 
-# Reserved for later additions (other owners): audit.py (empirical epsilon
-# from canaries) and ghost-clipping modules; import and re-export them here.
+from dpjax.privacy import audit  # pylint: disable=g-bad-import-order
+from dpjax.privacy.audit_stats import AuditResult

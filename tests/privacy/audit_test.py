@@ -11,14 +11,16 @@ import pytest
 
 from dpjax.privacy import accounting
 from dpjax.privacy import audit
+from dpjax.privacy import audit_stats
 
 DELTA = 1e-6
 SIGMA = 1.25  # Gaussian mechanism: eps(delta=1e-6) = 3.80.
 
 
 def test_doctests():
-  result = doctest.testmod(audit)
-  assert result.attempted > 10 and result.failed == 0
+  results = [doctest.testmod(m) for m in (audit, audit_stats)]
+  assert sum(r.attempted for r in results) > 10
+  assert all(r.failed == 0 for r in results)
 
 
 @pytest.mark.parametrize("k,n,alpha", [(0, 10, 0.05), (3, 10, 0.05),
