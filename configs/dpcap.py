@@ -80,8 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_num_examples=1000))
     c.privacy.noise_multiplier = -1.0  # calibrated to epsilon 8 at start.
     c.train.update(dict(
-        steps=150, batch_size=512, microbatch_size=256, learning_rate=2e-3,
-        warmup_steps=15, decay_steps=0, dtype="float32", checkpoint_every=50,
+        steps=200, batch_size=512, microbatch_size=256, learning_rate=2e-3,
+        warmup_steps=20, decay_steps=0, dtype="float32", checkpoint_every=50,
         log_every=10, num_workers=0))
     c.evals.probe_train_examples = 2000
     c.evals.captions = 4

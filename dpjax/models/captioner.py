@@ -24,8 +24,8 @@ def captioner_config(variant: str, **decoder_overrides: Any) -> dict:
   """Returns `Captioner` keyword arguments {"encoder": ..., "decoder": ...}.
 
   Args:
-    variant: "tiny" (CPU: 32x32 images, patch 4, 96-d x 4 encoder, 2-layer
-      96-d decoder, vocab 512, 32 tokens), "paper" / "B/16" (DP-Cap: ViT-B/16
+    variant: "tiny" (CPU: 32x32 images, patch 8, 64-d x 3 encoder, 2-layer
+      64-d decoder, vocab 512, 32 tokens), "paper" / "B/16" (DP-Cap: ViT-B/16
       224x224 without biases, 6-layer 768-d decoder, 12 heads, vocab 30,522,
       40 tokens), or "Ti/16", "S/16", "L/16".
     **decoder_overrides: TextDecoder fields to override (e.g. vocab_size to
@@ -38,9 +38,10 @@ def captioner_config(variant: str, **decoder_overrides: Any) -> dict:
   enc_kw = dict(use_bias=False, use_cls_token=True, learn_cls_token=False,
                 pos_embedding="sincos2d")
   if variant == "tiny":
-    encoder = vit.vit_config("mu/4", **enc_kw)
-    decoder = dict(vocab_size=512, width=96, depth=2, num_heads=4,
-                   mlp_dim=384, max_len=32)
+    # 16 patches of 8x8: ~1,000 DP examples/s on a 2-core CPU.
+    encoder = vit.vit_config("mu/8", width=64, depth=3, mlp_dim=256, **enc_kw)
+    decoder = dict(vocab_size=512, width=64, depth=2, num_heads=4,
+                   mlp_dim=256, max_len=32)
   else:
     variant = "B/16" if variant == "paper" else variant
     encoder = vit.vit_config(variant, **enc_kw)

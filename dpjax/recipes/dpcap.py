@@ -62,10 +62,10 @@ def _eval_arrays(config, tok, num: int, split: str) -> dict:
   out["captions"] = [r["caption"] for r in records]
   two = [i for i, r in enumerate(records) if r["num_shapes"] == 2]
   out["aro_index"] = np.array(two)
-  out["aro_tokens"] = np.stack([
-      np.stack([tok.encode_fixed(synthetic.perturbed_captions(records[i])[k],
-                                 d.max_caption_len) for k in ARO_KINDS])
-      for i in two])
+  out["aro_tokens"] = np.array([
+      [tok.encode_fixed(synthetic.perturbed_captions(records[i])[k],
+                        d.max_caption_len) for k in ARO_KINDS]
+      for i in two], np.int32).reshape(len(two), len(ARO_KINDS), -1)
   return out
 
 

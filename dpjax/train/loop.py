@@ -73,6 +73,15 @@ def _noise_key(config) -> jax.Array:
   return jax.random.PRNGKey(seed)
 
 
+def _init_opt(optimizer, params, mesh):
+  """Optimizer state placed like the params (same shape -> same sharding),
+  so the jitted step never sees a new input sharding (and never
+  recompiles)."""
+  shardings = mesh_lib.param_shardings(
+      jax.eval_shape(optimizer.init, params), mesh)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
 def _init_state(task, phase, config, mesh):
   shardings = mesh_lib.param_shardings(
       jax.eval_shape(task.init_params, jax.random.PRNGKey(0)), mesh)
@@ -80,7 +89,7 @@ def _init_state(task, phase, config, mesh):
       jax.random.PRNGKey(config.seed))
   if config.init_checkpoint:
     params = _load_params(config.init_checkpoint, params, task)
-  opt_state = jax.jit(phase.optimizer.init)(params)
+  opt_state = _init_opt(phase.optimizer, params, mesh)
   rep = mesh_lib.replicated(mesh)
   return step_lib.TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
@@ -201,7 +210,9 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       step_lib.apply, optimizer=phase.optimizer, private=phase.private,
       l2_clip_norm=s.l2_clip_norm if s else 0.0,
       noise_multiplier=phase.noise_multiplier,
-      expected_batch_size=float(phase.batch_size)), donate_argnums=(0,))
+      expected_batch_size=float(phase.batch_size)), donate_argnums=(0,),
+      out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                     mesh_lib.replicated(run.mesh)))
   allowed = _allowed_steps(run, phase, phase_step)
   end = phase_step + allowed
   kwargs = dict(seed=config.seed + 1000 * index, start_step=phase_step,
@@ -284,11 +295,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if r.ckpt.latest_step() is not None:
     rmeta = r.ckpt.restore_meta()
     if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
-      state = state._replace(
-          opt_state=phases[rmeta["phase"]].optimizer.init(state.params))
+      state = state._replace(opt_state=_init_opt(
+          phases[rmeta["phase"]].optimizer, state.params, r.mesh))
     restored, meta = r.ckpt.restore(ckpt_lib.abstract_like(state._asdict()))
     state = step_lib.TrainState(**restored)
-    r.ledger = privacy.PrivacyLedger.from_dict(meta["ledger"])
+    saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
+    if saved.steps:  # Else (saved in a public phase) keep this run's N, delta.
+      r.ledger = saved
     logging.info("resumed at step %d (phase %s, epsilon %.4g)",
                  int(state.step), phases[meta["phase"]].name, r.epsilon())
   logging.info("run: %s", json.dumps(r.describe(), indent=1))
@@ -299,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       for i in range(meta["phase"], len(phases)):
         first = i == meta["phase"]
         if not first:  # Entering a new phase: its optimizer.
-          new = phases[i].optimizer.init(state.params)
+          new = _init_opt(phases[i].optimizer, state.params, r.mesh)
           reset = phases[i].reset_opt_state
           state = state._replace(
               opt_state=reset(state.opt_state, new) if reset else new)

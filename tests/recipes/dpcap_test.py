@@ -1,0 +1,123 @@
+"""DP-Cap end to end on the real loop: tiny runs, epsilon, data paths, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import dpcap as dpcap_config
+from dpjax import privacy
+from dpjax.train import loop
+from dpjax.train import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def small_config(**overrides):
+  """:tiny with a handful of steps and small evaluations (fast)."""
+  c = dpcap_config.get_config("tiny")
+  c.train.update(steps=3, batch_size=48, microbatch_size=32, log_every=1,
+                 warmup_steps=1,
+                 checkpoint_every=2)
+  c.data.update(num_examples=2000, eval_num_examples=64)
+  c.evals.update(few_shot=False, probe_train_examples=128, captions=2)
+  c.privacy.noise_seed = 0
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+def test_tiny_run_on_8_devices_reports_the_accountants_epsilon(tmp_path):
+  config = small_config()
+  results = loop.run(config, str(tmp_path))
+  assert results["step"] == 3
+  want = privacy.epsilon(results["dp/noise_multiplier"],
+                         results["dp/sampling_rate"], 3, results["delta"])
+  assert results["epsilon"] == pytest.approx(want, rel=1e-9)
+  assert results["delta"] == pytest.approx(1 / 2000)
+  assert not results["tan_simulation"]
+  for key in ("eval/linear_probe/shape_acc", "eval/zero_shot/acc",
+              "eval/aro/acc", "eval/caption/heldout_loss"):
+    assert key in results
+  logged = metrics.read_csv(str(tmp_path))
+  assert [s for s, _ in logged["private/loss"]] == [1, 2, 3]
+  assert "loss" not in logged  # private-data metrics carry their prefix.
+  eps = [v for _, v in logged["epsilon"]]
+  assert eps == sorted(eps) and eps[-1] == pytest.approx(results["epsilon"])
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["epsilon"] == pytest.approx(results["epsilon"])
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+  assert json.load(open(tmp_path / "samples.json"))["captions"]
+
+
+def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
+  config = dpcap_config.get_config("tiny,tan=8")
+  assert config.privacy.tan_reference_batch_size == 512
+  assert config.train.batch_size == 64
+  config.train.update(steps=1, microbatch_size=64, warmup_steps=0)
+  config.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
+                      aro=False, heldout_loss=False, captions=0)
+  config.privacy.noise_seed = 0
+  results = loop.run(config, str(tmp_path))
+  assert results["tan_simulation"]
+  ref_sigma = results["tan_reference_noise_multiplier"]
+  assert ref_sigma == pytest.approx(privacy.calibrate_noise_multiplier(
+      8.0, 512 / 20000, 1, 1 / 20000), rel=1e-6)
+  assert results["dp/noise_multiplier"] == pytest.approx(ref_sigma / 8)
+  # Same total amount of noise sigma/B as the reference run.
+  assert privacy.total_amount_of_noise(ref_sigma, 512) == pytest.approx(
+      privacy.total_amount_of_noise(results["dp/noise_multiplier"], 64))
+
+
+def test_tfds_fixture_trains_through_the_pipeline(tmp_path):
+  config = small_config(**{
+      "data.source": "tfds:dpjax_tiny_captions",
+      "data.data_dir": os.path.join(REPO, "tests/fixtures/tfds"),
+      "data.image_size": 16, "data.tokenizer": "bytes",
+      "data.max_caption_len": 24, "train.batch_size": 4,
+      "train.microbatch_size": 8, "train.steps": 2,
+      "privacy.target_epsilon": 50.0})
+  config.evals.update(linear_probe=False, zero_shot=False, aro=False,
+                      captions=0)
+  results = loop.run(config, str(tmp_path))
+  assert results["dp/num_examples"] == 6
+  assert results["step"] == 2
+  assert results["eval/caption/heldout_loss"] > 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"data.source": "tfds:no_such_dataset"}, "data.source='tfds:no_such"),
+    ({"privacy.accountant": "gdp"}, "config.privacy.accountant='gdp'"),
+    ({"train.microbatch_size": 12}, "config.train.microbatch_size=12"),
+    ({"train.batch_size": 10**9}, "config.train.batch_size=1000000000"),
+])
+def test_bad_configs_name_field_value_and_fix(tmp_path, override, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+    loop.run(small_config(**override), str(tmp_path))
+  assert ":" in str(err.value)  # the message goes on to say what to do.
+
+
+def test_command_line_on_one_device(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "dpjax.main",
+         "--config=configs/dpcap.py:tiny", f"--workdir={tmp_path}",
+         "--config.train.steps=2", "--config.train.warmup_steps=0",
+         "--config.train.batch_size=32",
+         "--config.train.microbatch_size=32", "--config.data.num_examples=500",
+         "--config.privacy.noise_seed=0", "--config.evals.linear_probe=False",
+         "--config.evals.few_shot=False", "--config.evals.zero_shot=False",
+         "--config.evals.aro=False", "--config.evals.captions=0",
+         "--config.data.eval_num_examples=32"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["step"] == 2 and results["epsilon"] > 0
