@@ -125,7 +125,9 @@ class ZeroShot:
       images: [N, H, W, C].
       labels: int[N] in [0, K).
       class_prompts_tokens: int32[K, L], tokenised "this is a photo of a
-        {class}", padded as loglik_fn expects.
+        {class}", padded as loglik_fn expects; or int32[K, P, L]: P prompts
+        per class whose likelihoods are summed (log-sum-exp), e.g. every
+        attribute combination of a class for data with a fixed grammar.
       batch_size: (image, prompt) pairs per call.
       prefix: metric name prefix.
     """
@@ -136,8 +138,11 @@ class ZeroShot:
 
   def run(self, params: Any) -> dict[str, float]:
     """Returns {prefix/acc, prefix/chance = 1/K}."""
-    ll = candidate_logliks(self.loglik_fn, params, self.images, self.prompts,
-                           self.batch_size, shared=True)
+    k, length = self.prompts.shape[0], self.prompts.shape[-1]
+    ll = candidate_logliks(self.loglik_fn, params, self.images,
+                           self.prompts.reshape(-1, length), self.batch_size,
+                           shared=True)
+    ll = np.logaddexp.reduce(ll.reshape(len(ll), k, -1), axis=-1)
     acc = float(np.mean(np.argmax(ll, axis=1) == self.labels))
     return {f"{self.prefix}/acc": acc,
             f"{self.prefix}/chance": 1.0 / len(self.prompts)}

@@ -69,6 +69,14 @@ def _eval_arrays(config, tok, num: int, split: str) -> dict:
   return out
 
 
+def _shape_prompts(shape: str) -> list[str]:
+  """Zero-shot prompts of one shape class in the synthetic caption grammar
+  ("a small red circle", ...): its likelihood is summed over size and colour.
+  (DP-Cap's "this is a photo of a {class}" suits web captions, not these.)"""
+  return [f"a {size} {color} {shape}" for size in synthetic.SIZES
+          for color in synthetic.COLORS]
+
+
 def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   """The DP-Cap task for `train.loop.run`."""
   d, t = config.data, config.train
@@ -129,8 +137,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
           features, train["image"], train["shape"], test["image"],
           test["shape"], shots=(1, 5, 10), seeds=3)
     if e.zero_shot:
-      prompts = np.stack([tok.encode_fixed(p, d.max_caption_len)
-                          for p in synthetic.zero_shot_prompts()])
+      prompts = np.stack([[tok.encode_fixed(p, d.max_caption_len)
+                           for p in _shape_prompts(shape)]
+                          for shape in synthetic.SHAPES])
       out["zero_shot"] = evaluate.caption_likelihood.ZeroShot(
           loglik, test["image"], test["shape"], prompts)
     if e.aro and len(test["aro_index"]):

@@ -37,6 +37,18 @@ def test_zero_shot_picks_highest_loglik(batch_size):
   assert m == {"zero_shot/acc": 9 / 13, "zero_shot/chance": 1 / 7}
 
 
+def test_zero_shot_sums_likelihood_over_prompts_of_a_class():
+  # Class 0 has one prompt matching the image exactly; class 1 has three
+  # prompts each slightly worse but jointly more likely: log-sum-exp decides.
+  image = np.array([[1, 2, 3, 4, 5, 0]], np.float32).reshape(1, 1, 2, 3)
+  c0 = [[1, 2, 3, 4, 5, 0], [9, 9, 9, 9, 9, 9], [9, 9, 9, 9, 9, 9]]
+  c1 = [[1, 2, 3, 4, 6, 0], [1, 2, 3, 4, 4, 0], [1, 2, 3, 5, 5, 0]]
+  prompts = np.array([c0, c1], np.int32)
+  ev = cl.ZeroShot(code_loglik, image, np.array([1]), prompts)
+  assert ev.run(jnp.float32(0.1))["zero_shot/acc"] == 1.0  # flat: sum wins.
+  assert ev.run(jnp.float32(10.0))["zero_shot/acc"] == 0.0  # peaked: max.
+
+
 def test_candidate_logliks_match_loop():
   rng = np.random.default_rng(1)
   n, k = 9, 4
