@@ -23,6 +23,11 @@ each ghost call's output and records its input: ONE backward w.r.t. ``z``
 and the copies gives ``g_i = dloss_i/dy_i`` for every layer, without any
 weight gradient. Norms then come from ``ghost_layers.sq_norms`` and the
 clipped sum from one book-keeping matmul per layer (no second backward).
+Layers reading the very same input tensor (query/key/value) share the stored
+activation and its Gram matrix. Cost over a non-private step: the norm
+matmuls, min(2T^2(d_in/share + d_out), 2T d_in d_out) per example and layer,
+i.e. about 0.3x the weight-gradient FLOPs at ViT-B/16 shapes but ~1x at
+narrow CPU sizes (width 96-192); see benchmarks/RESULTS.md.
 
 Formal guarantee (as ``clipping.clipped_grad``): each real example adds a
 vector of L2 norm <= C ("clip") or < C ("normalize") to the sum, computed
@@ -87,6 +92,9 @@ def _analyze(loss_fn, leaves, treedef, batch, method) -> dict:
       if rec["desc"] is not None:
         rec["t"] = ghost_layers.to_matrix(rec["desc"], mod, args[0]).shape[0]
         rec["out"] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        rec["input"] = args[0]  # Strong ref: `is` finds shared inputs.
+        rec["dtype"] = mod.dtype or jnp.promote_types(
+            args[0].dtype, getattr(mod, "param_dtype", jnp.float32))
       return y
 
     with nn.intercept_methods(icpt):
@@ -118,15 +126,32 @@ def _analyze(loss_fn, leaves, treedef, batch, method) -> dict:
               and all(_mark(k) in s for s in consumers[leaf])
               for leaf in leaf_of.values()))
     if ok:
-      rec = dict(rec, index=k, mode=ghost_layers.pick_mode(desc, rec["t"],
-                                                            method))
-      ghost_calls.append(rec)
+      ghost_calls.append(dict(rec, index=k))
       for leaf in leaf_of.values():
         mode[leaf] = "ghost"
+  # Dense calls on the very same input tensor (query/key/value) share one
+  # stored activation and one input Gram matrix: "leader" = first such call.
+  for j, rec in enumerate(ghost_calls):
+    rec["leader"] = next(
+        i for i, r in enumerate(ghost_calls[:j + 1])
+        if r["input"] is rec["input"] and _share_key(r) == _share_key(rec)
+        or i == j)
+  for j, rec in enumerate(ghost_calls):
+    share = sum(r["leader"] == rec["leader"] for r in ghost_calls)
+    rec["mode"] = ghost_layers.pick_mode(rec["desc"], rec["t"], method, share)
+  for rec in calls + ghost_calls:  # Drop the tracers.
+    rec.pop("input", None)
   for i in range(len(leaves)):
     if mode[i] == "copy" and not consumers[i]:
       mode[i] = "zero"
   return dict(calls=ghost_calls, mode=mode, num_candidates=len(calls))
+
+
+def _share_key(rec):
+  desc = rec["desc"]
+  return (desc["kind"], desc.get("layout"), desc.get("d_in"),
+          desc.get("axis"), desc.get("patch"), desc.get("vocab"),
+          jnp.dtype(rec["dtype"]))
 
 
 def _abstract(tree):
@@ -222,11 +247,13 @@ def clipped_sum_fn(
     zs = [jnp.zeros((b,) + rec["out"].shape, rec["out"].dtype)
           for rec in plan["calls"]]
 
-    def per_example(copies_i, zs_i, example):
+    real = mask > 0
+
+    def per_example(copies_i, zs_i, example, real_i):
       lv = list(leaves)
       for j, i in enumerate(copy_ids):
         lv[i] = copies_i[j]
-      acts, count = [None] * len(zs_i), [0]
+      acts, inputs, count = [None] * len(zs_i), {}, [0]
 
       def icpt(next_fun, args, kwargs, ctx):
         if not _is_candidate(ctx):
@@ -239,9 +266,15 @@ def clipped_sum_fn(
         if tuple(ctx.module.scope.path) != rec["path"]:
           raise RuntimeError("layer call order differs between the analysis "
                              f"trace and the real trace at {rec['path']}.")
-        a = ghost_layers.to_matrix(rec["desc"], ctx.module, args[0])
-        acts[slot[k]] = a if rec["desc"]["kind"] == "embed" else a.astype(
-            dtype)
+        if rec["leader"] == slot[k]:
+          inputs[slot[k]] = args[0]
+          a = ghost_layers.to_matrix(rec["desc"], ctx.module, args[0])
+          if rec["desc"]["kind"] != "embed":  # Padding rows -> 0 (NaN-safe).
+            a = jnp.where(real_i, a, jnp.zeros((), a.dtype)).astype(dtype)
+          acts[slot[k]] = a
+        elif inputs.get(rec["leader"]) is not args[0]:
+          raise RuntimeError("shared layer input differs between the "
+                             f"analysis and the real trace at {rec['path']}.")
         return next_fun(*args, **kwargs) + zs_i[slot[k]]
 
       with nn.intercept_methods(icpt):
@@ -249,22 +282,27 @@ def clipped_sum_fn(
       return loss, acts
 
     def batched(copies, zs):
-      return jax.vmap(per_example)(copies, zs, batch)
+      return jax.vmap(per_example)(copies, zs, batch, real)
 
     losses, vjp_fn, acts = jax.vjp(batched, copies, zs, has_aux=True)
     g_copies, g_zs = vjp_fn(jnp.ones_like(losses))
-    real = mask > 0
 
     def rows(x, value):  # Padding rows -> value, even if x is NaN there.
       r = real.reshape((-1,) + (1,) * (x.ndim - 1))
       return jnp.where(r, x, jnp.asarray(value, x.dtype))
 
     sq = jnp.zeros((b,), jnp.float32)
-    mats = []
-    for rec, a, gz in zip(plan["calls"], acts, g_zs):
-      g = gz.reshape(b, rec["t"], -1)
+    mats, grams = [], {}
+    for rec, gz in zip(plan["calls"], g_zs):
+      a, g = acts[rec["leader"]], gz.reshape(b, rec["t"], -1)
       mats.append((rec, a, g))
-      sq = sq + ghost_layers.sq_norms(rec["desc"], rec["mode"], a, g, dtype)
+      a_gram = None
+      if rec["mode"] == "gram" and rec["desc"]["kind"] == "dense":
+        if rec["leader"] not in grams:
+          grams[rec["leader"]] = ghost_layers.gram(a, dtype)
+        a_gram = grams[rec["leader"]]
+      sq = sq + ghost_layers.sq_norms(rec["desc"], rec["mode"], a, g, dtype,
+                                      a_gram)
     for g in g_copies:
       sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(b, -1),
                         axis=1)
@@ -277,9 +315,8 @@ def clipped_sum_fn(
       scaled = g.astype(jnp.float32) * factor.reshape(
           (-1,) + (1,) * (g.ndim - 1))
       out[i] = jnp.sum(rows(scaled, 0), axis=0)
-    for rec, a, g in mats:
+    for rec, a, g in mats:  # `a` was zeroed on padding rows when recorded.
       cg = rows(g.astype(jnp.float32) * factor[:, None, None], 0)
-      a = a if rec["desc"]["kind"] == "embed" else rows(a, 0)
       shapes = {n: leaves[i].shape for n, i in rec["leaf_of"].items()}
       sums = ghost_layers.clipped_sums(rec["desc"], a, cg, shapes, dtype)
       for n, i in rec["leaf_of"].items():

@@ -150,15 +150,26 @@ def to_matrix(desc: dict, module, x: jax.Array) -> jax.Array:
   return x.reshape(-1, ph * pw * c)
 
 
-def pick_mode(desc: dict, t: int, method: str) -> str:
-  """"gram" or "outer" for one call with T rows per example."""
-  if desc["kind"] == "embed":
-    if method == "ghost":
-      return "gram"
-    return "gram" if t * t <= desc["vocab"] else "outer"
+def pick_mode(desc: dict, t: int, method: str, share: int = 1) -> str:
+  """"gram" or "outer" for one call with T rows per example.
+
+  "ghost" always takes the Gram form. "auto" takes the one with fewer FLOPs:
+  Gram 2 T^2 (d_in / share + d_out) (the input Gram is computed once for
+  `share` layers reading the same input, e.g. query/key/value) against
+  outer 2 T d_in d_out; both are transient per layer (memory B T^2 against
+  B d_in d_out) and reduced to [B] at once.
+  """
   if method == "ghost":
     return "gram"
-  return "gram" if 2 * t * t <= desc["d_in"] * desc["d_out"] else "outer"
+  if desc["kind"] == "embed":
+    return "gram" if t * t <= desc["vocab"] else "outer"
+  d, p = desc["d_in"], desc["d_out"]
+  return "gram" if t * (d / share + p) <= d * p else "outer"
+
+
+def gram(a: jax.Array, dtype: Any) -> jax.Array:
+  """Per-example Gram matrices [B, T, T] (float32) of rows of a [B, T, d]."""
+  return _dot("btd,bsd->bts", a, a, dtype)
 
 
 def _dot(spec, x, y, dtype):
@@ -167,7 +178,7 @@ def _dot(spec, x, y, dtype):
 
 
 def sq_norms(desc: dict, mode: str, a: jax.Array, g: jax.Array,
-             dtype: Any) -> jax.Array:
+             dtype: Any, a_gram: Optional[jax.Array] = None) -> jax.Array:
   """Squared per-example gradient norm of all params of one call.
 
   Args:
@@ -191,8 +202,8 @@ def sq_norms(desc: dict, mode: str, a: jax.Array, g: jax.Array,
     per = _dot("btv,btp->bvp", onehot, g, dtype)
     return jnp.sum(jnp.square(per), axis=(1, 2))
   if mode == "gram":
-    sq = jnp.sum(_dot("btd,bsd->bts", a, a, dtype) *
-                 _dot("btp,bsp->bts", g, g, dtype), axis=(1, 2))
+    a_gram = gram(a, dtype) if a_gram is None else a_gram
+    sq = jnp.sum(a_gram * gram(g, dtype), axis=(1, 2))
   else:
     sq = jnp.sum(jnp.square(_dot("btd,btp->bdp", a, g, dtype)), axis=(1, 2))
   if "bias" in desc["params"]:

@@ -1,0 +1,177 @@
+r"""DP overhead: non-private vs vmap-clipped vs ghost-clipped gradient step.
+
+For each (model, batch) setting this builds three jitted functions of
+(params, batch, mask) -> gradient sum over the batch:
+  nonprivate  grad of sum_i loss_i (one batched backward),
+  vmap        privacy.clipped_grad(method="vmap")  (per-example grads),
+  ghost       privacy.clipped_grad(method="auto")  (ghost norms+book-keeping),
+and times them INTERLEAVED in one process (rep r runs all three back to back)
+so the ratios are measured under the same machine load. Peak memory is XLA's
+buffer assignment of each compiled function (arguments + outputs + temporaries
+- aliased; `compiled.memory_analysis()`), the one peak figure available on CPU
+for a single function; on GPU/TPU `device.memory_stats()` peaks are printed too.
+
+Run (by hand, not in the test suite):
+  /work/venv/bin/python benchmarks/dp_overhead.py                 # all settings
+  /work/venv/bin/python benchmarks/dp_overhead.py --models vit_tiny --batches 64
+  ... --methods nonprivate,ghost  --reps 7 --markdown
+"""
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax import privacy
+from dpjax.models import captioner
+from dpjax.models import vit
+
+C = 1.0  # clip norm; irrelevant to speed.
+
+
+def _vit_setting(cfg, image):
+  model = vit.ViT(**cfg)
+  key = jax.random.PRNGKey(0)
+  params = model.init(key, jnp.zeros((1, image, image, 3)))["params"]
+  head = jax.random.normal(key, (cfg["width"], 10)) * 0.02
+
+  def loss_fn(p, ex):  # Linear-probe style CE on mean-pooled tokens.
+    tok = model.apply({"params": p}, ex["image"][None])
+    logits = jnp.mean(tok, axis=1) @ head
+    return -jax.nn.log_softmax(logits)[0, ex["label"]]
+
+  def batch_fn(b):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    return {"image": jax.random.normal(k1, (b, image, image, 3)),
+            "label": jax.random.randint(k2, (b,), 0, 10)}
+
+  return params, loss_fn, batch_fn
+
+
+def _cap_setting(cfg, image, length):
+  model = captioner.Captioner(**cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, image, image, 3)),
+                      jnp.zeros((1, length), jnp.int32))["params"]
+
+  def loss_fn(p, ex):
+    logits = model.apply({"params": p}, ex["image"][None], ex["tokens"][None])
+    return captioner.caption_loss(logits, ex["tokens"][None, 1:])[0]
+
+  def batch_fn(b):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    vocab = cfg["decoder"]["vocab_size"]
+    return {"image": jax.random.normal(k1, (b, image, image, 3)),
+            "tokens": jax.random.randint(k2, (b, length), 1, vocab)}
+
+  return params, loss_fn, batch_fn
+
+
+def settings():
+  """name -> (params, loss_fn, batch_fn, description)."""
+  tiny_cap = captioner.captioner_config("tiny")
+  # "Paper-shaped, scaled": the paper's token counts and layer aspect ratios
+  # (224px / patch 16 = 196 patches; DP-Cap: no biases, CLS, 40 tokens, a
+  # BERT-sized vocabulary) at ViT-Ti width and 2 blocks so it runs on a CPU.
+  paper_vit = vit.vit_config("Ti/16", depth=2)
+  paper_cap = captioner.captioner_config("Ti/16")
+  paper_cap["encoder"]["depth"] = 2
+  paper_cap["decoder"].update(depth=1, vocab_size=8192)
+  return {
+      "vit_tiny": lambda: _vit_setting(vit.vit_config("mu/4"), 32) + (
+          "ViT mu/4 (96x4, 32px, 64 tokens)",),
+      "vit_paper": lambda: _vit_setting(paper_vit, 224) + (
+          "ViT Ti/16 x2 blocks (192, 224px, 196 tokens)",),
+      "cap_tiny": lambda: _cap_setting(tiny_cap, 32, 32) + (
+          "DP-Cap tiny (enc 96x4, dec 96x2, V=512, 32 tok)",),
+      "cap_paper": lambda: _cap_setting(paper_cap, 224, 40) + (
+          "DP-Cap Ti/16 x2 enc + 192x1 dec, V=8192, 40 tok, 224px",),
+  }
+
+
+def nonprivate_fn(loss_fn):
+  def fn(params, batch, mask):
+    def total(p):
+      losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
+      return jnp.sum(jnp.where(mask > 0, losses, 0.0))
+    return jax.grad(total)(params)
+  return fn
+
+
+def build(method, loss_fn, compute_dtype=None):
+  if method == "nonprivate":
+    return jax.jit(nonprivate_fn(loss_fn))
+  kw = {} if method == "vmap" else dict(method="auto")
+  if compute_dtype is not None:
+    kw["compute_dtype"] = compute_dtype
+  return jax.jit(privacy.clipped_grad(loss_fn, C, **kw))
+
+
+def peak_bytes(compiled) -> float:
+  m = compiled.memory_analysis()
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes +
+               m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def run_setting(name, batch_size, methods, reps):
+  params, loss_fn, batch_fn, desc = settings()[name]()
+  batch = batch_fn(batch_size)
+  mask = jnp.ones((batch_size,), jnp.float32)
+  fns, mem = {}, {}
+  for m in methods:
+    jitted = build(m, loss_fn)
+    compiled = jitted.lower(params, batch, mask).compile()
+    mem[m] = peak_bytes(compiled)
+    fns[m] = compiled
+    jax.block_until_ready(compiled(params, batch, mask))  # warm-up
+  times = {m: [] for m in methods}
+  for _ in range(reps):
+    for m in methods:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[m](params, batch, mask))
+      times[m].append(time.perf_counter() - t0)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  rows = []
+  base_t = statistics.median(times["nonprivate"]) if "nonprivate" in times else None
+  base_m = mem.get("nonprivate")
+  for m in methods:
+    t = statistics.median(times[m])
+    rows.append(dict(model=name, desc=desc, params=n_params, batch=batch_size,
+                     method=m, median_s=t, ex_per_s=batch_size / t,
+                     time_ratio=t / base_t if base_t else float("nan"),
+                     peak_mb=mem[m] / 2**20,
+                     mem_ratio=mem[m] / base_m if base_m else float("nan")))
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--models", default="vit_tiny,vit_paper,cap_tiny,cap_paper")
+  ap.add_argument("--batches", default="64,256")
+  ap.add_argument("--methods", default="nonprivate,vmap,ghost")
+  ap.add_argument("--reps", type=int, default=5)
+  args = ap.parse_args()
+  methods = args.methods.split(",")
+  print(f"# {datetime.datetime.now().isoformat(timespec='minutes')} "
+        f"jax {jax.__version__} backend {jax.default_backend()} "
+        f"devices {jax.devices()[0].device_kind} x{jax.device_count()} "
+        f"{platform.machine()} reps={args.reps}")
+  print("| model | batch | method | median step (s) | examples/s | "
+        "time / non-private | peak MiB | mem / non-private |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name in args.models.split(","):
+    for b in [int(x) for x in args.batches.split(",")]:
+      for r in run_setting(name, b, methods, args.reps):
+        print(f"| {r['model']} | {r['batch']} | {r['method']} | "
+              f"{r['median_s']:.3f} | {r['ex_per_s']:.1f} | "
+              f"{r['time_ratio']:.2f}x | {r['peak_mb']:.0f} | "
+              f"{r['mem_ratio']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+  np.set_printoptions(precision=3)
+  main()
