@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       variant="B/16",  # dpjax.models.captioner.captioner_config variant.
       vocab_size=30522,  # bert-base-uncased WordPiece (user-supplied vocab).
+      patch_size=0,  # encoder patch size; 0 = the variant's.
   ))
   c.data = ml_collections.ConfigDict(dict(
       # Private training data; "synthetic:shapes" | "tfds:<name>" |

@@ -28,6 +28,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
   mcfg = captioner.captioner_config(
       config.model.variant, vocab_size=config.model.vocab_size or vocab_size,
       max_len=config.data.max_caption_len)
+  if config.model.patch_size:
+    mcfg["encoder"]["patch_size"] = config.model.patch_size
   dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
   return captioner.Captioner(**mcfg, dtype=dtype)
 
