@@ -1,0 +1,255 @@
+"""DP-FedEmb recipe (Xu et al., CVPR 2023): user-level DP image embeddings.
+
+Glue only. Params are {"backbone": Embedder params, "head": public head}.
+Phases (config.phases):
+  * "public": non-private pre-training of backbone + a head over the PUBLIC
+    identities (per-example Poisson batches; spends no budget).
+  * "dp": DP-FedAvg with partially local variables over the PRIVATE users.
+    Each round Poisson-samples groups of k users (virtual clients,
+    `fedemb_data`); each virtual client initialises a fresh local head
+    (Glorot; key from (seed, round, group)), trains backbone + local head on
+    its users' examples (client SGD, head lr x head_lr_scale;
+    `privacy.user_level.local_training`, vmapped over clients), and returns
+    the BACKBONE delta theta_start - theta_end clipped to C (k = 1) or C/2
+    (k >= 2: one user can move a mixed client's clipped delta by twice the
+    client clip, so C/2 keeps the per-user sensitivity at C). The local
+    head is dropped inside the computation: never returned, summed or
+    noised. The loop adds N(0, (sigma C)^2) once, divides by the expected
+    number of USERS q*N and applies server SGD (momentum 0.9) to the
+    backbone; the public head is frozen in this phase (optax.set_to_zero:
+    the noise the loop draws for its zero "gradient" is discarded).
+    Accounting: Poisson at rate q = expected users / N users per round, one
+    ledger event per ROUND, delta = 1/N users by default.
+  With privacy.enabled=False the "dp" phase runs the same federated
+  algorithm without clipping or noise (the non-DP baseline).
+Evaluation: exact all-pairs recall at FAR 1e-3 / 0.1 and recall@1 of
+L2-normalised embeddings of held-out identities (evaluate.retrieval).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpjax.data import pipeline
+from dpjax.data import sources
+from dpjax.data import transforms as transforms_lib
+from dpjax.evaluate import retrieval
+from dpjax.models import embedder
+from dpjax.privacy import user_level
+from dpjax.recipes import fedemb_data
+from dpjax.train import task as task_lib
+
+PHASES = ("public", "dp")
+
+
+def _source(spec: str, split: str, config, *, num_identities: int = 0,
+            first_identity: int = 0):
+  d = config.data
+  if spec == "synthetic:identities":
+    return sources.make_source(
+        spec, split=split, num_identities=num_identities,
+        images_per_identity=d.images_per_identity, image_size=d.image_size,
+        seed=config.seed, first_identity=first_identity)
+  fields = {"image": d.image_key, "label": d.label_key}
+  if d.user_key:
+    fields["user"] = d.user_key
+  return sources.make_source(spec, split=split, data_dir=d.data_dir or None,
+                             fields=fields)
+
+
+def private_source(config: ml_collections.ConfigDict):
+  """The user-partitioned private source (num_users, user_indices)."""
+  d = config.data
+  src = _source(d.source, d.split, config, num_identities=d.num_users)
+  if not hasattr(src, "num_users"):
+    src = fedemb_data.UserKeyedSource(
+        src, "user", "label",
+        tuple(d.train_label_range) if d.train_label_range else None)
+  return src
+
+
+def public_source(config: ml_collections.ConfigDict):
+  d = config.data
+  return _source(d.public_source, d.public_split, config,
+                 num_identities=d.public_num_identities,
+                 first_identity=d.num_users)
+
+
+def _transforms(config, label_field: str) -> list:
+  s = config.data.image_size
+  return [transforms_lib.DecodeImage(), transforms_lib.Resize(s),
+          transforms_lib.Normalize(),
+          transforms_lib.Rename({label_field: "label"}),
+          transforms_lib.Keep(["image", "label"])]
+
+
+def _label_field(spec: str) -> str:
+  return "identity" if spec == "synthetic:identities" else "label"
+
+
+def eval_arrays(config: ml_collections.ConfigDict) -> dict:
+  """Held-out (open-set) images and identities as numpy arrays."""
+  d = config.data
+  src = _source(d.eval_source, d.eval_split, config,
+                num_identities=d.eval_num_identities,
+                first_identity=d.num_users + d.public_num_identities)
+  ts = _transforms(config, _label_field(d.eval_source))
+  images, labels = [], []
+  for i in range(len(src)):
+    if len(images) >= d.eval_num_examples:
+      break
+    r = transforms_lib.apply(ts, dict(src[i]), np.random.default_rng(i))
+    lo, hi = d.eval_label_range or (-np.inf, np.inf)
+    if lo <= int(r["label"]) < hi:
+      images.append(r["image"])
+      labels.append(int(r["label"]))
+  return {"image": np.stack(images), "identity": np.asarray(labels)}
+
+
+def local_labels(labels: jax.Array, mask: jax.Array,
+                 num_classes: int) -> jax.Array:
+  """Maps one client's labels [E] to ranks among its distinct real labels.
+
+  A client's fresh head has `num_classes` outputs; label l becomes the number
+  of distinct real labels < l (clipped to num_classes - 1). O(E^2).
+  """
+  real = mask > 0
+  same = labels[:, None] == labels[None, :]
+  earlier = jnp.tril(jnp.ones_like(same), -1)
+  first = real & ~jnp.any(same & earlier & real[None, :], axis=1)
+  rank = jnp.sum(first[None, :] & (labels[None, :] < labels[:, None]), 1)
+  return jnp.minimum(rank, num_classes - 1).astype(jnp.int32)
+
+
+def _server_optimizer(config) -> optax.GradientTransformation:
+  """Server SGD(+momentum) on the backbone; the public head is frozen.
+
+  The loop divides the noisy delta sum by expected USERS; the paper averages
+  over virtual clients, so the rate is scaled by k to keep
+  train.learning_rate the paper's server_lr.
+  """
+  t, k = config.train, config.fedemb.users_per_client
+  sgd = optax.sgd(t.learning_rate * k, momentum=t.momentum or None)
+  return optax.multi_transform({"backbone": sgd, "head": optax.set_to_zero()},
+                               {"backbone": "backbone", "head": "head"})
+
+
+def build(config: ml_collections.ConfigDict) -> task_lib.Task:
+  """The DP-FedEmb task for `train.loop.run`."""
+  d, f, p, t = config.data, config.fedemb, config.public, config.train
+  phases = [s.strip() for s in config.phases.split(",") if s.strip()]
+  if not phases or any(s not in PHASES for s in phases):
+    raise ValueError(f"config.phases={config.phases!r}: use a comma list of "
+                     f"{PHASES} (in that order)")
+  mcfg = embedder.embedder_config(config.model.variant)
+  if config.model.embed_dim:
+    mcfg["embed_dim"] = config.model.embed_dim
+  if config.model.features:
+    mcfg["features"] = tuple(config.model.features)
+  backbone = embedder.Embedder(**mcfg)
+  public_head = embedder.Head(d.public_num_classes or d.public_num_identities)
+  local_head = embedder.Head(f.local_classes)
+  image = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
+  emb = jnp.zeros((1, mcfg["embed_dim"]), jnp.float32)
+
+  def init_params(rng):
+    r1, r2 = jax.random.split(rng)
+    return {"backbone": backbone.init(r1, image)["params"],
+            "head": public_head.init(r2, emb)["params"]}
+
+  def embed(bparams, images):
+    return backbone.apply({"params": bparams}, images)
+
+  def ce(logits, label):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+
+  def public_loss(params, example):
+    z = embed(params["backbone"], example["image"][None])
+    logits = public_head.apply({"params": params["head"]}, z)
+    return ce(logits, example["label"][None])[0]
+
+  def local_loss(bparams, hparams, example):
+    z = embed(bparams, example["image"][None])
+    logits = local_head.apply({"params": hparams}, z)
+    return ce(logits, example["label"][None])[0]
+
+  out = []
+  if "public" in phases:
+    src = public_source(config)
+    ts = _transforms(config, _label_field(d.public_source))
+    rate = p.batch_size / len(src)
+    out.append(task_lib.Phase(
+        name="public", private=False, source=src, transforms=ts,
+        loss_fn=public_loss, steps=p.steps, batch_size=p.batch_size,
+        optimizer=optax.adam(p.learning_rate),
+        make_batches=lambda **kw: iter(pipeline.PoissonBatches(
+            src, ts, sampling_rate=rate, num_examples=len(src),
+            **{**kw, "global_microbatch": p.microbatch_size}))))
+  if "dp" in phases:
+    out.append(_dp_phase(config, local_loss, local_head, mcfg["embed_dim"]))
+
+  def evaluators():
+    e = eval_arrays(config)
+    return {"retrieval": retrieval.Retrieval(
+        embed_fn=lambda params, x: embed(params["backbone"], x),
+        images=e["image"], identities=e["identity"],
+        fars=tuple(config.evals.fars), batch_size=config.evals.batch_size)}
+
+  return task_lib.Task(init_params=init_params, phases=out,
+                       evaluators=evaluators)
+
+
+def _dp_phase(config, local_loss, local_head, embed_dim) -> task_lib.Phase:
+  """The user-level phase: virtual clients, clipped backbone deltas."""
+  d, f, t = config.data, config.fedemb, config.train
+  src = private_source(config)
+  ts = _transforms(config, _label_field(d.source))
+  k = f.users_per_client
+  if t.batch_size > src.num_users:
+    raise ValueError(f"config.train.batch_size={t.batch_size} (expected "
+                     f"users per round) exceeds the {src.num_users} users")
+
+  def init_head(rng):
+    return local_head.init(rng, jnp.zeros((1, embed_dim)))["params"]
+
+  local_train = user_level.local_training(
+      local_loss, init_head,
+      shared_optimizer=optax.sgd(f.client_lr,
+                                 momentum=f.client_momentum or None),
+      local_optimizer=optax.sgd(f.client_lr * f.head_lr_scale,
+                                momentum=f.client_momentum or None),
+      batch_size=f.client_batch_size, epochs=f.client_epochs)
+  private = bool(config.privacy.enabled)
+  clip = (user_level.unit_clip_norm(config.privacy.l2_clip_norm, k)
+          if private else None)
+  core = user_level.clipped_delta_sum(local_train, clip,
+                                      unit_batch=f.unit_batch)
+
+  def clipped_sum_fn(params, batch, mask):
+    """Sum over real virtual clients of clipped backbone deltas; aux counts
+    USERS (loss/norm statistics weighted by users per client)."""
+    labels = jax.vmap(functools.partial(
+        local_labels, num_classes=f.local_classes))(
+            batch["label"], batch["example_mask"])
+    units = {"example": {"image": batch["image"], "label": labels},
+             "mask": batch["example_mask"], "rng": batch["unit_rng"]}
+    delta_sum, aux = core(params["backbone"], units, mask,
+                          weights=batch["num_users"])
+    zeros = jax.tree.map(jnp.zeros_like, params["head"])
+    return {"backbone": delta_sum, "head": zeros}, aux
+
+  rate = t.batch_size / src.num_users
+  return task_lib.Phase(
+      name="dp" if private else "federated", private=private, source=src,
+      transforms=ts, loss_fn=lambda params, example: local_loss(
+          params["backbone"], init_head(jax.random.PRNGKey(0)), example),
+      steps=t.steps, batch_size=t.batch_size,
+      optimizer=_server_optimizer(config), clipped_sum_fn=clipped_sum_fn,
+      num_examples=src.num_users,
+      make_batches=functools.partial(
+          fedemb_data.virtual_client_batches, src, ts, sampling_rate=rate,
+          users_per_client=k, max_examples_per_user=f.max_examples_per_user))
