@@ -2,11 +2,24 @@ r"""dpjax entry point: `python -m dpjax.main --config=configs/dpcap.py:tiny`.
 
 Flags: --config (an ml_collections config file with `get_config(arg)`; override
 any field with e.g. --config.train.steps=10) and --workdir (checkpoints,
-metrics, results; rerunning the same command resumes from it). Multi-host
-runs (TPU VM, SLURM, or --coordinator_address) initialise jax.distributed.
+metrics, results; any path Orbax accepts, e.g. gs://bucket/run; rerunning the
+same command resumes from it).
+
+Multi-host: run the same command once per host (process). jax.distributed is
+initialised when the environment says so: --coordinator_address (with
+--num_processes and --process_id, or JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID), a SLURM job with more than one task, a
+TPU VM slice with more than one worker (TPU_WORKER_HOSTNAMES), or --multihost
+(jax auto-detects the cluster: TPU VM metadata, SLURM, Open MPI, ...). See
+launch/README.md.
+
+Preemption: SIGTERM finishes the current step, checkpoints and exits 0; the
+same command resumes the run.
 """
 
 import os
+import sys
+from typing import Mapping
 
 from absl import app
 from absl import flags
@@ -16,26 +29,84 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/dpcap.py:tiny.",
     lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (resumes if it exists).")
+flags.DEFINE_string("workdir", None, "Run directory (resumes if it exists); "
+                    "local or gs://... .")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process' index.")
+flags.DEFINE_bool("multihost", False,
+                  "Call jax.distributed.initialize() and let jax detect the "
+                  "cluster (TPU VM slice, SLURM, Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+PREEMPTED_MESSAGE = ("dpjax: preempted at step {step}; checkpoint saved in "
+                     "{workdir}; rerun the same command to resume.")
+
+
+def _count(value: str | None) -> int:
+  """Number of entries of a SLURM count ("2", "2(x3)") or host list."""
+  if not value:
+    return 0
+  if value.split("(")[0].isdigit():
+    return int(value.split("(")[0])
+  return len([h for h in value.split(",") if h.strip()])
+
+
+def distributed_reason(environ: Mapping[str, str], *,
+                       coordinator_address: str | None = None,
+                       multihost: bool = False) -> str | None:
+  """Why this process should call jax.distributed.initialize (None: don't).
+
+  Args:
+    environ: the process environment (os.environ).
+    coordinator_address: the --coordinator_address flag.
+    multihost: the --multihost flag.
+
+  Returns:
+    A short reason for the logs, or None for a single-process run.
+  """
+  if coordinator_address:
+    return "flags"
+  if multihost:
+    return "--multihost"
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  if "SLURM_JOB_ID" in environ and _count(
+      environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")) > 1:
+    return "SLURM"
+  hosts = (environ.get("TPU_PROCESS_ADDRESSES")
+           or environ.get("TPU_WORKER_HOSTNAMES"))
+  if _count(hosts) > 1:
+    return "TPU VM slice"
+  return None
 
 
 def _maybe_initialize_distributed() -> None:
   """Starts jax.distributed when flags or the environment ask for it."""
   import jax  # pylint: disable=g-import-not-at-top
+  reason = distributed_reason(os.environ,
+                              coordinator_address=FLAGS.coordinator_address,
+                              multihost=FLAGS.multihost)
+  if reason is None:
+    return
+  # Cross-process collectives of the CPU backend (tests, CPU clusters).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
   if FLAGS.coordinator_address:
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif any(k in os.environ for k in (
-      "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS")):
-    if int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-      jax.distributed.initialize()
+    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
+                  num_processes=FLAGS.num_processes,
+                  process_id=FLAGS.process_id)
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs = dict(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed (%s): process %d of %d, %d local / %d global "
+               "devices", reason, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
@@ -43,7 +114,13 @@ def main(argv):
   _maybe_initialize_distributed()
   from dpjax.train import loop  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", FLAGS.config)
-  loop.run(FLAGS.config, FLAGS.workdir)
+  results = loop.run(FLAGS.config, FLAGS.workdir)
+  if results.get("preempted"):
+    message = PREEMPTED_MESSAGE.format(step=results["step"],
+                                       workdir=FLAGS.workdir)
+    logging.warning(message)
+    print(message, flush=True)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -27,7 +28,10 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save),
-        item_names=("state", "meta"))
+        # Handlers declared up front (not deferred to the first save), so a
+        # fresh Checkpointer can read item metadata (restore_params/_numpy).
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -55,19 +59,36 @@ class Checkpointer:
     return self._manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def _saved_tree(self, step: int) -> Any:
+    """The saved state's metadata tree (leaves have .shape, .dtype)."""
+    meta = self._manager.item_metadata(step)["state"]
+    return getattr(meta, "tree", meta)  # orbax TreeMetadata -> plain tree.
+
   def restore_params(self, abstract_params: Any) -> Any:
     """Only the params of the latest checkpoint (warm starts), placed like
-    `abstract_params`; the rest of the saved state is not read."""
+    `abstract_params` (the rest of the saved state is read and dropped)."""
     step = self._manager.latest_step()
-    meta = self._manager.item_metadata(step)["state"]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+    meta = self._saved_tree(step)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(  # Read onto one device whatever saved it.
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
     abstract = dict(abstract) if isinstance(abstract, dict) else abstract
     abstract["params"] = abstract_params
     out = self._manager.restore(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))
     return out["state"]["params"]
+
+  def restore_numpy(self, step: int | None = None):
+    """(state, meta) at `step`/latest with every array as a host numpy
+    array, whatever mesh or process count saved it (analysis, tests)."""
+    step = self._manager.latest_step() if step is None else step
+    meta = self._saved_tree(step)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    state, meta = self.restore(abstract, step)
+    return jax.tree.map(np.asarray, state), meta
 
   def wait(self):
     self._manager.wait_until_finished()
