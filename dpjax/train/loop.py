@@ -8,13 +8,13 @@ tests and launch scripts call this function; `dpjax.main` is a thin wrapper.
 
 import functools
 import json
-import math
 import os
 import signal
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -331,12 +331,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results.update(step=int(state.step), epsilon=r.epsilon(),
                  stopped_at_budget=stopped)
   results.update(_evaluate(r, state.params, writer, int(state.step)))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1, default=float)
+  if jax.process_index() == 0:  # epath: local or bucket (gs://) workdirs.
+    out = epath.Path(workdir)
+    (out / "results.json").write_text(
+        json.dumps(results, indent=1, default=float))
     if r.task.summary is not None:
-      with open(os.path.join(workdir, "samples.json"), "w") as f:
-        json.dump(r.task.summary(state.params), f, indent=1)
+      (out / "samples.json").write_text(
+          json.dumps(r.task.summary(state.params), indent=1))
   writer.close()
   r.ckpt.close()
   label = " (TAN SIMULATION: not an epsilon run)" if (
