@@ -11,9 +11,21 @@ import os
 import time
 from typing import Mapping
 
+from absl import logging
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+
+def local_dir(workdir: str) -> str:
+  """Where metrics go: the workdir, or for a bucket workdir (gs://b/run),
+  ./runs/metrics/b/run (CSV appends and TensorBoard need a local file
+  system; checkpoints and results.json still go to the bucket)."""
+  if "://" not in workdir:
+    return workdir
+  local = os.path.join("runs", "metrics", workdir.split("://", 1)[1])
+  logging.info("metrics of %s are written locally to %s", workdir, local)
+  return local
 
 
 class MetricWriter:
@@ -23,6 +35,7 @@ class MetricWriter:
     self._active = jax.process_index() == 0
     if not self._active:
       return
+    workdir = local_dir(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.csv")
     new = not os.path.exists(path)
@@ -61,7 +74,7 @@ class MetricWriter:
 def read_csv(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Reads metrics.csv back into {name: [(step, value), ...]} (notebooks)."""
   out: dict[str, list[tuple[int, float]]] = {}
-  with open(os.path.join(workdir, "metrics.csv")) as f:
+  with open(os.path.join(local_dir(workdir), "metrics.csv")) as f:
     for row in csv.DictReader(f):
       out.setdefault(row["name"], []).append(
           (int(row["step"]), float(row["value"])))
