@@ -123,8 +123,3 @@ def test_mesh_errors_name_the_field():
   with pytest.raises(ValueError, match="mesh.fsdp=3"):
     mesh_lib.make_mesh(fsdp=3)
 
-
-def test_bucket_workdirs_keep_metrics_local():
-  from dpjax.train import metrics  # pylint: disable=g-import-not-at-top
-  assert metrics.local_dir("/tmp/run") == "/tmp/run"
-  assert metrics.local_dir("gs://bucket/run") == "runs/metrics/bucket/run"
