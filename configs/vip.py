@@ -1,0 +1,172 @@
+r"""ViP: DP masked-autoencoder pretraining (Yu et al., ICML 2024).
+
+Two phases in one run (`dpjax/recipes/vip.py`):
+  1. "pretrain": NON-private MAE on synthetic images (Shaders21k in the
+     paper; `synthetic:textures`, a procedural stand-in, by default). Public
+     data: it spends no privacy budget and the ledger records nothing.
+  2. "dp": DP-SGD MAE on the private images (Poisson sampling, per-example
+     clipping at C=0.1, one Gaussian draw per step), accounted in the ledger.
+
+Paper preset (default): ViT-B/16 encoder + 512-d 4-block decoder, mask ratio
+0.75, C=0.1, B=98,304, sigma=0.48, T=6,000, AdamW (0.9, 0.95) wd 0.005,
+lr = blr * B / 256, 1,000 warm-up steps then cosine, delta = 1/(2N) (RDP:
+epsilon 7.996 on LAION-233M), linear probe with the MAE protocol.
+
+  python -m dpjax.main --config=configs/vip.py --workdir=/tmp/vip
+  python -m dpjax.main --config=configs/vip.py:tiny --workdir=/tmp/vip_tiny
+
+Phase 2 only, from a phase-1 run (a FRESH workdir; init_checkpoint is read
+once, at the start):
+  ... --config.phases=dp --config.init_checkpoint=/tmp/vip_syn
+Phase 1 only (a Syn-ViP checkpoint): --config.phases=pretrain.
+Rerunning a "pretrain" workdir with --config.phases=pretrain,dp resumes into
+phase 2. DP-MAE from random init: --config.pretrain.steps=0.
+
+`:tiny` runs both phases on the embedded procedural data on a CPU in about
+five minutes (32x32 images, patch 8, a 64-d x 3 encoder).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the ViP config; `arg` = "paper" (default) | "tiny"."""
+  arg = common.parse_arg(arg)
+  c = ml_collections.ConfigDict()
+  c.recipe = "vip"
+  c.seed = 0
+  c.eval_only = False  # only restore the latest checkpoint and evaluate
+                       # (an empty workdir: evaluate the random init).
+  c.init_checkpoint = ""  # warm start: workdir of a phase-1 (Syn-ViP) run.
+  # Phases to build, in order: "pretrain,dp" | "pretrain" | "dp".
+  # pretrain.steps=0 also drops phase 1.
+  c.phases = "pretrain,dp"
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant="B/16",  # encoder: dpjax.models.vit.vit_config variant.
+      width=0,  # encoder overrides of the variant (0 = the variant's).
+      depth=0,
+      num_heads=0,
+      mlp_dim=0,
+      patch_size=0,
+      # ViP's released code makes the sin-cos position embedding trainable.
+      pos_embedding="learn_sincos",  # "sincos2d" | "learn" | "learn_sincos".
+      decoder_width=512,  # mae_vit_base_dec512d4b: 512-d, 4 blocks, 16 heads.
+      decoder_depth=4,
+      decoder_heads=16,
+      mask_ratio=0.75,  # share of patches masked, independently per example.
+      norm_pix_loss=False,  # ViP: MSE on raw (normalised-to-[-1,1]) pixels.
+  ))
+
+  # Phase 1: non-private MAE on synthetic images (public; costs no privacy).
+  # Paper: MAE's recipe on Shaders21k (1.05M images, 400 epochs at B=4096,
+  # 40 warm-up epochs, blr 1.5e-4, wd 0.05) [verify].
+  c.pretrain = ml_collections.ConfigDict(dict(
+      # "synthetic:textures" | "folder:<dir>" | "tfds:<name>" |
+      # "arrayrecord:<glob>" (real Shaders21k images; see data/sources.py).
+      source="synthetic:textures",
+      data_dir="",  # TFDS data_dir ("" = TFDS default).
+      split="train",
+      num_examples=1_050_000,  # synthetic sources are generated at this N.
+      image_key="image",  # record field of real sources holding the image.
+      augment=True,  # RandomResizedCrop(0.2-1) + flip (MAE's).
+      flip=True,
+      steps=102_539,  # 0 = skip phase 1 (random init or init_checkpoint).
+      batch_size=4096,  # expected (Poisson) batch.
+      base_learning_rate=1.5e-4,  # blr: lr = blr * batch_size / 256.
+      optimizer="adamw",  # "adamw" | "sgd".
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      momentum=0.0,  # for sgd.
+      warmup_steps=10_254,
+      decay_steps=0,  # cosine horizon; 0 = steps.
+  ))
+  c.pretrain.learning_rate = (  # peak lr; follows blr and B unless set.
+      c.pretrain.get_ref("base_learning_rate")
+      * c.pretrain.get_ref("batch_size").to_float() / 256.0)
+
+  # Phase 2: the private images.
+  c.data = ml_collections.ConfigDict(dict(
+      # "tfds:<name>" | "folder:<dir>" | "arrayrecord:<glob>" |
+      # "synthetic:shapes" | "synthetic:classes".
+      source="tfds:laion233m",
+      data_dir="",
+      split="train",
+      num_examples=233_804_767,  # N (dedup LAION-233M); synthetic: generated.
+      image_key="image",
+      image_size=224,  # both phases and the evaluation use this size.
+      augment=True,  # RandomResizedCrop(0.2-1) (ViP's DP stage).
+      flip=True,
+      # Held-out PUBLIC data with labels for the probe and held-out loss.
+      eval_source="synthetic:shapes",
+      eval_split="test",
+      eval_num_examples=2000,
+  ))
+
+  c.privacy = common.privacy_block()
+  c.privacy.update(dict(
+      l2_clip_norm=0.1, noise_multiplier=0.48, target_epsilon=8.0,
+      accountant="rdp"))  # ViP: Opacus RDP accountant.
+  # delta = 1/(2N), following data.num_examples unless set explicitly.
+  c.privacy.delta = 0.5 / c.data.get_ref("num_examples").to_float()
+
+  c.train = common.train_block(
+      steps=6000, batch_size=98_304, microbatch_size=768, b1=0.9, b2=0.95,
+      weight_decay=0.005, warmup_steps=1000, decay_steps=0,
+      dtype="float32",  # no AMP in ViP's DP stage (fp32 per-example grads).
+      checkpoint_every=50, log_every=10, num_workers=16)
+  # blr of the DP phase: lr = blr * B / 256 (PRETRAIN.md's template
+  # value 1.5e-5 -> 5.76e-3 at B=98,304) [verify for LAION].
+  c.train.base_learning_rate = 1.5e-5
+  c.train.learning_rate = (  # peak lr; follows blr and B unless set.
+      c.train.get_ref("base_learning_rate")
+      * c.train.get_ref("batch_size").to_float() / 256.0)
+  c.mesh = common.mesh_block()
+
+  c.evals = ml_collections.ConfigDict(dict(
+      linear_probe=True,
+      # "mae": pooled tokens of the last `probe_last_k` blocks, concatenated,
+      # standardised, optax-trained linear head (ViP's main_linprobe.py);
+      # "logreg": pooled final tokens, centred + L2-normalised, sklearn
+      # logistic regression (DP-Cap's protocol).
+      probe_protocol="mae",
+      probe_last_k=12,  # "mae": number of final blocks concatenated.
+      probe_labels="shape,color",  # label fields of the eval source.
+      probe_train_examples=10_000,  # from the eval source's "probe" split.
+      probe_epochs=90,  # "mae" head: epochs, batch, base lr, optimizer.
+      probe_batch_size=16_384,
+      probe_base_lr=0.1,
+      probe_optimizer="lars",  # "sgd" | "lars" | "adam".
+      heldout_loss=True,  # MAE loss on the held-out images (fixed masks).
+  ))
+  c.audit = common.audit_block()
+
+  if arg.preset == "tiny":
+    c.model.update(dict(
+        variant="mu/8", width=64, depth=3, num_heads=4, mlp_dim=256,
+        decoder_width=64, decoder_depth=2, decoder_heads=4))
+    c.pretrain.update(dict(
+        num_examples=100_000, augment=False, flip=True, steps=400,
+        batch_size=256, base_learning_rate=1e-3, weight_decay=0.05,
+        warmup_steps=40))
+    c.data.update(dict(
+        source="synthetic:shapes", num_examples=20_000, image_size=32,
+        augment=False, flip=True, eval_num_examples=1000))
+    c.privacy.noise_multiplier = -1.0  # calibrated to epsilon 8 at start.
+    c.privacy.accountant = "pld"  # tighter than RDP at this q; no RDP
+                                  # convergence warnings at small sigma.
+    c.train.update(dict(
+        steps=200, batch_size=512, microbatch_size=256, warmup_steps=20,
+        checkpoint_every=100, log_every=20, num_workers=0))
+    c.train.base_learning_rate = 1e-3  # lr = 2e-3 at B=512.
+    c.evals.update(dict(
+        probe_protocol="logreg", probe_last_k=3, probe_train_examples=2000,
+        probe_epochs=90, probe_batch_size=256, probe_base_lr=0.1,
+        probe_optimizer="sgd"))
+  elif arg.preset != "paper":
+    raise ValueError(f"configs/vip.py:{arg.preset}: unknown preset; "
+                     "use :paper or :tiny")
+  return c

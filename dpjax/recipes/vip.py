@@ -1,0 +1,228 @@
+"""ViP recipe (Yu et al. 2024): synthetic warm start, then DP-SGD MAE.
+
+Glue only. The task has up to two phases over one MAE (`models/mae.py`):
+  "pretrain": non-private MAE on synthetic images (`synthetic:textures`, a
+    Shaders21k stand-in, or real Shaders21k via folder:/tfds:); public data,
+    no privacy spent, nothing recorded in the ledger.
+  "dp": DP-SGD MAE on the private images (the loop's Poisson sampling,
+    per-example clipping and noise). Each example's random mask comes from
+    its own `example["rng"]` key, so the per-example loss -- and hence the
+    per-example gradient that is clipped -- depends on that example only.
+Evaluators: linear probe on frozen features of held-out public labelled
+images (DP-Cap's `LinearProbe`; logistic regression or the MAE protocol)
+and the held-out MAE loss with fixed masks.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpjax import evaluate
+from dpjax.data import sources
+from dpjax.data import transforms as transforms_lib
+from dpjax.models import mae
+from dpjax.recipes import common
+from dpjax.train import task as task_lib
+
+PHASES = ("pretrain", "dp")
+_ENCODER_OVERRIDES = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+
+
+def build_model(config: ml_collections.ConfigDict) -> mae.MAE:
+  """The MAE described by `config.model` (encoder = `vit.ViT`)."""
+  m = config.model
+  cfg = mae.mae_config(
+      m.variant, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+      decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
+      norm_pix_loss=m.norm_pix_loss)
+  cfg["encoder"].update(pos_embedding=m.pos_embedding)
+  cfg["encoder"].update({k: m[k] for k in _ENCODER_OVERRIDES if m[k]})
+  dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
+  return mae.MAE(**cfg, dtype=dtype)
+
+
+def make_loss_fn(model: mae.MAE):
+  """Per-example loss(params, example) -> scalar masked-patch MSE.
+
+  `example` = {"image": float32[S, S, 3], "rng": uint32[2]}: the mask is
+  drawn from the example's own key, so nothing couples examples.
+  """
+  def loss_fn(params, example):
+    return model.apply({"params": params}, example["image"][None],
+                       example["rng"][None], method=mae.MAE.loss)[0]
+  return loss_fn
+
+
+def image_source(spec: str, *, split: str, num_examples: int, image_size: int,
+                 seed: int, data_dir: str = "", image_key: str = "image"):
+  """A record source with an "image" field (synthetic or real)."""
+  if spec.startswith("synthetic:"):
+    return sources.make_source(spec, split=split, num_examples=num_examples,
+                               image_size=image_size, seed=seed)
+  return sources.make_source(spec, split=split, data_dir=data_dir or None,
+                             fields={"image": image_key})
+
+
+def selected_phases(config: ml_collections.ConfigDict) -> list[str]:
+  """Phase names to build, from `config.phases` and `pretrain.steps`."""
+  names = [p.strip() for p in config.phases.split(",") if p.strip()]
+  if not names or any(n not in PHASES for n in names) or (
+      names != [p for p in PHASES if p in names]):
+    raise ValueError(f"config.phases={config.phases!r} is invalid: use "
+                     "'pretrain,dp', 'pretrain' or 'dp'")
+  if config.pretrain.steps <= 0 and "pretrain" in names:
+    names.remove("pretrain")
+    if not names:
+      raise ValueError("config.pretrain.steps=0 with config.phases="
+                       "'pretrain' leaves nothing to train: set "
+                       "pretrain.steps > 0 or add the 'dp' phase")
+  return names
+
+
+def _pretrain_phase(config, loss_fn) -> task_lib.Phase:
+  p, d = config.pretrain, config.data
+  if p.warmup_steps >= (p.decay_steps or p.steps):
+    raise ValueError(
+        f"config.pretrain.warmup_steps={p.warmup_steps} is invalid: must be "
+        f"< the cosine horizon {p.decay_steps or p.steps} (pretrain.steps or "
+        "pretrain.decay_steps)")
+  src = image_source(p.source, split=p.split, num_examples=p.num_examples,
+                     image_size=d.image_size, seed=config.seed,
+                     data_dir=p.data_dir, image_key=p.image_key)
+  return task_lib.Phase(
+      name="pretrain", private=False, source=src,
+      transforms=transforms_lib.image_pipeline(
+          d.image_size, augment=p.augment, flip=p.flip),
+      loss_fn=loss_fn, steps=p.steps, batch_size=p.batch_size,
+      optimizer=common.optimizer_from_config(p))
+
+
+def _dp_phase(config, loss_fn) -> task_lib.Phase:
+  d, t = config.data, config.train
+  src = image_source(d.source, split=d.split, num_examples=d.num_examples,
+                     image_size=d.image_size, seed=config.seed,
+                     data_dir=d.data_dir, image_key=d.image_key)
+  private = config.privacy.enabled
+  return task_lib.Phase(
+      name="dp" if private else "train", private=private, source=src,
+      transforms=transforms_lib.image_pipeline(
+          d.image_size, augment=d.augment, flip=d.flip),
+      loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
+      optimizer=common.optimizer_from_config(t), num_examples=len(src))
+
+
+def eval_arrays(config: ml_collections.ConfigDict, num: int, split: str,
+                labels: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """Held-out PUBLIC images float32[num, S, S, 3] in [-1, 1], fixed mask
+  keys uint32[num, 2], and the requested integer label fields [num]."""
+  d = config.data
+  src = image_source(d.eval_source, split=split, num_examples=num,
+                     image_size=d.image_size, seed=config.seed)
+  ts = transforms_lib.image_pipeline(d.image_size)
+  records = [src[i] for i in range(num)]
+  images = [transforms_lib.apply(ts, dict(r), np.random.default_rng(i))
+            ["image"] for i, r in enumerate(records)]
+  out = {"image": np.stack(images),
+         "rng": transforms_lib.example_keys(config.seed, 0, np.arange(num))}
+  for k in labels:
+    out[k] = np.array([r[k] for r in records])
+  return out
+
+
+class HeldOutMAELoss:
+  """Mean masked-patch MSE on held-out images with fixed per-image masks."""
+
+  def __init__(self, loss_fn, images: np.ndarray, keys: np.ndarray,
+               batch_size: int = 256):
+    """loss_fn: (params, images[B,S,S,3], keys uint32[B,2]) -> [B]."""
+    self.loss_fn, self.images, self.keys = loss_fn, images, keys
+    self.batch_size = batch_size
+
+  def run(self, params) -> dict[str, float]:
+    losses = evaluate.linear_probe.batched_apply(
+        self.loss_fn, params, (self.images, self.keys), self.batch_size)
+    return {"mae/heldout_loss": float(np.mean(losses))}
+
+
+def reconstruct(model: mae.MAE, params, images: jax.Array,
+                keys: jax.Array) -> dict[str, np.ndarray]:
+  """Reconstructions for plots (public images only).
+
+  Args:
+    model: the MAE.
+    params: its params (the "params" collection).
+    images: float32 [B, S, S, 3] in [-1, 1].
+    keys: uint32 [B, 2] per-image mask keys.
+
+  Returns:
+    {"masked": input with masked patches greyed out, "pred": the raw
+    prediction, "pasted": prediction on masked patches + visible input},
+    each float32 [B, S, S, 3] in [-1, 1].
+  """
+  from dpjax.models import vit  # pylint: disable=g-import-not-at-top
+  pred, mask = model.apply({"params": params}, images, keys)
+  p = model.encoder["patch_size"]
+  target = vit.patchify(jnp.asarray(images, jnp.float32), p)
+  m = mask[..., None]
+  out = {"masked": target * (1 - m), "pred": pred,
+         "pasted": pred * m + target * (1 - m)}
+  return {k: np.clip(np.asarray(vit.unpatchify(v, p)), -1, 1)
+          for k, v in out.items()}
+
+
+def _feature_fn(model: mae.MAE, e: ml_collections.ConfigDict):
+  last_k = e.probe_last_k if e.probe_protocol == "mae" else None
+  if last_k is not None and not 1 <= last_k <= model.encoder["depth"]:
+    raise ValueError(
+        f"config.evals.probe_last_k={last_k} is invalid: use 1..encoder "
+        f"depth={model.encoder['depth']}")
+  return lambda params, images: model.apply(
+      {"params": params}, images, last_k, method=mae.MAE.features)
+
+
+def build(config: ml_collections.ConfigDict) -> task_lib.Task:
+  """The ViP task for `train.loop.run`."""
+  d, e = config.data, config.evals
+  model = build_model(config)
+  loss_fn = make_loss_fn(model)
+  builders = {"pretrain": _pretrain_phase, "dp": _dp_phase}
+  phases = [builders[n](config, loss_fn) for n in selected_phases(config)]
+
+  def init_params(rng):
+    images = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
+    keys = jnp.zeros((1, 2), jnp.uint32)
+    return model.init(rng, images, keys)["params"]
+
+  if e.probe_protocol not in ("mae", "logreg"):
+    raise ValueError(f"config.evals.probe_protocol={e.probe_protocol!r} is "
+                     "invalid: use 'mae' or 'logreg'")
+  features = _feature_fn(model, e)
+  label_names = tuple(k.strip() for k in e.probe_labels.split(",")
+                      if k.strip())
+
+  def batch_loss(params, images, keys):
+    return model.apply({"params": params}, images, keys, method=mae.MAE.loss)
+
+  def evaluators() -> dict[str, Any]:
+    out = {}
+    test = eval_arrays(config, d.eval_num_examples, d.eval_split,
+                       label_names)
+    if e.linear_probe:
+      train = eval_arrays(config, e.probe_train_examples, "probe",
+                          label_names)
+      out["linear_probe"] = evaluate.linear_probe.LinearProbe(
+          features, train["image"], {k: train[k] for k in label_names},
+          test["image"], {k: test[k] for k in label_names},
+          protocol=e.probe_protocol, mae_epochs=e.probe_epochs,
+          mae_batch_size=e.probe_batch_size, mae_base_lr=e.probe_base_lr,
+          mae_optimizer=e.probe_optimizer)
+    if e.heldout_loss:
+      out["heldout_loss"] = HeldOutMAELoss(batch_loss, test["image"],
+                                           test["rng"])
+    return out
+
+  return task_lib.Task(init_params=init_params, phases=phases,
+                       evaluators=evaluators)
