@@ -92,10 +92,3 @@ def mesh_block() -> ml_collections.ConfigDict:
       fsdp=1,  # devices over which parameters are sharded (FSDP-style).
   ))
 
-
-def audit_block() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      enabled=False,  # insert input-space canaries and report an empirical eps.
-      num_canaries=0,
-      confidence=0.95,
-  ))

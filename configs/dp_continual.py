@@ -152,7 +152,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_train_examples=10_000,
       probe_test_examples=10_000,
   ))
-  c.audit = common.audit_block()
 
   if arg.preset == "tiny":
     c.model.update(dict(variant="mu/8", width=64, depth=3, num_heads=4,

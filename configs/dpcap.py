@@ -70,7 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       heldout_loss=True, captions=8,  # number of greedy captions to write.
       probe_train_examples=10_000,
   ))
-  c.audit = common.audit_block()
 
   if arg.preset == "tiny":
     c.model.variant = "tiny"

@@ -142,7 +142,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_optimizer="lars",  # "sgd" | "lars" | "adam".
       heldout_loss=True,  # MAE loss on the held-out images (fixed masks).
   ))
-  c.audit = common.audit_block()
 
   if arg.preset == "tiny":
     c.model.update(dict(
