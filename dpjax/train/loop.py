@@ -88,7 +88,7 @@ def _init_state(task, phase, config, mesh):
   params = jax.jit(task.init_params, out_shardings=shardings)(
       jax.random.PRNGKey(config.seed))
   if config.init_checkpoint:
-    params = _load_params(config.init_checkpoint, params, task)
+    params = _load_params(config.init_checkpoint, params)
   opt_state = _init_opt(phase.optimizer, params, mesh)
   rep = mesh_lib.replicated(mesh)
   return step_lib.TrainState(
@@ -97,7 +97,7 @@ def _init_state(task, phase, config, mesh):
       noise_key=jax.device_put(_noise_key(config), rep))
 
 
-def _load_params(path: str, params, task):
+def _load_params(path: str, params):
   """Warm start: the params of another run's latest checkpoint."""
   ckpt = ckpt_lib.Checkpointer(path, async_save=False)
   if ckpt.latest_step() is None:
