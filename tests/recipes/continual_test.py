@@ -29,12 +29,7 @@ def small_config(**overrides):
   c.monitor.update(num_examples=16, probes=1, trace_every=2)
   c.evals.update(probe_train_examples=90, probe_test_examples=60)
   c.privacy.noise_seed = 0
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -28,12 +28,7 @@ def small_config(**overrides):
   c.data.update(num_examples=2000, eval_num_examples=48)
   c.evals.update(probe_train_examples=96)
   c.privacy.noise_seed = 0
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
