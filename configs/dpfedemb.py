@@ -23,6 +23,9 @@ identities (one identity per user, a DigiFace stand-in) with public
 pre-training on disjoint public identities, epsilon 4 at delta 1/N users.
 Baselines: --config.privacy.enabled=False (same federated algorithm, no
 clipping or noise) and --config.phases=public (the public init alone).
+Measured (:tiny, 20 rounds of 320 expected users, recall@FAR0.1 /
+recall@1): public init 0.827 / 0.562; DP eps 4.0 0.822 / 0.540;
+non-DP 0.788 / 0.532 (federated fine-tuning does not yet beat the init).
 """
 
 import ml_collections
@@ -86,6 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       client_lr=0.01,  # client SGD learning rate (backbone).
       client_momentum=0.9,
       head_lr_scale=100.0,  # local head lr = head_lr_scale * client_lr.
+      local_logit_scale=0.0,  # > 0: the local head sees s * z / |z|
+                              # (0: the raw embedding z).
+      reconst_steps=0,  # first local steps train the fresh head only
+                        # (the paper's reconst_iters).
       local_classes=36,  # outputs of the fresh local head (>= distinct
                          # labels of one virtual client; more collapse).
       unit_batch=0,  # 0: vmap over all clients of a chunk; b > 0: lax.map
@@ -110,7 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       fars=(1e-3, 0.1),  # false accept rates of the recall metrics.
       batch_size=256,  # images per embedding call.
   ))
-  c.audit = common.audit_block()
 
   if arg.preset == "tiny":
     c.model.update(variant="tiny", embed_dim=32, features=(8, 16))
@@ -120,20 +126,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         public_source="synthetic:identities", public_split="public",
         public_num_identities=200, public_num_classes=0,
         eval_source="synthetic:identities", eval_split="eval",
-        eval_num_identities=300, eval_num_examples=1800,
+        eval_num_identities=150, eval_num_examples=900,
         eval_label_range=()))
     c.public.update(steps=100, batch_size=128, microbatch_size=128,
                     learning_rate=3e-3)
+    # Local: 3 epochs of 3 steps; the first 6 train the fresh cosine head
+    # only (a random head gives the backbone no useful signal), then 3
+    # steps train the backbone (and head).
     c.fedemb.update(dict(
         users_per_client=8, max_examples_per_user=6, client_batch_size=16,
-        client_epochs=1, client_lr=0.1, client_momentum=0.0,
-        head_lr_scale=5.0, local_classes=8, unit_batch=4))
+        client_epochs=3, client_lr=0.05, client_momentum=0.0,
+        head_lr_scale=20.0, local_logit_scale=10.0,
+        reconst_steps=6, local_classes=8, unit_batch=4))
     c.privacy.update(dict(
         l2_clip_norm=1.0, noise_multiplier=-1.0,  # calibrated to epsilon 4.
         target_epsilon=4.0, accountant="pld"))
-    c.train.update(dict(steps=50, batch_size=640, microbatch_size=40,
-                        learning_rate=0.25, momentum=0.9,
-                        checkpoint_every=20, log_every=10))
+    # Server: SGD, lr 0.0625 x k = 0.5 on the mean virtual-client delta.
+    c.train.update(dict(steps=20, batch_size=320, microbatch_size=40,
+                        learning_rate=0.0625, momentum=0.0,
+                        checkpoint_every=10, log_every=5))
   elif arg.preset != "paper":
     raise ValueError(f"configs/dpfedemb.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")

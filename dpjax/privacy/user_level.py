@@ -80,13 +80,16 @@ def local_training(loss_fn: LocalLossFn,
                    init_local: Callable[[jax.Array], PyTree], *,
                    shared_optimizer: optax.GradientTransformation,
                    local_optimizer: optax.GradientTransformation,
-                   batch_size: int, epochs: int = 1) -> LocalTrainFn:
+                   batch_size: int, epochs: int = 1,
+                   reconst_steps: int = 0) -> LocalTrainFn:
   """Local training of shared + fresh local params on one unit's data.
 
   Each epoch shuffles the unit's real examples (padding last) and scans over
   local batches of ``batch_size``; each batch takes one step of both
   optimizers on the batch-mean loss over real examples (a batch with no real
-  example changes nothing, optimizer state included).
+  example changes nothing, optimizer state included). The first
+  ``reconst_steps`` local steps with data train the fresh local params only
+  (the shared params stay fixed: "reconstruction" of the local head).
 
   Args:
     loss_fn: ``loss_fn(shared, local, example) -> scalar`` on ONE example.
@@ -96,6 +99,7 @@ def local_training(loss_fn: LocalLossFn,
     local_optimizer: client optimizer of the local params.
     batch_size: local batch size b.
     epochs: passes over the unit's data.
+    reconst_steps: leading local steps that update only the local params.
 
   Returns:
     ``local_train(shared, unit) -> (shared_end, mean_loss)`` where ``unit``
@@ -130,6 +134,11 @@ def local_training(loss_fn: LocalLossFn,
           g_shared, opt_state[0], params[0])
       u_local, s_local = local_optimizer.update(g_local, opt_state[1],
                                                 params[1])
+      train_shared = steps >= reconst_steps
+      u_shared = jax.tree.map(lambda u: jnp.where(train_shared, u, 0.0),
+                              u_shared)
+      s_shared = jax.tree.map(lambda n, o: jnp.where(train_shared, n, o),
+                              s_shared, opt_state[0])
       new = ((optax.apply_updates(params[0], u_shared),
               optax.apply_updates(params[1], u_local)), (s_shared, s_local))
       has_data = jnp.any(valid)

@@ -67,7 +67,8 @@ def _eval_arrays(config, tok, num: int, split: str) -> dict:
   out["aro_tokens"] = np.array([
       [tok.encode_fixed(synthetic.perturbed_captions(records[i])[k],
                         d.max_caption_len) for k in ARO_KINDS]
-      for i in two], np.int32).reshape(len(two), len(ARO_KINDS), -1)
+      for i in two], np.int32).reshape(len(two), len(ARO_KINDS),
+                                       d.max_caption_len)
   return out
 
 

@@ -7,15 +7,17 @@ Phases (config.phases):
   * "dp": DP-FedAvg with partially local variables over the PRIVATE users.
     Each round Poisson-samples groups of k users (virtual clients,
     `fedemb_data`); each virtual client initialises a fresh local head
-    (Glorot; key from (seed, round, group)), trains backbone + local head on
-    its users' examples (client SGD, head lr x head_lr_scale;
+    (Glorot; key from (seed, round, group)), trains it alone for the first
+    fedemb.reconst_steps local steps, then backbone + local head on its
+    users' examples (client SGD, head lr x head_lr_scale; optionally a
+    cosine head on s * z / |z|, fedemb.local_logit_scale;
     `privacy.user_level.local_training`, vmapped over clients), and returns
     the BACKBONE delta theta_start - theta_end clipped to C (k = 1) or C/2
     (k >= 2: one user can move a mixed client's clipped delta by twice the
     client clip, so C/2 keeps the per-user sensitivity at C). The local
     head is dropped inside the computation: never returned, summed or
     noised. The loop adds N(0, (sigma C)^2) once, divides by the expected
-    number of USERS q*N and applies server SGD (momentum 0.9) to the
+    number of USERS q*N and applies server SGD (train.momentum) to the
     backbone; the public head is frozen in this phase (optax.set_to_zero:
     the noise the loop draws for its zero "gradient" is discarded).
     Accounting: Poisson at rate q = expected users / N users per round, one
@@ -140,7 +142,7 @@ def _server_optimizer(config) -> optax.GradientTransformation:
 
 def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   """The DP-FedEmb task for `train.loop.run`."""
-  d, f, p, t = config.data, config.fedemb, config.public, config.train
+  d, f, p = config.data, config.fedemb, config.public
   phases = [s.strip() for s in config.phases.split(",") if s.strip()]
   if not phases or any(s not in PHASES for s in phases):
     raise ValueError(f"config.phases={config.phases!r}: use a comma list of "
@@ -174,6 +176,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   def local_loss(bparams, hparams, example):
     z = embed(bparams, example["image"][None])
+    if f.local_logit_scale:  # cosine-softmax local head on unit embeddings.
+      z = f.local_logit_scale * embedder.l2_normalize(z)
     logits = local_head.apply({"params": hparams}, z)
     return ce(logits, example["label"][None])[0]
 
@@ -222,7 +226,8 @@ def _dp_phase(config, local_loss, local_head, embed_dim) -> task_lib.Phase:
                                  momentum=f.client_momentum or None),
       local_optimizer=optax.sgd(f.client_lr * f.head_lr_scale,
                                 momentum=f.client_momentum or None),
-      batch_size=f.client_batch_size, epochs=f.client_epochs)
+      batch_size=f.client_batch_size, epochs=f.client_epochs,
+      reconst_steps=f.reconst_steps)
   private = bool(config.privacy.enabled)
   clip = (user_level.unit_clip_norm(config.privacy.l2_clip_norm, k)
           if private else None)

@@ -140,3 +140,21 @@ def test_local_training_moves_params_towards_lower_loss():
   end, first_loss = jax.jit(train)(SHARED, unit)
   _, later_loss = jax.jit(train)(end, unit)
   assert float(later_loss) < float(first_loss)
+
+
+def test_reconst_steps_train_only_the_local_params_first():
+  unit = jax.tree.map(lambda x: x[0], _units(1))  # E=8, b=4: 2 steps/epoch.
+
+  def delta(reconst_steps, epochs):
+    train = user_level.local_training(
+        _loss, _init_local, shared_optimizer=optax.sgd(0.5, momentum=0.9),
+        local_optimizer=optax.sgd(0.5), batch_size=4, epochs=epochs,
+        reconst_steps=reconst_steps)
+    end, loss = jax.jit(train)(SHARED, unit)
+    assert np.isfinite(float(loss))
+    return _dist(end, SHARED)
+
+  assert delta(2, epochs=1) == 0.0  # every local step reconstructs the head.
+  assert delta(2, epochs=2) > 0.0  # the second epoch trains the shared.
+  # Steps after reconstruction start from a trained head: a different delta.
+  assert abs(delta(2, epochs=2) - delta(0, epochs=1)) > 1e-6

@@ -20,16 +20,12 @@ def small_config(**overrides):
                 eval_num_identities=20, eval_num_examples=120)
   c.public.update(steps=2, batch_size=32, microbatch_size=32)
   c.fedemb.update(users_per_client=4, max_examples_per_user=4,
-                  client_batch_size=8, local_classes=4)
+                  client_batch_size=8, local_classes=4, client_epochs=2,
+                  reconst_steps=2)  # 4 local steps: 2 head-only, 2 joint.
   c.train.update(steps=3, batch_size=32, microbatch_size=8, log_every=1,
                  checkpoint_every=10)
   c.privacy.noise_seed = 0
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
