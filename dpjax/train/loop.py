@@ -228,7 +228,9 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
         num_examples=phase.num_examples, **kwargs))
   if data_state is not None:
     iterator.set_state(data_state)
-  prefix = "private/" if phase.private else "public/"
+  # Training-data metrics: "private/" under DP (computed on private data,
+  # not themselves DP), "nonprivate/" for phases without DP.
+  prefix = "private/" if phase.private else "nonprivate/"
   sharding = mesh_lib.batch_sharding(run.mesh)
   t0, seen, stopped = time.time(), 0, allowed < phase.steps - phase_step
   for _ in range(allowed):

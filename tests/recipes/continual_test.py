@@ -171,7 +171,7 @@ def test_tiny_run_epsilon_counts_only_dp_steps(tiny_run):
   assert results["epsilon"] == pytest.approx(want, rel=1e-9)
   assert results["epsilon"] <= 8.0 + 1e-9
   logged = metrics.read_csv(str(workdir))
-  assert [s for s, _ in logged["public/loss"]] == [1, 2]
+  assert [s for s, _ in logged["nonprivate/loss"]] == [1, 2]
   assert [s for s, _ in logged["private/loss"]] == [3, 4]
   eps = dict(logged["epsilon"])
   assert eps[1] == eps[2] == 0.0 and 0 < eps[3] < eps[4]

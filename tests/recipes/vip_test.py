@@ -66,7 +66,7 @@ def test_two_phases_and_only_the_dp_phase_spends_budget(full_run):
                          accountant=results["accountant"])
   assert results["epsilon"] == pytest.approx(want, rel=1e-9)
   logged = metrics.read_csv(str(workdir))
-  assert [s for s, _ in logged["public/loss"]] == [1, 2]
+  assert [s for s, _ in logged["nonprivate/loss"]] == [1, 2]
   assert [s for s, _ in logged["private/loss"]] == [3, 4]
   eps = dict(logged["epsilon"])
   assert eps[1] == eps[2] == 0.0 and 0 < eps[3] < eps[4]
