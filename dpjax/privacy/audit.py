@@ -8,22 +8,9 @@ randomness. A bound above the accountant's epsilon means the implementation
 (or the analysis) is broken; a bound far below it means the audit is weak, not
 that the run is more private than claimed.
 
-Statistics (all exact finite-sample bounds, no asymptotics):
-
-* ``one_run_epsilon_lower_bound`` / ``one_run_audit``: Steinke, Nasr and
-  Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS 2023,
-  arXiv:2305.08846). m canaries, r guesses, v correct. Under (eps, delta)-DP
-  P[V >= v] <= beta + 2 m delta alpha, with W ~ Binomial(r, e^eps/(1+e^eps)),
-  beta = P[W >= v], alpha = max_{1<=i<=v} P[v - i <= W < v] / i (their
-  (eps, delta) theorem, as in the p-value routine published with the paper).
-  The bound is the largest eps whose p-value is < 1 - confidence.
-* ``epsilon_lower_bound_threshold`` / ``many_run_audit``: the classic test
-  over many runs: at a threshold t, (eps, delta)-DP implies
-  TPR <= e^eps FPR + delta and TNR <= e^eps FNR + delta; Clopper-Pearson
-  bounds (TPR_lo, FPR_hi) hold jointly with probability >= confidence.
-  Picking the best t on the same scores would be optimistic, so
-  ``many_run_audit`` picks t on a held-out half (or Bonferroni-corrects over a
-  caller-fixed threshold grid).
+Statistics (exact finite-sample bounds; ``audit_stats.py``, re-exported
+here): ``one_run_audit`` (Steinke, Nasr and Jagielski 2023, one training run)
+and ``many_run_audit`` (threshold test with Clopper-Pearson intervals).
 
 Canaries: gradient-space Dirac canaries (``dirac_canaries``) for white-box
 audits of the DP step (``audit_gaussian_step``), and input-space helpers

@@ -8,7 +8,12 @@
   (eps, delta) theorem, as in the p-value routine published with the paper).
   The bound is the largest eps whose p-value is < 1 - confidence.
 * ``epsilon_lower_bound_threshold`` / ``many_run_audit``: the classic test
-  over many runs with Clopper-Pearson intervals (see audit.py).
+  over many runs: at a threshold t, (eps, delta)-DP implies
+  TPR <= e^eps FPR + delta and TNR <= e^eps FNR + delta; Clopper-Pearson
+  bounds (TPR_lo, FPR_hi) hold jointly with probability >= confidence.
+  Picking the best t on the same scores would be optimistic, so
+  ``many_run_audit`` picks t on a held-out half (or Bonferroni-corrects over a
+  caller-fixed threshold grid).
 
 Numpy only (scipy when importable); canaries and the white-box audit of the
 DP step live in ``audit.py``.
