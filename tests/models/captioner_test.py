@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpjax.models import captioner
+from tests.models import checks
 
 CFG = dict(
     encoder=dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4,
@@ -66,14 +67,7 @@ def test_per_example_grads_equal_loop(setup):
     logits = model.apply(p, x[None], t[None])
     return captioner.caption_loss(logits, t[None, 1:])[0]
 
-  grad = jax.jit(jax.grad(loss))
-  vgrads = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, images,
-                                                         tokens)
-  for i in range(3):
-    gi = grad(params, images[i], tokens[i])
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4,
-                                                atol=1e-6), vgrads, gi)
+  checks.assert_vmap_grads_match_loop(loss, params, images, tokens)
 
 
 def test_greedy_decode(setup):

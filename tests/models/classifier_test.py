@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from dpjax.models import classifier
+from tests.models import checks
 
 ENC = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4)
 
@@ -34,13 +35,7 @@ def test_per_example_grads_equal_loop():
     logits = model.apply(p, xi[None])[0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, yi)
 
-  grad = jax.jit(jax.grad(loss))
-  vgrads = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, x, y)
-  for i in range(3):
-    gi = grad(params, x[i], y[i])
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4,
-                                                atol=1e-6), vgrads, gi)
+  checks.assert_vmap_grads_match_loop(loss, params, x, y)
 
 
 def test_config_and_bf16():

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from dpjax.models import embedder
+from tests.models import checks
 
 
 @pytest.mark.parametrize("variant,dim", [("tiny", 32), ("lenet", 128),
@@ -48,13 +49,7 @@ def test_per_example_grads_equal_loop():
     logits = head.apply(p["head"], backbone.apply(p["backbone"], xi[None]))
     return optax.softmax_cross_entropy_with_integer_labels(logits[0], yi)
 
-  grad = jax.jit(jax.grad(loss))
-  vgrads = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, x, y)
-  for i in range(3):
-    gi = grad(params, x[i], y[i])
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4,
-                                                atol=1e-6), vgrads, gi)
+  checks.assert_vmap_grads_match_loop(loss, params, x, y)
 
 
 def test_bf16_and_bad_variant():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpjax.models import mae
+from tests.models import checks
 
 ENC = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4,
            use_cls_token=True)
@@ -88,15 +89,10 @@ def test_per_example_grads_equal_loop_and_batch(setup):
 
   batched = model.apply(params, images, keys, method=mae.MAE.loss)
   loss = jax.jit(loss)
-  grad = jax.jit(jax.grad(loss))
-  vgrads = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, images, keys)
   for i in range(3):
     np.testing.assert_allclose(loss(params, images[i], keys[i]), batched[i],
                                rtol=1e-5)
-    gi = grad(params, images[i], keys[i])
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4,
-                                                atol=1e-6), vgrads, gi)
+  checks.assert_vmap_grads_match_loop(loss, params, images, keys)
 
 
 def test_features(setup):

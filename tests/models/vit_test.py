@@ -7,6 +7,7 @@ import pytest
 
 from dpjax.models import layers
 from dpjax.models import vit
+from tests.models import checks
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4)
 
@@ -82,13 +83,7 @@ def test_batch_equals_single_and_vmap_grad_equals_loop():
   def loss(p, xi):
     return jnp.sum(jnp.tanh(model.apply(p, xi[None])[0]) * proj)
 
-  grad = jax.jit(jax.grad(loss))
-  vgrads = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(params, x)
-  for i in range(3):
-    gi = grad(params, x[i])
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a[i], b, rtol=2e-4,
-                                                atol=1e-5), vgrads, gi)
+  checks.assert_vmap_grads_match_loop(loss, params, x, rtol=2e-4, atol=1e-5)
 
 
 def test_bf16_runs_with_f32_params():
