@@ -92,3 +92,20 @@ def mesh_block() -> ml_collections.ConfigDict:
       fsdp=1,  # devices over which parameters are sharded (FSDP-style).
   ))
 
+
+
+def audit_block() -> ml_collections.ConfigDict:
+  """Input-space canaries audited at the end of the run (dpjax/train/canaries.py)."""
+  return ml_collections.ConfigDict(dict(
+      num_canaries=0,  # m > 0: the recipe makes m canaries, each inserted
+                       # into the private data independently w.p. 1/2.
+      seed=0,  # which canaries exist and which are inserted.
+      confidence=0.95,  # of the empirical epsilon lower bound.
+      # delta of the bound, and of the accountant epsilon it is compared to.
+      # The one-run bound is vacuous when m * delta is not small, so it is
+      # not the run's 1/N.
+      delta=1e-6,
+      # Guess counts fixed before training, as fractions of m guessed "in"
+      # (lowest loss) and as many "out"; the best is kept (Bonferroni).
+      guess_fractions=(0.02, 0.05, 0.1, 0.25),
+  ))

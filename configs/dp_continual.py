@@ -130,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=5e-4, weight_decay=0.05, warmup_steps=0, decay_steps=0,
       dtype="bfloat16", checkpoint_every=50, log_every=10, num_workers=16)
   c.mesh = common.mesh_block()
+  c.audit = common.audit_block()
 
   # Training diagnostics on held-out PUBLIC data (eval_source, split below):
   # per-step held-out loss decrease and a Hutchinson estimate of tr(H).

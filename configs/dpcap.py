@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=2000, decay_steps=10_000, dtype="bfloat16",
       checkpoint_every=50, log_every=10, num_workers=16)
   c.mesh = common.mesh_block()
+  c.audit = common.audit_block()
   c.evals = ml_collections.ConfigDict(dict(
       linear_probe=True, few_shot=True, zero_shot=True, aro=True,
       heldout_loss=True, captions=8,  # number of greedy captions to write.

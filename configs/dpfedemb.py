@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=0.1, momentum=0.9, weight_decay=0.0,
       checkpoint_every=20, log_every=5)
   c.mesh = common.mesh_block()
+  c.audit = common.audit_block()
   c.evals = ml_collections.ConfigDict(dict(
       fars=(1e-3, 0.1),  # false accept rates of the recall metrics.
       batch_size=256,  # images per embedding call.

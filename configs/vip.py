@@ -125,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.train.get_ref("base_learning_rate")
       * c.train.get_ref("batch_size").to_float() / 256.0)
   c.mesh = common.mesh_block()
+  c.audit = common.audit_block()
 
   c.evals = ml_collections.ConfigDict(dict(
       linear_probe=True,

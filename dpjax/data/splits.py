@@ -120,3 +120,33 @@ def public_private_split(source: Any, fraction: float,
   n_pub = num_public(n, fraction)
   a, b = affine_permutation(n, seed)
   return Subset(source, 0, n_pub, a, b), Subset(source, n_pub, n, a, b)
+
+
+class Appended:
+  """``source`` followed by a list of extra records (e.g. audit canaries).
+
+  ``view[i]`` is ``source[i]`` for ``i < len(source)`` and
+  ``extra[i - len(source)]`` after; the extra records become ordinary members
+  of the dataset (sampled, clipped and accounted like any other).
+
+  >>> v = Appended(["a", "b"], ["z"])
+  >>> len(v), v[1], v[2]
+  (3, 'b', 'z')
+  """
+
+  def __init__(self, source: Any, extra: list[Any]):
+    self.source, self.extra = source, list(extra)
+    self._n = len(source)
+
+  def __len__(self) -> int:
+    return self._n + len(self.extra)
+
+  def __getitem__(self, index: int) -> Any:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range [0, {len(self)})")
+    return self.source[index] if index < self._n else self.extra[
+        index - self._n]
+
+  def __repr__(self) -> str:
+    return f"Appended({self.source!r}, +{len(self.extra)} records)"

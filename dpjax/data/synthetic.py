@@ -13,6 +13,8 @@ All sources follow grain's ``RandomAccessDataSource`` protocol (``__len__``,
   (30 classes; DP continual pre-training).
 * ``Textures``: shader-like images (Shaders21k stand-in; ViP's warm start).
 * ``Identities``: user-partitioned glyph "identities" (DP-FedEmb).
+* ``caption_canaries``: out-of-distribution image-caption canaries for
+  privacy audits (noise images, random word captions).
 """
 
 import zlib
@@ -136,6 +138,27 @@ def perturbed_captions(record: dict[str, Any]) -> dict[str, str]:
   inv = RELATIONS.index(INVERSE_RELATION[RELATIONS[rel]])
   out["swap_relation"] = caption_for([a, b], inv)
   return {k: v for k, v in out.items() if v != true}
+
+
+def caption_canaries(num: int, seed: int, image_size: int,
+                     num_words: int) -> list[dict[str, Any]]:
+  """Audit canaries for captioning: ``num`` records {"image", "caption"}.
+
+  Canary i is a uniform-noise image uint8[S, S, 3] with a caption of
+  ``num_words`` words drawn uniformly from ``VOCAB_WORDS``: out of
+  distribution and high-entropy (14 random words of 22 carry ~62 bits), so
+  only memorising canary i itself lowers its loss. Deterministic in
+  (seed, i), independent of the training data's seed.
+  """
+  out = []
+  for i in range(num):
+    u = hash_uniform(seed, 0xCA7A, i, n=num_words + image_size**2 * 3)
+    words = (u[:num_words] * len(VOCAB_WORDS)).astype(int)
+    image = (u[num_words:] * 256).astype(np.uint8).reshape(
+        image_size, image_size, 3)
+    out.append({"image": image,
+                "caption": " ".join(VOCAB_WORDS[w] for w in words)})
+  return out
 
 
 def zero_shot_prompts(template: str = ZERO_SHOT_TEMPLATE,

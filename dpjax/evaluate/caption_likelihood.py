@@ -153,7 +153,8 @@ class AROScore:
 
   def __init__(self, loglik_fn: ScoreFn, images: np.ndarray,
                true_tokens: np.ndarray, perturbed_tokens: np.ndarray,
-               batch_size: int = 256, prefix: str = "aro"):
+               batch_size: int = 256, prefix: str = "aro",
+               kinds: Sequence[str] = ()):
     """Initialises the evaluator.
 
     Args:
@@ -164,7 +165,14 @@ class AROScore:
         / word order swapped.
       batch_size: (image, caption) pairs per call.
       prefix: metric name prefix (e.g. "aro_vg_relation").
+      kinds: optional P names of the perturbations (e.g. "swap_order"): each
+        is also scored as ARO's own benchmarks are, true vs that one
+        perturbation (pairwise, chance 1/2).
     """
+    if kinds and len(kinds) != np.shape(perturbed_tokens)[1]:
+      raise ValueError(f"{len(kinds)} kinds for "
+                       f"{np.shape(perturbed_tokens)[1]} perturbations")
+    self.kinds = tuple(kinds)
     true_tokens = np.asarray(true_tokens, np.int32)
     perturbed = np.asarray(perturbed_tokens, np.int32)
     self.candidates = np.concatenate([true_tokens[:, None], perturbed], axis=1)
@@ -172,12 +180,19 @@ class AROScore:
     self.batch_size, self.prefix = batch_size, prefix
 
   def run(self, params: Any) -> dict[str, float]:
-    """Returns {prefix/acc, prefix/chance = 1/(P+1)}; ties count as wrong."""
+    """Returns {prefix/acc, prefix/chance = 1/(P+1)} (true beats all P) and,
+    with kinds, {prefix/<kind>_acc} (true beats that one; chance 1/2) and
+    their mean prefix/pairwise_acc. Ties count as wrong."""
     ll = candidate_logliks(self.loglik_fn, params, self.images,
                            self.candidates, self.batch_size, shared=False)
-    acc = float(np.mean(ll[:, 0] > ll[:, 1:].max(axis=1)))
-    return {f"{self.prefix}/acc": acc,
-            f"{self.prefix}/chance": 1.0 / self.candidates.shape[1]}
+    out = {f"{self.prefix}/acc": float(np.mean(ll[:, 0] > ll[:, 1:].max(1))),
+           f"{self.prefix}/chance": 1.0 / self.candidates.shape[1]}
+    if self.kinds:
+      wins = ll[:, :1] > ll[:, 1:]  # [N, P]
+      out.update({f"{self.prefix}/{k}_acc": float(w)
+                  for k, w in zip(self.kinds, wins.mean(0))})
+      out[f"{self.prefix}/pairwise_acc"] = float(wins.mean())
+    return out
 
 
 def caption_scores(preds: Sequence[str], refs: Sequence[str]

@@ -105,7 +105,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
           max_len=d.max_caption_len),
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
       optimizer=common.optimizer_from_config(t),
-      num_examples=len(src))
+      num_examples=len(src),
+      canaries=lambda m, seed: synthetic.caption_canaries(
+          m, seed, d.image_size, num_words=d.max_caption_len - 2))
 
   def apply_fn(method):
     return lambda params, *args: model.apply({"params": params}, *args,
@@ -148,7 +150,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     if e.aro and len(test["aro_index"]):
       idx = test["aro_index"]
       out["aro"] = evaluate.caption_likelihood.AROScore(
-          loglik, test["image"][idx], test["tokens"][idx], test["aro_tokens"])
+          loglik, test["image"][idx], test["tokens"][idx], test["aro_tokens"],
+          kinds=ARO_KINDS)
     if e.heldout_loss:
       out["heldout_loss"] = evaluate.caption_likelihood.HeldOutCaptionLoss(
           per_example_loss, test["image"], test["tokens"])

@@ -24,6 +24,7 @@ from dpjax import privacy
 from dpjax import recipes
 from dpjax.data import pipeline
 from dpjax.recipes import common
+from dpjax.train import canaries as canaries_lib
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import metrics as metrics_lib
@@ -116,6 +117,8 @@ class _Run:
     self.task: task_lib.Task = recipes.get(config.recipe).build(config)
     self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     common.validate_train(config.train, jax.device_count())
+    # Before the privacy settings: inserted canaries are part of N.
+    self.canaries = canaries_lib.insert(config, list(self.task.phases))
     self.settings = {}
     for phase in self.task.phases:
       if phase.private:
@@ -283,6 +286,24 @@ def _evaluate(run: _Run, params, writer, step: int) -> dict:
   return out
 
 
+def _audit(run: _Run, params, workdir: str) -> dict:
+  """config.audit: scores the canaries, writes audit.json, logs the bound."""
+  phase = run.task.phases[run.canaries.phase_index]
+  private = run.dp is not None and phase.private
+  delta = run.config.audit.delta
+  result, means = canaries_lib.audit(
+      run.canaries, phase, params, config=run.config, delta=delta,
+      epsilon=run.ledger.epsilon(delta) if private else float("inf"))
+  logging.info("audit: empirical epsilon >= %.3f at %.0f%% confidence from "
+               "%d canaries (accountant epsilon %.4g at delta %.3g)",
+               result.empirical_epsilon, 100 * result.confidence,
+               len(run.canaries.records), result.theoretical_epsilon,
+               result.delta)
+  if jax.process_index() == 0:
+    canaries_lib.write(workdir, result, means)
+  return canaries_lib.metrics(result, means)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes, or only evaluates) the run described by `config`.
 
@@ -333,6 +354,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results.update(step=int(state.step), epsilon=r.epsilon(),
                  stopped_at_budget=stopped)
   results.update(_evaluate(r, state.params, writer, int(state.step)))
+  if r.canaries is not None:
+    results.update(_audit(r, state.params, workdir))
   if jax.process_index() == 0:  # epath: local or bucket (gs://) workdirs.
     out = epath.Path(workdir)
     (out / "results.json").write_text(

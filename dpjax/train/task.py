@@ -52,6 +52,10 @@ class Phase:
     monitor: optional (params, step) -> dict of extra scalars, called at
       every log step (e.g. a Hutchinson estimate of tr(H)); names starting
       with "private/" mark values computed on private data.
+    canaries: optional (num, seed) -> `num` audit canary records in this
+      phase's record format, from outside the training data (e.g. OOD images
+      with random captions, mislabelled held-out images); set by recipes on
+      the phase that trains on private data, used when config.audit asks.
   """
   name: str
   private: bool
@@ -67,6 +71,7 @@ class Phase:
   num_examples: int = 0
   make_batches: Callable[..., Any] | None = None
   monitor: Callable[[Params, int], Mapping[str, float]] | None = None
+  canaries: Callable[[int, int], list[dict]] | None = None
 
   def __post_init__(self):
     if not self.num_examples:

@@ -117,3 +117,21 @@ def test_captioning_scores_and_samples():
   assert m["captioning/word_f1"] == pytest.approx((1 + 2 / 3 + 6 / 8) / 3)
   ev_nojit = cl.Captioning(decode_fn, images, refs, _detok, jit=False)
   assert ev_nojit.run(None) == m
+
+
+def test_aro_kinds_are_scored_pairwise_like_aro():
+  code = np.random.default_rng(2).integers(1, 9, (10, _L)).astype(np.int32)
+  images = code.astype(np.float32).reshape(10, 1, 1, _L)
+  true = code.copy()
+  true[1:3] += 1  # Rows 1-2: true is off by one token value...
+  perturbed = np.stack([code + 5] * 3, axis=1)  # (kinds are off by five)
+  perturbed[1:3, 2] = code[1:3]  # ...and kind "c" matches the image there.
+  perturbed[0, 1] = true[0]  # A tie with kind "b" counts as wrong.
+  m = cl.AROScore(code_loglik, images, true, perturbed, batch_size=4,
+                  kinds=("a", "b", "c")).run(jnp.float32(1.0))
+  assert m["aro/a_acc"] == 1.0
+  assert m["aro/b_acc"] == 9 / 10 and m["aro/c_acc"] == 8 / 10
+  assert m["aro/acc"] == 7 / 10  # Rows 0-2 fail "beats all three".
+  assert m["aro/pairwise_acc"] == pytest.approx(27 / 30)
+  with pytest.raises(ValueError, match="2 kinds for 3"):
+    cl.AROScore(code_loglik, images, true, perturbed, kinds=("a", "b"))

@@ -1,0 +1,139 @@
+"""`config.audit`: input-space canaries in a recipe's run, audited at the end.
+
+Before training, the recipe's private phase makes ``m`` canary records
+(`Phase.canaries`); each is appended to the private data independently with
+probability 1/2 (`privacy.audit.choose_included`), so the inserted ones are
+ordinary members of the dataset: Poisson-sampled, clipped, noised and counted
+in N (and so in the run's delta = 1/N). After training every canary is scored by
+``-loss_fn(final params, canary)`` and the one-run audit of Steinke, Nasr and
+Jagielski (2023) turns the scores into an empirical epsilon lower bound at
+``config.audit.delta``, written to ``<workdir>/audit.json`` beside the
+accountant's epsilon at the same delta.
+
+Canaries never reach the evaluators (those read held-out public data) and
+their scores are written only to audit.json. Like every private example,
+sampled canaries do enter the aggregate training metrics logged under
+"private/".
+"""
+
+import dataclasses
+import json
+
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+
+from dpjax import privacy
+from dpjax.data import splits
+from dpjax.data import transforms as transforms_lib
+from dpjax.train import task as task_lib
+
+_SCORE_TAG = 0x0A0D17  # rng stream of the scoring transforms.
+
+
+@dataclasses.dataclass
+class Inserted:
+  """The canaries of a run: all m records and which were inserted."""
+  phase_index: int
+  records: list[dict]
+  included: np.ndarray  # bool[m]
+
+
+def _fail(field: str, value, fix: str):
+  raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
+
+
+def insert(config: ml_collections.ConfigDict,
+           phases: list[task_lib.Phase]) -> Inserted | None:
+  """Appends the included canaries to the source of the canary phase.
+
+  Deterministic in (config.audit.num_canaries, config.audit.seed), so a
+  resumed run rebuilds the same dataset. Must run before the privacy
+  settings are resolved (the canaries change N and q = B/N).
+
+  Returns:
+    None when config.audit.num_canaries == 0.
+  """
+  a = config.get("audit")
+  if a is None or a.num_canaries <= 0:
+    return None
+  m = int(a.num_canaries)
+  hooks = [i for i, p in enumerate(phases) if p.canaries is not None]
+  if not hooks:
+    _fail("audit.num_canaries", m,
+          f"recipe {config.recipe!r} defines no input canaries; set 0")
+  index = hooks[-1]
+  phase = phases[index]
+  if phase.num_examples != len(phase.source):
+    raise ValueError(f"phase {phase.name}: num_examples={phase.num_examples}"
+                     f" != len(source)={len(phase.source)}; cannot append "
+                     "canaries")
+  for f in a.guess_fractions:
+    if not 0 < f <= 0.5:
+      _fail("audit.guess_fractions", tuple(a.guess_fractions),
+            "each fraction must be in (0, 0.5]")
+  records = list(phase.canaries(m, int(a.seed)))
+  if len(records) != m:
+    raise ValueError(f"phase {phase.name}: canaries({m}) returned "
+                     f"{len(records)} records")
+  included = privacy.audit.choose_included(m, int(a.seed))
+  phase.source = splits.Appended(
+      phase.source, [r for r, inc in zip(records, included) if inc])
+  phase.num_examples = len(phase.source)
+  return Inserted(index, records, included)
+
+
+def audit(inserted: Inserted, phase: task_lib.Phase, params, *,
+          config: ml_collections.ConfigDict, delta: float,
+          epsilon: float | None) -> tuple[privacy.audit.AuditResult, dict]:
+  """Scores every canary under `params` and runs the one-run audit.
+
+  Args:
+    inserted: what `insert` returned.
+    phase: the phase the canaries were inserted into.
+    params: final parameters.
+    config: the run config (reads config.audit).
+    delta: delta of the bound (config.audit.delta).
+    epsilon: the accountant's epsilon at that delta, reported beside the
+      bound (inf for a run without DP).
+
+  Returns:
+    The audit result and the mean canary loss of inserted and left-out
+    canaries (aggregates over canaries, which are not private data).
+  """
+  a = config.audit
+  m = len(inserted.records)
+  examples = [transforms_lib.apply(
+      phase.transforms, dict(r),
+      transforms_lib.example_generator(int(a.seed), 0, i, tag=_SCORE_TAG))
+              for i, r in enumerate(inserted.records)]
+  batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
+  losses = np.asarray(jax.lax.map(lambda ex: phase.loss_fn(params, ex), batch,
+                                  batch_size=64), np.float64)
+  ks = sorted({max(1, int(f * m)) for f in a.guess_fractions})
+  result = privacy.audit.one_run_audit(
+      -losses, inserted.included, ks, ks, delta, float(a.confidence),
+      theoretical_epsilon=epsilon)
+  inc = inserted.included
+  means = {"mean_loss_inserted": float(losses[inc].mean()) if inc.any() else
+           float("nan"),
+           "mean_loss_left_out": float(losses[~inc].mean()) if (~inc).any()
+           else float("nan")}
+  return result, means
+
+
+def write(workdir: str, result: privacy.audit.AuditResult,
+          means: dict) -> None:
+  """Writes <workdir>/audit.json (aggregates only, no per-canary scores)."""
+  (epath.Path(workdir) / "audit.json").write_text(
+      json.dumps({**result.to_dict(), **means}, indent=1, default=float))
+
+
+def metrics(result: privacy.audit.AuditResult, means: dict) -> dict:
+  """The audit's entries of results.json."""
+  out = {"audit/empirical_epsilon": result.empirical_epsilon,
+         "audit/confidence": result.confidence}
+  out.update({f"audit/{k}": v for k, v in result.counts.items()})
+  out.update({f"audit/{k}": v for k, v in means.items()})
+  return out
