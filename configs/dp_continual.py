@@ -152,6 +152,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_labels="label",  # comma-separated label fields.
       probe_train_examples=10_000,
       probe_test_examples=10_000,
+      # Non-private full fine-tuning of backbone + a new zero linear head on
+      # the probe data, first probe label (Bu et al. Table 4, standard
+      # fine-tuning) [verify: steps, B, lr, wd].
+      fine_tune=True,
+      fine_tune_steps=2000,  # AdamW steps (5% warm-up, then cosine to 0).
+      fine_tune_batch_size=256,  # examples per step (shuffled epochs).
+      fine_tune_lr=1e-4,  # peak AdamW learning rate.
+      fine_tune_weight_decay=0.05,  # decoupled, on >= 2-d params only.
   ))
 
   if arg.preset == "tiny":
@@ -175,7 +183,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.update(dict(
         probe_source="synthetic:classes", probe_train_split="probe",
         probe_test_split="test", probe_labels="label",
-        probe_train_examples=2000, probe_test_examples=2000))
+        probe_train_examples=2000, probe_test_examples=2000,
+        fine_tune_steps=100, fine_tune_batch_size=64, fine_tune_lr=1e-3,
+        fine_tune_weight_decay=0.005))
   elif arg.preset != "paper":
     raise ValueError(f"configs/dp_continual.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")

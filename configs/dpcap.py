@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=200, batch_size=512, microbatch_size=256, learning_rate=2e-3,
         warmup_steps=20, decay_steps=0, dtype="float32", checkpoint_every=50,
         log_every=10, num_workers=0))
-    c.evals.probe_train_examples = 2000
+    c.evals.probe_train_examples = 4000
     c.evals.captions = 4
   elif arg.preset != "paper":
     raise ValueError(f"configs/dpcap.py:{arg.preset}: unknown preset; "

@@ -13,8 +13,8 @@ All sources follow grain's ``RandomAccessDataSource`` protocol (``__len__``,
   (30 classes; DP continual pre-training).
 * ``Textures``: shader-like images (Shaders21k stand-in; ViP's warm start).
 * ``Identities``: user-partitioned glyph "identities" (DP-FedEmb).
-* ``caption_canaries``: out-of-distribution image-caption canaries for
-  privacy audits (noise images, random word captions).
+* ``noise_canaries``: out-of-distribution canaries for privacy audits
+  (noise images with random labels or random-word captions).
 """
 
 import zlib
@@ -140,24 +140,29 @@ def perturbed_captions(record: dict[str, Any]) -> dict[str, str]:
   return {k: v for k, v in out.items() if v != true}
 
 
-def caption_canaries(num: int, seed: int, image_size: int,
-                     num_words: int) -> list[dict[str, Any]]:
-  """Audit canaries for captioning: ``num`` records {"image", "caption"}.
+def noise_canaries(num: int, seed: int, image_size: int, *,
+                   num_classes: int = 0, caption_words: int = 0
+                   ) -> list[dict[str, Any]]:
+  """Out-of-distribution audit canaries: ``num`` records with "image".
 
-  Canary i is a uniform-noise image uint8[S, S, 3] with a caption of
-  ``num_words`` words drawn uniformly from ``VOCAB_WORDS``: out of
-  distribution and high-entropy (14 random words of 22 carry ~62 bits), so
-  only memorising canary i itself lowers its loss. Deterministic in
-  (seed, i), independent of the training data's seed.
+  Canary i is a uniform-noise image uint8[S, S, 3]; with ``num_classes`` it
+  gets a uniformly random "label", with ``caption_words`` a "caption" of that
+  many words drawn uniformly from ``VOCAB_WORDS`` (14 random words of 22
+  carry ~62 bits). Only memorising canary i itself lowers its loss, so
+  inserted canaries score apart from left-out ones only as far as a run
+  leaks. Deterministic in (seed, i), independent of the training data.
   """
   out = []
   for i in range(num):
-    u = hash_uniform(seed, 0xCA7A, i, n=num_words + image_size**2 * 3)
-    words = (u[:num_words] * len(VOCAB_WORDS)).astype(int)
-    image = (u[num_words:] * 256).astype(np.uint8).reshape(
-        image_size, image_size, 3)
-    out.append({"image": image,
-                "caption": " ".join(VOCAB_WORDS[w] for w in words)})
+    u = hash_uniform(seed, 0xCA7A, i, n=1 + caption_words + image_size**2 * 3)
+    rec = {"image": (u[1 + caption_words:] * 256).astype(np.uint8).reshape(
+        image_size, image_size, 3)}
+    if num_classes:
+      rec["label"] = int(u[0] * num_classes)
+    if caption_words:
+      words = (u[1:1 + caption_words] * len(VOCAB_WORDS)).astype(int)
+      rec["caption"] = " ".join(VOCAB_WORDS[w] for w in words)
+    out.append(rec)
   return out
 
 

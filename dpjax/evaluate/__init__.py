@@ -9,12 +9,14 @@ Recipes pick them by name through the plain dict ``EVALUATORS`` / ``get``.
 
 from dpjax.evaluate import caption_likelihood
 from dpjax.evaluate import few_shot
+from dpjax.evaluate import fine_tune
 from dpjax.evaluate import linear_probe
 from dpjax.evaluate import retrieval
 
 EVALUATORS = {
     "linear_probe": linear_probe.LinearProbe,
     "few_shot": few_shot.FewShot,
+    "fine_tune": fine_tune.FineTune,
     "retrieval": retrieval.Retrieval,
     "heldout_caption_loss": caption_likelihood.HeldOutCaptionLoss,
     "zero_shot": caption_likelihood.ZeroShot,

@@ -12,7 +12,8 @@ per-example softmax cross-entropy is trained in up to two phases:
 `config.arm` selects the arm of the paper's comparison at equal total steps
 (and equal epsilon for the private arms). Diagnostics (`Monitor`):
 held-out loss decrease per step and a Hutchinson tr(H) estimate. Evaluators:
-classifier-head accuracy on held-out data and a linear probe.
+classifier-head accuracy on held-out data, a linear probe and (non-private)
+full fine-tuning on the downstream probe data.
 """
 
 from typing import Any, Callable
@@ -26,6 +27,7 @@ import optax
 from dpjax import evaluate
 from dpjax.data import sources
 from dpjax.data import splits
+from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.models import classifier
 from dpjax.recipes import common
@@ -178,7 +180,10 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
         transforms=transforms, loss_fn=loss_fn, steps=steps,
         batch_size=t.batch_size,
         optimizer=common.optimizer_from_config(t, steps),
-        reset_opt_state=reset, num_examples=len(priv_src), monitor=monitor)
+        reset_opt_state=reset, num_examples=len(priv_src), monitor=monitor,
+        canaries=lambda m, seed: synthetic.noise_canaries(
+            m, seed, config.data.image_size,
+            num_classes=config.data.num_classes))
 
   if arm == "public_only":
     return [public(total, pub_src)]
@@ -327,15 +332,23 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
                          num=d.eval_num_examples)
       out["classifier"] = ClassifierAccuracy(logits, test["image"],
                                              test["label"])
-    if e.linear_probe:
+    if e.linear_probe or e.fine_tune:
       kw = dict(labels=probe_labels, data_dir=e.probe_data_dir)
       tr = eval_arrays(e.probe_source, config, split=e.probe_train_split,
                        num=e.probe_train_examples, **kw)
       te = eval_arrays(e.probe_source, config, split=e.probe_test_split,
                        num=e.probe_test_examples, **kw)
+    if e.linear_probe:
       out["linear_probe"] = evaluate.linear_probe.LinearProbe(
           features, tr["image"], {k: tr[k] for k in probe_labels},
           te["image"], {k: te[k] for k in probe_labels})
+    if e.fine_tune:  # Non-private full fine-tuning on the first label set.
+      label = probe_labels[0]
+      out["fine_tune"] = evaluate.fine_tune.FineTune(
+          features, tr["image"], tr[label], te["image"], te[label],
+          steps=e.fine_tune_steps, batch_size=e.fine_tune_batch_size,
+          learning_rate=e.fine_tune_lr,
+          weight_decay=e.fine_tune_weight_decay, seed=config.seed)
     return out
 
   return task_lib.Task(init_params=init_params, phases=phases,

@@ -106,8 +106,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
       optimizer=common.optimizer_from_config(t),
       num_examples=len(src),
-      canaries=lambda m, seed: synthetic.caption_canaries(
-          m, seed, d.image_size, num_words=d.max_caption_len - 2))
+      canaries=lambda m, seed: synthetic.noise_canaries(
+          m, seed, d.image_size, caption_words=d.max_caption_len - 2))
 
   def apply_fn(method):
     return lambda params, *args: model.apply({"params": params}, *args,
@@ -137,6 +137,14 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     if e.linear_probe:
       out["linear_probe"] = evaluate.linear_probe.LinearProbe(
           features, train["image"], labels(train), test["image"], labels(test))
+      # The labels are the caption subject's; in two-shape images which
+      # shape is the subject is a coin flip, so single-shape images give
+      # the unambiguous probe.
+      one = lambda a: {k: v[a["num_shapes"] == 1] for k, v in labels(a).items()}
+      out["linear_probe_1shape"] = evaluate.linear_probe.LinearProbe(
+          features, train["image"][train["num_shapes"] == 1], one(train),
+          test["image"][test["num_shapes"] == 1], one(test),
+          prefix="linear_probe_1shape")
     if e.few_shot:
       out["few_shot"] = evaluate.few_shot.FewShot(
           features, train["image"], train["shape"], test["image"],

@@ -22,6 +22,7 @@ import numpy as np
 
 from dpjax import evaluate
 from dpjax.data import sources
+from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.models import mae
 from dpjax.recipes import common
@@ -111,7 +112,9 @@ def _dp_phase(config, loss_fn) -> task_lib.Phase:
       transforms=transforms_lib.image_pipeline(
           d.image_size, augment=d.augment, flip=d.flip),
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
-      optimizer=common.optimizer_from_config(t), num_examples=len(src))
+      optimizer=common.optimizer_from_config(t), num_examples=len(src),
+      canaries=lambda m, seed: synthetic.noise_canaries(m, seed,
+                                                        d.image_size))
 
 
 def eval_arrays(config: ml_collections.ConfigDict, num: int, split: str,

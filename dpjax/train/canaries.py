@@ -109,6 +109,9 @@ def audit(inserted: Inserted, phase: task_lib.Phase, params, *,
       transforms_lib.example_generator(int(a.seed), 0, i, tag=_SCORE_TAG))
               for i, r in enumerate(inserted.records)]
   batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
+  # The per-example key the pipeline adds (e.g. ViP's MAE mask).
+  batch["rng"] = transforms_lib.example_keys(int(a.seed) + _SCORE_TAG, 0,
+                                             np.arange(m))
   losses = np.asarray(jax.lax.map(lambda ex: phase.loss_fn(params, ex), batch,
                                   batch_size=64), np.float64)
   ks = sorted({max(1, int(f * m)) for f in a.guess_fractions})

@@ -27,7 +27,8 @@ def small_config(**overrides):
   c.train.update(steps=2, batch_size=48, microbatch_size=32, log_every=1,
                  checkpoint_every=10)
   c.monitor.update(num_examples=16, probes=1, trace_every=2)
-  c.evals.update(probe_train_examples=90, probe_test_examples=60)
+  c.evals.update(probe_train_examples=90, probe_test_examples=60,
+                 fine_tune_steps=3, fine_tune_batch_size=16)
   c.privacy.noise_seed = 0
   c.update_from_flattened_dict(overrides)
   return c
@@ -186,7 +187,8 @@ def test_tiny_run_logs_diagnostics_and_evaluates(tiny_run):
   assert sorted(traces) == [1, 2, 4]
   assert all(math.isfinite(v) for v in traces.values())
   for key in ("eval/classifier/top1", "eval/classifier/top5",
-              "eval/linear_probe/label_acc"):
+              "eval/linear_probe/label_acc", "eval/fine_tune/acc",
+              "eval/fine_tune/train_acc"):
     assert 0.0 <= results[key] <= 1.0
   assert results["eval/classifier/ce"] > 0
 
