@@ -158,7 +158,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       fine_tune=True,
       fine_tune_steps=2000,  # AdamW steps (5% warm-up, then cosine to 0).
       fine_tune_batch_size=256,  # examples per step (shuffled epochs).
-      fine_tune_lr=1e-4,  # peak AdamW learning rate.
+      fine_tune_lr=1e-4,  # peak AdamW learning rate of the backbone.
+      fine_tune_head_only_steps=500,  # LP-FT: head alone first.
+      fine_tune_head_lr=1e-3,  # constant AdamW lr of the new head.
       fine_tune_weight_decay=0.05,  # decoupled, on >= 2-d params only.
   ))
 
@@ -168,14 +170,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(
         source="synthetic:classes", num_examples=20_000, num_classes=30,
         image_size=32, augment=False, flip=False,
+        public_fraction=0.025,  # 500 public images: "limited" public data.
         eval_source="synthetic:classes", eval_split="test",
         eval_num_examples=2000))
     c.public.update(dict(
-        num_examples=2000, steps=300, batch_size=128, learning_rate=3e-3,
+        num_examples=2000, steps=200, batch_size=128, learning_rate=3e-3,
         b2=0.95, weight_decay=0.005, warmup_steps=30))
     c.privacy.accountant = "pld"  # tighter than RDP at this q.
     c.train.update(dict(
-        steps=100, batch_size=256, microbatch_size=256, learning_rate=2e-3,
+        steps=200, batch_size=256, microbatch_size=256, learning_rate=2e-3,
         b2=0.95, weight_decay=0.005, warmup_steps=0, dtype="float32",
         checkpoint_every=100, log_every=10, num_workers=0))
     c.monitor.update(dict(split="monitor", num_examples=128, probes=2,
@@ -184,7 +187,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         probe_source="synthetic:classes", probe_train_split="probe",
         probe_test_split="test", probe_labels="label",
         probe_train_examples=2000, probe_test_examples=2000,
-        fine_tune_steps=100, fine_tune_batch_size=64, fine_tune_lr=1e-3,
+        fine_tune_steps=300, fine_tune_batch_size=64, fine_tune_lr=1e-3,
+        fine_tune_head_only_steps=100, fine_tune_head_lr=1e-2,
         fine_tune_weight_decay=0.005))
   elif arg.preset != "paper":
     raise ValueError(f"configs/dp_continual.py:{arg.preset}: unknown preset; "

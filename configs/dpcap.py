@@ -76,12 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = "tiny"
     c.model.vocab_size = 0  # 0: taken from the tokenizer.
     c.data.update(dict(
-        source="synthetic:shapes", num_examples=20_000, image_size=32,
+        source="synthetic:shapes", num_examples=50_000, image_size=32,
         max_caption_len=16, tokenizer="shapes", augment=False, flip=False,
         eval_num_examples=1000))
     c.privacy.noise_multiplier = -1.0  # calibrated to epsilon 8 at start.
     c.train.update(dict(
-        steps=200, batch_size=512, microbatch_size=256, learning_rate=2e-3,
+        steps=400, batch_size=256, microbatch_size=256, learning_rate=5e-3,
         warmup_steps=20, decay_steps=0, dtype="float32", checkpoint_every=50,
         log_every=10, num_workers=0))
     c.evals.probe_train_examples = 4000

@@ -54,7 +54,8 @@ class FineTune:
                train_labels: np.ndarray, test_images: np.ndarray,
                test_labels: np.ndarray, *, steps: int, batch_size: int,
                learning_rate: float, weight_decay: float = 0.0,
-               warmup_steps: int | None = None, seed: int = 0,
+               warmup_steps: int | None = None, head_only_steps: int = 0,
+               head_learning_rate: float | None = None, seed: int = 0,
                eval_batch_size: int = 256, prefix: str = "fine_tune"):
     """Initialises the evaluator.
 
@@ -69,7 +70,13 @@ class FineTune:
       batch_size: examples per step (clipped to N).
       learning_rate: AdamW peak lr (linear warm-up, then cosine to 0).
       weight_decay: AdamW decoupled weight decay, on >= 2-d params only.
-      warmup_steps: linear warm-up steps; None = 5% of steps.
+      warmup_steps: linear warm-up steps of the backbone after the
+        head-only steps; None = 5% of the remaining steps.
+      head_only_steps: first steps that train only the head (LP-FT, Kumar
+        et al. 2022: a random head's gradients would otherwise scramble the
+        pretrained features before it is useful).
+      head_learning_rate: constant AdamW lr of the head; None = 10x
+        learning_rate.
       seed: seed of the data order.
       eval_batch_size: images per jitted call when measuring accuracy.
       prefix: metric name prefix.
@@ -84,12 +91,26 @@ class FineTune:
     self.steps, self.seed, self.prefix = steps, seed, prefix
     self.batch_size = max(1, min(batch_size, len(self.train_labels)))
     self.eval_batch_size = eval_batch_size
-    warmup = steps // 20 if warmup_steps is None else warmup_steps
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, min(warmup, steps - 1), steps)
+    if not 0 <= head_only_steps < steps:
+      raise ValueError(f"FineTune: head_only_steps={head_only_steps} must be "
+                       f"in [0, steps={steps}).")
+    tuned = steps - head_only_steps
+    warmup = tuned // 20 if warmup_steps is None else warmup_steps
+    backbone_lr = optax.join_schedules(
+        [optax.constant_schedule(0.0), optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, min(warmup, tuned - 1), tuned)],
+        [head_only_steps])
+    head_lr = (10 * learning_rate if head_learning_rate is None
+               else head_learning_rate)
     decay_mask = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
-    self.tx = optax.adamw(schedule, weight_decay=weight_decay,
-                          mask=decay_mask)
+    # state = (backbone, head): one AdamW each.
+    self.tx = optax.multi_transform(
+        {"backbone": optax.adamw(backbone_lr, weight_decay=weight_decay,
+                                 mask=decay_mask),
+         "head": optax.adamw(head_lr, weight_decay=weight_decay,
+                             mask=decay_mask)},
+        lambda state: (jax.tree.map(lambda _: "backbone", state[0]),
+                       jax.tree.map(lambda _: "head", state[1])))
     self.feature_fn = feature_fn
     self.logits_fn = lambda state, x: _logits(state, feature_fn, x)
 

@@ -348,6 +348,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
           features, tr["image"], tr[label], te["image"], te[label],
           steps=e.fine_tune_steps, batch_size=e.fine_tune_batch_size,
           learning_rate=e.fine_tune_lr,
+          head_only_steps=e.fine_tune_head_only_steps,
+          head_learning_rate=e.fine_tune_head_lr,
           weight_decay=e.fine_tune_weight_decay, seed=config.seed)
     return out
 

@@ -78,3 +78,16 @@ def test_deterministic_and_head_shape():
                           batch_size=8, learning_rate=1e-3)
   assert ft.num_classes == 5
   assert ft.fine_tune(_params())[1]["w"].shape == (_D, 5)
+
+
+def test_head_only_steps_freeze_the_backbone():
+  lr = 0.05
+  backbone, head = _evaluator(feature_fn, lr, head_only_steps=149,
+                              head_learning_rate=0.1).fine_tune(_params())
+  moved = float(jnp.max(jnp.abs(backbone["w"] - _params()["w"])))
+  # One backbone step of Adam moves a weight by ~lr (|m/sqrt(v)| ~ 1; the
+  # moments did accumulate during the head-only steps).
+  assert 0 < moved <= 1.5 * lr
+  assert float(jnp.max(jnp.abs(head["w"]))) > 0.01  # The head did train.
+  backbone, _ = _evaluator(feature_fn, lr).fine_tune(_params())
+  assert float(jnp.max(jnp.abs(backbone["w"] - _params()["w"]))) > 5 * lr

@@ -28,7 +28,8 @@ def small_config(**overrides):
                  checkpoint_every=10)
   c.monitor.update(num_examples=16, probes=1, trace_every=2)
   c.evals.update(probe_train_examples=90, probe_test_examples=60,
-                 fine_tune_steps=3, fine_tune_batch_size=16)
+                 fine_tune_steps=3, fine_tune_head_only_steps=1,
+                 fine_tune_batch_size=16)
   c.privacy.noise_seed = 0
   c.update_from_flattened_dict(overrides)
   return c

@@ -54,9 +54,9 @@ def test_tiny_run_on_8_devices_reports_the_accountants_epsilon(tmp_path):
 
 def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   config = dpcap_config.get_config("tiny,tan=8")
-  assert config.privacy.tan_reference_batch_size == 512
-  assert config.train.batch_size == 64
-  config.train.update(steps=1, microbatch_size=64, warmup_steps=0)
+  assert config.privacy.tan_reference_batch_size == 256
+  assert config.train.batch_size == 32
+  config.train.update(steps=1, microbatch_size=32, warmup_steps=0)
   config.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
                       aro=False, heldout_loss=False, captions=0)
   config.privacy.noise_seed = 0
@@ -64,11 +64,11 @@ def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   assert results["tan_simulation"]
   ref_sigma = results["tan_reference_noise_multiplier"]
   assert ref_sigma == pytest.approx(privacy.calibrate_noise_multiplier(
-      8.0, 512 / 20000, 1, 1 / 20000), rel=1e-6)
+      8.0, 256 / 50000, 1, 1 / 50000), rel=1e-6)
   assert results["dp/noise_multiplier"] == pytest.approx(ref_sigma / 8)
   # Same total amount of noise sigma/B as the reference run.
-  assert privacy.total_amount_of_noise(ref_sigma, 512) == pytest.approx(
-      privacy.total_amount_of_noise(results["dp/noise_multiplier"], 64))
+  assert privacy.total_amount_of_noise(ref_sigma, 256) == pytest.approx(
+      privacy.total_amount_of_noise(results["dp/noise_multiplier"], 32))
 
 
 def test_tfds_fixture_trains_through_the_pipeline(tmp_path):
