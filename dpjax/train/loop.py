@@ -140,6 +140,26 @@ class _Run:
   def epsilon(self) -> float:
     return self.ledger.epsilon() if self.ledger.steps else 0.0
 
+  @property
+  def is_simulation(self) -> bool:
+    return self.dp is not None and self.dp.is_simulation
+
+  def progress_epsilon(self) -> tuple[str, float]:
+    """What the logs track: ("epsilon", the ledger's), or for a TAN
+    simulation ("tan_reference_epsilon", that of the simulated reference run
+    (B, sigma) after as many steps). A simulation's own epsilon (hundreds) is
+    meaningless, and PLD at its tiny sigma costs tens of seconds, so it is
+    computed once, at the end."""
+    if not self.is_simulation:
+      return "epsilon", self.epsilon()
+    if not self.ledger.steps:
+      return "tan_reference_epsilon", 0.0
+    ref_q = min(1.0, self.dp.tan_reference_batch_size /
+                self.ledger.num_examples)
+    return "tan_reference_epsilon", privacy.epsilon(
+        self.dp.tan_reference_noise_multiplier, ref_q, self.ledger.steps,
+        self.dp.delta, accountant=self.dp.accountant)
+
   def describe(self) -> dict:
     """Public facts of the run for logs and results.json."""
     out = dict(recipe=self.config.recipe, total_steps=self.total_steps)
@@ -255,12 +275,13 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     if gstep % config.train.log_every == 0 or last:
       m = {prefix + k: float(v) for k, v in jax.device_get(metrics).items()}
       m["examples_per_sec"] = seen / max(time.time() - t0, 1e-9)
-      m["epsilon"] = run.epsilon()
+      eps_key, m_eps = run.progress_epsilon()
+      m[eps_key] = m_eps
       if phase.monitor is not None:
         m.update(phase.monitor(state.params, gstep))
       writer.write(gstep, m)
       writer.progress(gstep, {"loss": m[prefix + "loss"],
-                              "eps": m["epsilon"],
+                              "ref_eps" if run.is_simulation else "eps": m_eps,
                               "ex/s": m["examples_per_sec"]})
       t0, seen = time.time(), 0
     meta = lambda: dict(phase=index, phase_step=phase_step,

@@ -69,6 +69,13 @@ def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   # Same total amount of noise sigma/B as the reference run.
   assert privacy.total_amount_of_noise(ref_sigma, 256) == pytest.approx(
       privacy.total_amount_of_noise(results["dp/noise_multiplier"], 32))
+  # The logs track the simulated reference run's epsilon, not the
+  # simulation's own (which results.json reports once, labelled).
+  logged = metrics.read_csv(str(tmp_path))
+  assert "epsilon" not in logged
+  assert logged["tan_reference_epsilon"][-1][1] == pytest.approx(
+      privacy.epsilon(ref_sigma, 256 / 50000, 1, 1 / 50000), rel=1e-6)
+  assert results["epsilon"] > 8
 
 
 def test_tfds_fixture_trains_through_the_pipeline(tmp_path):
