@@ -93,7 +93,6 @@ def mesh_block() -> ml_collections.ConfigDict:
   ))
 
 
-
 def audit_block() -> ml_collections.ConfigDict:
   """Input-space canaries audited at the end of the run (dpjax/train/canaries.py)."""
   return ml_collections.ConfigDict(dict(

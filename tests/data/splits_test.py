@@ -91,3 +91,12 @@ def test_affine_permutation_is_a_bijection():
     a, b = splits.affine_permutation(n, 5)
     assert math.gcd(a, n) == 1 or n == 1
     assert sorted((a * np.arange(n) + b) % n) == list(range(n))
+
+
+def test_appended_records_follow_the_source_and_nothing_else():
+  view = splits.Appended(["a", "b", "c"], ["x", "y"])
+  assert len(view) == 5
+  assert [view[i] for i in range(5)] == ["a", "b", "c", "x", "y"]
+  for bad in (-1, 5):
+    with pytest.raises(IndexError):
+      view[bad]
