@@ -38,7 +38,9 @@ import optax
 
 from dpjax.data import pipeline
 from dpjax.data import sources
+from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
+from dpjax.evaluate import linear_probe
 from dpjax.evaluate import retrieval
 from dpjax.models import embedder
 from dpjax.privacy import user_level
@@ -194,7 +196,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
             src, ts, sampling_rate=rate, num_examples=len(src),
             **{**kw, "global_microbatch": p.microbatch_size}))))
   if "dp" in phases:
-    out.append(_dp_phase(config, local_loss, local_head, mcfg["embed_dim"]))
+    out.append(_dp_phase(config, local_loss, local_head, mcfg["embed_dim"],
+                         lambda params, x: embed(params["backbone"], x)))
 
   def evaluators():
     e = eval_arrays(config)
@@ -207,7 +210,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
                        evaluators=evaluators)
 
 
-def _dp_phase(config, local_loss, local_head, embed_dim) -> task_lib.Phase:
+def _dp_phase(config, local_loss, local_head, embed_dim,
+              embed_fn) -> task_lib.Phase:
   """The user-level phase: virtual clients, clipped backbone deltas."""
   d, f, t = config.data, config.fedemb, config.train
   src = private_source(config)
@@ -247,14 +251,70 @@ def _dp_phase(config, local_loss, local_head, embed_dim) -> task_lib.Phase:
     zeros = jax.tree.map(jnp.zeros_like, params["head"])
     return {"backbone": delta_sum, "head": zeros}, aux
 
-  rate = t.batch_size / src.num_users
-  return task_lib.Phase(
+  label_field = _label_field(d.source)
+  phase = task_lib.Phase(
       name="dp" if private else "federated", private=private, source=src,
       transforms=ts, loss_fn=lambda params, example: local_loss(
           params["backbone"], init_head(jax.random.PRNGKey(0)), example),
       steps=t.steps, batch_size=t.batch_size,
       optimizer=_server_optimizer(config), clipped_sum_fn=clipped_sum_fn,
       num_examples=src.num_users,
-      make_batches=functools.partial(
-          fedemb_data.virtual_client_batches, src, ts, sampling_rate=rate,
-          users_per_client=k, max_examples_per_user=f.max_examples_per_user))
+      canaries=lambda m, seed: canary_users(
+          m, seed, d.image_size, f.max_examples_per_user, label_field),
+      append_canaries=fedemb_data.AppendedUsers,
+      canary_scores=lambda params, users: canary_scores(
+          embed_fn, params, users, ts, label_field))
+  # Read at call time: config.audit may append canary users to the source.
+  phase.make_batches = lambda **kw: fedemb_data.virtual_client_batches(
+      phase.source, ts, sampling_rate=phase.sampling_rate,
+      users_per_client=k, max_examples_per_user=f.max_examples_per_user,
+      **kw)
+  return phase
+
+
+_CANARY_LABEL = 1 << 30  # Canary users' labels: above any real identity.
+_CANARY_IDENTITY = 1 << 24  # First synthetic glyph identity of canaries.
+
+
+def canary_users(num: int, seed: int, image_size: int, num_images: int,
+                 label_field: str) -> list[dict]:
+  """User-level audit canaries: ``num`` mislabelled users.
+
+  Canary user i owns ``num_images`` images of TWO different synthetic glyph
+  identities (half each; identities far from any data split's) under ONE
+  label of its own. Training on it pulls the two identities' embeddings
+  together, which nothing else does (`canary_scores`).
+  """
+  half = num_images - num_images // 2
+  glyphs = synthetic.Identities(2 * num, half, image_size, seed=seed,
+                                split="canary",
+                                first_identity=_CANARY_IDENTITY)
+  out = []
+  for i in range(num):
+    first = [glyphs[2 * i * half + j]["image"] for j in range(num_images // 2)]
+    second = [glyphs[(2 * i + 1) * half + j]["image"]
+              for j in range(num_images - num_images // 2)]
+    out.append({"images": first + second, label_field: _CANARY_LABEL + i})
+  return out
+
+
+def canary_scores(embed_fn, params, users: list[dict], transforms,
+                  label_field: str) -> np.ndarray:
+  """float[m]: how much closer a canary user's two identities embed than
+  two identities of different canaries: mean cosine similarity of user i's
+  first-identity images to its second-identity images, minus the mean over
+  users j != i of that to user j's (robust to a globally contracting
+  embedding). High = trained on."""
+  images = np.stack([
+      transforms_lib.apply(transforms, {"image": im, label_field: 0},
+                           np.random.default_rng(0))["image"]
+      for user in users for im in user["images"]])
+  z = linear_probe.batched_apply(embed_fn, params, images, 256)
+  z = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  e = len(users[0]["images"])
+  z = z.reshape(len(users), e, -1)
+  a, b = z[:, :e // 2].mean(1), z[:, e // 2:].mean(1)
+  sim = a @ b.T  # [m, m]: mean cosine of i's first to j's second identity.
+  m = len(users)
+  others = (sim.sum(1) - np.diag(sim)) / max(m - 1, 1)
+  return np.diag(sim) - others

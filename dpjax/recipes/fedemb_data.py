@@ -82,6 +82,47 @@ class UserKeyedSource:
     return self._index[int(user)]
 
 
+class AppendedUsers:
+  """A user source followed by extra users (e.g. audit canary users).
+
+  ``users[j]`` is a dict with "images" (a sequence of E images) and any
+  other fields shared by that user's records (e.g. its label). User
+  ``num_users_of(source) + j`` owns E new records appended after the
+  source's; each is an ordinary user: sampled, clipped, noised, counted.
+  """
+
+  def __init__(self, source: Any, users: Sequence[dict[str, Any]]):
+    self.source, self._base_len = source, len(source)
+    self._base_users = source.num_users
+    self._records, self._index = [], []
+    for user in users:
+      start = self._base_len + len(self._records)
+      shared = {k: v for k, v in user.items() if k != "images"}
+      self._records += [dict(shared, image=im) for im in user["images"]]
+      self._index.append(np.arange(start, self._base_len + len(self._records)))
+
+  def __len__(self) -> int:
+    return self._base_len + len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range [0, {len(self)})")
+    if index < self._base_len:
+      return self.source[index]
+    return self._records[index - self._base_len]
+
+  @property
+  def num_users(self) -> int:
+    return self._base_users + len(self._index)
+
+  def user_indices(self, user: int) -> np.ndarray:
+    user = int(user)
+    if user < self._base_users:
+      return self.source.user_indices(user)
+    return self._index[user - self._base_users]
+
+
 @dataclasses.dataclass
 class _RoundGroups:
   """Round t's partition of user ids into groups of k, as a user source."""

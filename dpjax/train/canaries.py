@@ -4,8 +4,9 @@ Before training, the recipe's private phase makes ``m`` canary records
 (`Phase.canaries`); each is appended to the private data independently with
 probability 1/2 (`privacy.audit.choose_included`), so the inserted ones are
 ordinary members of the dataset: Poisson-sampled, clipped, noised and counted
-in N (and so in the run's delta = 1/N). After training every canary is scored by
-``-loss_fn(final params, canary)`` and the one-run audit of Steinke, Nasr and
+in N (and so in the run's delta = 1/N). After training every canary is
+scored (by default ``-loss_fn(final params, canary)``; a recipe may define
+`Phase.canary_scores`) and the one-run audit of Steinke, Nasr and
 Jagielski (2023) turns the scores into an empirical epsilon lower bound at
 ``config.audit.delta``, written to ``<workdir>/audit.json`` beside the
 accountant's epsilon at the same delta.
@@ -65,7 +66,8 @@ def insert(config: ml_collections.ConfigDict,
           f"recipe {config.recipe!r} defines no input canaries; set 0")
   index = hooks[-1]
   phase = phases[index]
-  if phase.num_examples != len(phase.source):
+  if phase.append_canaries is None and phase.num_examples != len(
+      phase.source):
     raise ValueError(f"phase {phase.name}: num_examples={phase.num_examples}"
                      f" != len(source)={len(phase.source)}; cannot append "
                      "canaries")
@@ -78,9 +80,10 @@ def insert(config: ml_collections.ConfigDict,
     raise ValueError(f"phase {phase.name}: canaries({m}) returned "
                      f"{len(records)} records")
   included = privacy.audit.choose_included(m, int(a.seed))
-  phase.source = splits.Appended(
-      phase.source, [r for r, inc in zip(records, included) if inc])
-  phase.num_examples = len(phase.source)
+  chosen = [r for r, inc in zip(records, included) if inc]
+  append = phase.append_canaries or splits.Appended
+  phase.source = append(phase.source, chosen)
+  phase.num_examples += len(chosen)  # Each canary is one privacy unit.
   return Inserted(index, records, included)
 
 
@@ -99,30 +102,37 @@ def audit(inserted: Inserted, phase: task_lib.Phase, params, *,
       bound (inf for a run without DP).
 
   Returns:
-    The audit result and the mean canary loss of inserted and left-out
-    canaries (aggregates over canaries, which are not private data).
+    The audit result and the mean score of inserted and left-out canaries
+    (minus the loss by default; aggregates over canaries, which are not
+    private data).
   """
   a = config.audit
   m = len(inserted.records)
-  examples = [transforms_lib.apply(
-      phase.transforms, dict(r),
-      transforms_lib.example_generator(int(a.seed), 0, i, tag=_SCORE_TAG))
-              for i, r in enumerate(inserted.records)]
-  batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
-  # The per-example key the pipeline adds (e.g. ViP's MAE mask).
-  batch["rng"] = transforms_lib.example_keys(int(a.seed) + _SCORE_TAG, 0,
-                                             np.arange(m))
-  losses = np.asarray(jax.lax.map(lambda ex: phase.loss_fn(params, ex), batch,
-                                  batch_size=64), np.float64)
+  if phase.canary_scores is not None:
+    scores = np.asarray(phase.canary_scores(params, inserted.records),
+                        np.float64)
+  else:
+    examples = [transforms_lib.apply(
+        phase.transforms, dict(r),
+        transforms_lib.example_generator(int(a.seed), 0, i, tag=_SCORE_TAG))
+                for i, r in enumerate(inserted.records)]
+    batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
+    # The per-example key the pipeline adds (e.g. ViP's MAE mask).
+    batch["rng"] = transforms_lib.example_keys(int(a.seed) + _SCORE_TAG, 0,
+                                               np.arange(m))
+    scores = -np.asarray(jax.lax.map(lambda ex: phase.loss_fn(params, ex),
+                                     batch, batch_size=64), np.float64)
+  if scores.shape != (m,):
+    raise ValueError(f"phase {phase.name}: canary scores of shape "
+                     f"{scores.shape}, want ({m},)")
   ks = sorted({max(1, int(f * m)) for f in a.guess_fractions})
   result = privacy.audit.one_run_audit(
-      -losses, inserted.included, ks, ks, delta, float(a.confidence),
+      scores, inserted.included, ks, ks, delta, float(a.confidence),
       theoretical_epsilon=epsilon)
   inc = inserted.included
-  means = {"mean_loss_inserted": float(losses[inc].mean()) if inc.any() else
-           float("nan"),
-           "mean_loss_left_out": float(losses[~inc].mean()) if (~inc).any()
-           else float("nan")}
+  mean = lambda x: float(x.mean()) if x.size else float("nan")
+  means = {"mean_score_inserted": mean(scores[inc]),
+           "mean_score_left_out": mean(scores[~inc])}
   return result, means
 
 

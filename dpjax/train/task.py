@@ -56,6 +56,13 @@ class Phase:
       phase's record format, from outside the training data (e.g. OOD images
       with random captions, mislabelled held-out images); set by recipes on
       the phase that trains on private data, used when config.audit asks.
+    append_canaries: optional (source, included canary records) -> source
+      with them appended, each as ONE more privacy unit (DP-FedEmb: one
+      canary = one user). None: `data.splits.Appended` (one record = one
+      example).
+    canary_scores: optional (params, all canary records) -> float[m], higher
+      = more likely trained on. None: minus `loss_fn` on each transformed
+      record.
   """
   name: str
   private: bool
@@ -72,6 +79,8 @@ class Phase:
   make_batches: Callable[..., Any] | None = None
   monitor: Callable[[Params, int], Mapping[str, float]] | None = None
   canaries: Callable[[int, int], list[dict]] | None = None
+  append_canaries: Callable[[Any, list[dict]], Any] | None = None
+  canary_scores: Callable[[Params, list[dict]], Any] | None = None
 
   def __post_init__(self):
     if not self.num_examples:

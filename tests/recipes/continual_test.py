@@ -22,7 +22,7 @@ def small_config(**overrides):
   """:tiny with a 32-d x 1 ViT, 2 + 2 steps and small evaluations."""
   c = continual_config.get_config("tiny")
   c.model.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  c.data.update(num_examples=1000, eval_num_examples=64)
+  c.data.update(num_examples=1000, eval_num_examples=64, public_fraction=0.1)
   c.public.update(steps=2, batch_size=32, warmup_steps=1)
   c.train.update(steps=2, batch_size=48, microbatch_size=32, log_every=1,
                  checkpoint_every=10)

@@ -7,6 +7,7 @@ import pytest
 
 from configs import dpcap as dpcap_config
 from configs import dpfedemb as dpfedemb_config
+from configs import vip as vip_config
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import canaries
@@ -57,10 +58,11 @@ def test_no_canaries_by_default_and_clear_errors():
   config = _config(**{"audit.guess_fractions": (0.1, 0.7)})
   with pytest.raises(ValueError, match=r"audit.guess_fractions.*\(0, 0.5\]"):
     canaries.insert(config, list(recipes.get("dpcap").build(config).phases))
-  fed = dpfedemb_config.get_config("tiny")
-  fed.audit.num_canaries = 10
-  with pytest.raises(ValueError, match="audit.num_canaries=10.*'dpfedemb'"):
-    canaries.insert(fed, list(recipes.get("dpfedemb").build(fed).phases))
+  vip = vip_config.get_config("tiny")
+  vip.phases = "pretrain"  # The public warm start only: nothing private.
+  vip.audit.num_canaries = 10
+  with pytest.raises(ValueError, match="audit.num_canaries=10.*'vip'"):
+    canaries.insert(vip, list(recipes.get("vip").build(vip).phases))
 
 
 def test_without_noise_the_audit_finds_the_canaries(tmp_path):
@@ -70,7 +72,7 @@ def test_without_noise_the_audit_finds_the_canaries(tmp_path):
   saved = json.load(open(tmp_path / "audit.json"))
   assert saved["theoretical_epsilon"] == float("inf")
   assert saved["empirical_epsilon"] == results["audit/empirical_epsilon"] > 2
-  assert saved["mean_loss_inserted"] < saved["mean_loss_left_out"]
+  assert saved["mean_score_inserted"] > saved["mean_score_left_out"]
   assert "scores" not in json.dumps(saved)  # Aggregates only.
   assert not any(k.startswith("eval/") and "canar" in k for k in results)
 
@@ -87,3 +89,55 @@ def test_dp_run_audit_stays_below_the_accountant(tmp_path):
   assert results["dp/num_examples"] == 100 + inserted  # N counts them.
   assert results["delta"] == pytest.approx(1 / (100 + inserted))
   assert saved["empirical_epsilon"] <= saved["theoretical_epsilon"]
+
+
+def _fedemb_config(**overrides):
+  c = dpfedemb_config.get_config("tiny")
+  c.data.update(num_users=200, public_num_identities=20,
+                eval_num_identities=20, eval_num_examples=120)
+  c.fedemb.update(users_per_client=4, max_examples_per_user=4,
+                  client_batch_size=8, local_classes=4, client_epochs=1,
+                  reconst_steps=1)
+  c.train.update(steps=3, batch_size=32, microbatch_size=8, log_every=1,
+                 checkpoint_every=10)
+  c.phases = "dp"
+  c.privacy.noise_seed = 0
+  c.audit.update(num_canaries=20, guess_fractions=(0.1, 0.25))
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_fedemb_canaries_are_whole_users():
+  config = _fedemb_config()
+  phases = list(recipes.get("dpfedemb").build(config).phases)
+  inserted = canaries.insert(config, phases)
+  phase = phases[inserted.phase_index]
+  n_in = int(inserted.included.sum())
+  # One canary = one user of 4 images of two glyph identities, one label.
+  assert phase.num_examples == phase.source.num_users == 200 + n_in
+  assert phase.sampling_rate == pytest.approx(32 / (200 + n_in))
+  chosen = [r for r, i in zip(inserted.records, inserted.included) if i]
+  for j, rec in enumerate(chosen):
+    idx = phase.source.user_indices(200 + j)
+    assert len(idx) == 4
+    assert {phase.source[i]["identity"] for i in idx} == {rec["identity"]}
+    np.testing.assert_array_equal(phase.source[idx[3]]["image"],
+                                  rec["images"][3])
+  # The loop's rounds sample canary users like any other user.
+  it = phase.make_batches(seed=0, start_step=0, num_steps=10,
+                          global_microbatch=8, process_index=0,
+                          process_count=1, num_workers=0)
+  labels = np.concatenate([
+      e["example"]["label"][e["example"]["example_mask"] > 0] for e in it])
+  assert np.any(labels >= 1 << 30) and np.any(labels < 1 << 30)
+
+
+def test_fedemb_dp_run_is_audited(tmp_path):
+  results = loop.run(_fedemb_config(), str(tmp_path))
+  saved = json.load(open(tmp_path / "audit.json"))
+  assert saved["counts"]["num_canaries"] == 20
+  assert results["audit/empirical_epsilon"] == saved["empirical_epsilon"]
+  assert saved["empirical_epsilon"] <= saved["theoretical_epsilon"]
+  assert saved["theoretical_epsilon"] == pytest.approx(privacy.epsilon(
+      results["dp/noise_multiplier"], results["dp/sampling_rate"], 3, 1e-6),
+      rel=1e-6)
