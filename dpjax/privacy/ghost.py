@@ -27,7 +27,8 @@ Layers reading the very same input tensor (query/key/value) share the stored
 activation and its Gram matrix. Cost over a non-private step: the norm
 matmuls, min(2T^2(d_in/share + d_out), 2T d_in d_out) per example and layer,
 i.e. about 0.3x the weight-gradient FLOPs at ViT-B/16 shapes but ~1x at
-narrow CPU sizes (width 96-192); see benchmarks/RESULTS.md.
+narrow CPU sizes (width 96-192); measured, 1.2-1.3x the time of a `jax.grad`
+step for ViT encoders on CPU (benchmarks/RESULTS.md).
 
 Formal guarantee (as ``clipping.clipped_grad``): each real example adds a
 vector of L2 norm <= C ("clip") or < C ("normalize") to the sum, computed
@@ -249,7 +250,7 @@ def clipped_sum_fn(
 
     real = mask > 0
 
-    def per_example(copies_i, zs_i, example, real_i):
+    def per_example(copies_i, zs_i, example):
       lv = list(leaves)
       for j, i in enumerate(copy_ids):
         lv[i] = copies_i[j]
@@ -269,9 +270,8 @@ def clipped_sum_fn(
         if rec["leader"] == slot[k]:
           inputs[slot[k]] = args[0]
           a = ghost_layers.to_matrix(rec["desc"], ctx.module, args[0])
-          if rec["desc"]["kind"] != "embed":  # Padding rows -> 0 (NaN-safe).
-            a = jnp.where(real_i, a, jnp.zeros((), a.dtype)).astype(dtype)
-          acts[slot[k]] = a
+          acts[slot[k]] = a if rec["desc"]["kind"] == "embed" else a.astype(
+              dtype)
         elif inputs.get(rec["leader"]) is not args[0]:
           raise RuntimeError("shared layer input differs between the "
                              f"analysis and the real trace at {rec['path']}.")
@@ -282,7 +282,7 @@ def clipped_sum_fn(
       return loss, acts
 
     def batched(copies, zs):
-      return jax.vmap(per_example)(copies, zs, batch, real)
+      return jax.vmap(per_example)(copies, zs, batch)
 
     losses, vjp_fn, acts = jax.vjp(batched, copies, zs, has_aux=True)
     g_copies, g_zs = vjp_fn(jnp.ones_like(losses))
@@ -315,8 +315,13 @@ def clipped_sum_fn(
       scaled = g.astype(jnp.float32) * factor.reshape(
           (-1,) + (1,) * (g.ndim - 1))
       out[i] = jnp.sum(rows(scaled, 0), axis=0)
-    for rec, a, g in mats:  # `a` was zeroed on padding rows when recorded.
+    for rec, a, g in mats:
+      # Padding rows of BOTH operands -> 0: the book-keeping matmul sums over
+      # all rows, and 0 * NaN would leak a padding row's NaN into the sum.
+      # (Their norms may be NaN; `factor` and `aux` select them away.)
       cg = rows(g.astype(jnp.float32) * factor[:, None, None], 0)
+      if rec["desc"]["kind"] != "embed":
+        a = rows(a, 0)
       shapes = {n: leaves[i].shape for n, i in rec["leaf_of"].items()}
       sums = ghost_layers.clipped_sums(rec["desc"], a, cg, shapes, dtype)
       for n, i in rec["leaf_of"].items():
