@@ -346,10 +346,12 @@ class Textures:
 class Identities:
   """User-partitioned synthetic identities (a DigiFace stand-in).
 
-  Identity ``g`` is a random 16x16 stroke glyph with its own colour,
-  deterministic in (seed, first_identity + g). Each image applies a random
-  shift, stroke noise (dropped and spurious pixels), brightness jitter and a
-  random background level. Layout is identity-major: example
+  Identity ``g`` is a random 16x16 stroke glyph, deterministic in (seed,
+  first_identity + g). Each image draws its own stroke colour (a nuisance,
+  like lighting: a per-identity colour would let a client's few-way local
+  softmax separate its identities by colour alone and teach the backbone
+  nothing that transfers) and applies a random shift, stroke noise (dropped
+  and spurious pixels), brightness jitter and a random background level. Layout is identity-major: example
   ``i = g * images_per_identity + j``; with one identity per user
   ``user == identity``, so ``user_indices(u)`` is arithmetic, O(images).
   Use a different ``first_identity`` for disjoint (held-out) identities.
@@ -383,8 +385,8 @@ class Identities:
     k = self.images_per_identity
     return np.arange(user * k, (user + 1) * k, dtype=np.int64)
 
-  def prototype(self, identity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bool[16, 16] glyph, float32[3] colour) of a local identity."""
+  def prototype(self, identity: int) -> np.ndarray:
+    """bool[16, 16] glyph of a local identity."""
     gid = self.first_identity + int(identity)
     u = hash_uniform(self.seed, 33, gid, n=64)
     glyph = np.zeros((16, 16), bool)
@@ -396,15 +398,14 @@ class Identities:
       pts = np.round(p0 + t * (p1 - p0)).astype(int)
       glyph[pts[:, 1], pts[:, 0]] = True
     glyph |= np.roll(glyph, 1, axis=1)  # 2-px strokes
-    colour = 60 + 195 * u[40:43]
-    return glyph, colour.astype(np.float32)
+    return glyph
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range [0, {len(self)})")
     identity = index // self.images_per_identity
-    glyph, colour = self.prototype(identity)
+    glyph = self.prototype(identity)
     u = hash_uniform(self.seed, self._tag, 44, self.first_identity + identity,
                      index % self.images_per_identity, n=16 + 256)
     noise = u[16:].reshape(16, 16)
@@ -419,6 +420,7 @@ class Identities:
     bright = 0.7 + 0.6 * u[2]
     bg = 20 + 60 * u[3]
     img = np.full((s, s, 3), bg, np.float32)
+    colour = 60 + 195 * u[4:7]
     img[big] = colour * bright
     return {"image": np.clip(img, 0, 255).astype(np.uint8),
             "identity": identity, "user": identity}

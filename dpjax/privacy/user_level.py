@@ -81,7 +81,8 @@ def local_training(loss_fn: LocalLossFn,
                    shared_optimizer: optax.GradientTransformation,
                    local_optimizer: optax.GradientTransformation,
                    batch_size: int, epochs: int = 1,
-                   reconst_steps: int = 0) -> LocalTrainFn:
+                   reconst_steps: int = 0,
+                   init_from_data: bool = False) -> LocalTrainFn:
   """Local training of shared + fresh local params on one unit's data.
 
   Each epoch shuffles the unit's real examples (padding last) and scans over
@@ -94,12 +95,15 @@ def local_training(loss_fn: LocalLossFn,
   Args:
     loss_fn: ``loss_fn(shared, local, example) -> scalar`` on ONE example.
     init_local: ``rng -> local params`` (e.g. a Glorot head), called once per
-      unit computation; the local params never leave it.
+      unit computation; the local params never leave it. With
+      ``init_from_data``: ``(rng, shared, example [E, ...], mask [E]) ->
+      local params`` (e.g. a head imprinted from the unit's own data).
     shared_optimizer: client optimizer of the shared params.
     local_optimizer: client optimizer of the local params.
     batch_size: local batch size b.
     epochs: passes over the unit's data.
     reconst_steps: leading local steps that update only the local params.
+    init_from_data: call ``init_local`` with the unit's data (see above).
 
   Returns:
     ``local_train(shared, unit) -> (shared_end, mean_loss)`` where ``unit``
@@ -121,7 +125,8 @@ def local_training(loss_fn: LocalLossFn,
     e = mask.shape[0]
     n_batches = -(-e // batch_size)
     init_key, order_key = jax.random.split(unit["rng"])
-    local = init_local(init_key)
+    local = (init_local(init_key, shared, unit["example"], mask)
+             if init_from_data else init_local(init_key))
     params = (shared, local)
     opt_state = (shared_optimizer.init(shared), local_optimizer.init(local))
 

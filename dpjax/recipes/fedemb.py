@@ -129,6 +129,28 @@ def local_labels(labels: jax.Array, mask: jax.Array,
   return jnp.minimum(rank, num_classes - 1).astype(jnp.int32)
 
 
+def imprinted_kernel(z: jax.Array, labels: jax.Array, mask: jax.Array,
+                     fallback: jax.Array) -> jax.Array:
+  """Local head kernel by weight imprinting, from one client's own data.
+
+  Args:
+    z: [E, D] embeddings of the client's examples (current backbone).
+    labels: int [E] local labels in [0, C).
+    mask: [E] 1 for real examples, 0 for padding (ignored).
+    fallback: [D, C] kernel (e.g. Glorot) for classes with no real example.
+
+  Returns:
+    [D, C]: column c = the unit-normalised mean of the unit-normalised
+    embeddings of class c, so a cosine head starts at the class prototypes.
+  """
+  num_classes = fallback.shape[1]
+  onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+  sums = onehot.T @ embedder.l2_normalize(z.astype(jnp.float32))  # [C, D]
+  present = jnp.sum(onehot, axis=0) > 0
+  return jnp.where(present[None, :], embedder.l2_normalize(sums).T,
+                   fallback)
+
+
 def _server_optimizer(config) -> optax.GradientTransformation:
   """Server SGD(+momentum) on the backbone; the public head is frozen.
 
@@ -224,14 +246,24 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
   def init_head(rng):
     return local_head.init(rng, jnp.zeros((1, embed_dim)))["params"]
 
+  def imprint_head(rng, bparams, example, mask):
+    z = embed_fn({"backbone": bparams}, example["image"])
+    kernel = imprinted_kernel(z, example["label"], mask,
+                              init_head(rng)["dense"]["kernel"])
+    return {"dense": {"kernel": kernel}}
+
+  if f.head_init not in ("glorot", "imprint"):
+    raise ValueError(f"config.fedemb.head_init={f.head_init!r}: use "
+                     "'glorot' (the paper's) or 'imprint'")
+
   local_train = user_level.local_training(
-      local_loss, init_head,
+      local_loss, imprint_head if f.head_init == "imprint" else init_head,
       shared_optimizer=optax.sgd(f.client_lr,
                                  momentum=f.client_momentum or None),
       local_optimizer=optax.sgd(f.client_lr * f.head_lr_scale,
                                 momentum=f.client_momentum or None),
       batch_size=f.client_batch_size, epochs=f.client_epochs,
-      reconst_steps=f.reconst_steps)
+      reconst_steps=f.reconst_steps, init_from_data=f.head_init == "imprint")
   private = bool(config.privacy.enabled)
   clip = (user_level.unit_clip_norm(config.privacy.l2_clip_norm, k)
           if private else None)

@@ -158,3 +158,35 @@ def test_reconst_steps_train_only_the_local_params_first():
   assert delta(2, epochs=2) > 0.0  # the second epoch trains the shared.
   # Steps after reconstruction start from a trained head: a different delta.
   assert abs(delta(2, epochs=2) - delta(0, epochs=1)) > 1e-6
+
+
+def test_init_from_data_sees_only_its_units_data_and_shared_params():
+  """A data-dependent local init (e.g. an imprinted head) is called per unit
+  with that unit's examples and mask and the current shared params."""
+  seen = []
+
+  def init(rng, shared, example, mask):
+    del rng
+    seen.append(example["x"].shape)
+    # Masked mean input, projected: depends on the unit's own data only.
+    mean_x = jnp.sum(example["x"] * mask[:, None], 0) / jnp.sum(mask)
+    return {"h": jnp.outer(jnp.tanh(mean_x @ shared["w"]), jnp.ones(L))}
+
+  def fn():
+    train = user_level.local_training(
+        _loss, init, shared_optimizer=optax.sgd(0.5),
+        local_optimizer=optax.sgd(0.5), batch_size=4, init_from_data=True)
+    return jax.jit(user_level.clipped_delta_sum(train, None))
+
+  units = _units(3)
+  base, _ = fn()(SHARED, units, jnp.ones(3))
+  assert seen and seen[0] == (E, D)  # per unit, not the whole batch.
+  # Changing unit 2's data leaves units 0-1's deltas alone: compare the sum
+  # with unit 2 masked out before and after changing it.
+  changed = jax.tree.map(np.copy, units)
+  changed["example"]["x"][2] += 3.0
+  mask = jnp.array([1.0, 1.0, 0.0])
+  a, _ = fn()(SHARED, units, mask)
+  b, _ = fn()(SHARED, changed, mask)
+  assert _dist(a, b) == 0.0
+  assert _dist(base, a) > 0.0

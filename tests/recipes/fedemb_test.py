@@ -157,3 +157,18 @@ def test_local_labels_are_ranks_of_distinct_real_labels():
 def test_bad_phase_names_fail():
   with pytest.raises(ValueError, match="config.phases"):
     fedemb.build(small_config(phases="dp,extra"))
+
+
+def test_imprinted_kernel_is_normalised_class_means_of_real_rows():
+  z = jnp.array([[3.0, 0.0], [0.0, 2.0], [0.0, 5.0], [9.0, 9.0]])
+  labels = jnp.array([0, 1, 1, 0])
+  mask = jnp.array([1.0, 1.0, 1.0, 0.0])  # row 3 is padding: ignored.
+  fallback = jnp.full((2, 3), 7.0)  # class 2 has no example: kept.
+  k = fedemb.imprinted_kernel(z, labels, mask, fallback)
+  np.testing.assert_allclose(k, [[1.0, 0.0, 7.0], [0.0, 1.0, 7.0]],
+                             atol=1e-6)
+
+
+def test_bad_head_init_fails():
+  with pytest.raises(ValueError, match="config.fedemb.head_init"):
+    fedemb.build(small_config(**{"fedemb.head_init": "zeros"}))
