@@ -351,9 +351,10 @@ class Identities:
   like lighting: a per-identity colour would let a client's few-way local
   softmax separate its identities by colour alone and teach the backbone
   nothing that transfers) and applies a random shift, stroke noise (dropped
-  and spurious pixels), brightness jitter and a random background level. Layout is identity-major: example
-  ``i = g * images_per_identity + j``; with one identity per user
-  ``user == identity``, so ``user_indices(u)`` is arithmetic, O(images).
+  and spurious pixels), brightness jitter and a random background level.
+  Layout is identity-major: example ``i = g * images_per_identity + j``;
+  with one identity per user ``user == identity``, so ``user_indices(u)``
+  is arithmetic, O(images).
   Use a different ``first_identity`` for disjoint (held-out) identities.
 
   Record: {"image": uint8[S, S, 3], "identity": int, "user": int}

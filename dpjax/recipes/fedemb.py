@@ -144,8 +144,11 @@ def imprinted_kernel(z: jax.Array, labels: jax.Array, mask: jax.Array,
     embeddings of class c, so a cosine head starts at the class prototypes.
   """
   num_classes = fallback.shape[1]
-  onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-  sums = onehot.T @ embedder.l2_normalize(z.astype(jnp.float32))  # [C, D]
+  real = mask > 0
+  onehot = jax.nn.one_hot(labels, num_classes) * real[:, None]
+  z = jnp.where(real[:, None], embedder.l2_normalize(z.astype(jnp.float32)),
+                0.0)  # padding rows -> 0, even if non-finite.
+  sums = onehot.T @ z  # [C, D]
   present = jnp.sum(onehot, axis=0) > 0
   return jnp.where(present[None, :], embedder.l2_normalize(sums).T,
                    fallback)
