@@ -28,6 +28,10 @@ COLOR_RGB = np.array([(220, 40, 40), (40, 170, 60), (40, 80, 230),
                       (235, 215, 40), (150, 60, 200), (250, 140, 20)],
                      np.float32)
 SIZES = ("small", "large")
+# Object radius as a fraction of the image side, per size. Large enough that
+# a tiny ViT (32 px, 8 px patches) can tell the shapes apart; <= 1/4 so two
+# objects fit in separate halves.
+SIZE_RADIUS = (0.18, 0.25)
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of",
                     "above": "below", "below": "above"}
@@ -189,7 +193,9 @@ class ShapesCaptions:
   (shape * len(COLORS) + color), "num_shapes", "relation" (index into
   RELATIONS, -1 if one shape), "shape2", "color2", "size2" (-1 if one)}.
   Two objects are placed in separate halves (left/right for horizontal
-  relations, top/bottom for vertical ones) so the relation is unambiguous.
+  relations, top/bottom for vertical ones) so the relation is unambiguous,
+  both near the middle of the other axis (so the subject's position alone
+  names the relation, as in "the circle on the left").
   """
 
   def __init__(self, num_examples: int, image_size: int = 32, seed: int = 0,
@@ -230,7 +236,7 @@ class ShapesCaptions:
                    "size": int(v[2] * len(SIZES))})
     if two and objs[1]["color"] == objs[0]["color"]:
       objs[1]["color"] = (objs[1]["color"] + 1 + int(u[9] * 5)) % len(COLORS)
-    radius = [s * (0.13 if o["size"] == 0 else 0.22) for o in objs]
+    radius = [s * SIZE_RADIUS[o["size"]] for o in objs]
     relation = int(u[10] * len(RELATIONS)) if two else -1
     img = _background(u[11:18], s)
     if not two:
@@ -247,8 +253,7 @@ class ShapesCaptions:
         low = first_low if k == 0 else not first_low
         lo, hi = (r, half - r) if low else (half + r, s - r)
         along.append(lo + u[18 + k] * max(hi - lo, 0.0))
-      rmax = max(radius)
-      across = rmax + u[20] * (s - 2 * rmax)
+      across = s / 2.0 + (u[20] - 0.5) * 0.2 * s
       jitter = [(u[21 + k] - 0.5) * 0.15 * s for k in range(2)]
       horiz = rel in ("left of", "right of")
       centers = [((along[k], across + jitter[k]) if horiz else

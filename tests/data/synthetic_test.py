@@ -64,6 +64,12 @@ def test_captions_match_image_and_labels():
       assert dy < 0 and abs(dy) > abs(dx)
     else:
       assert dy > 0 and abs(dy) > abs(dx)
+    # The subject sits in the half its relation names, near the middle of
+    # the other axis: its position alone decides the relation word.
+    along, across = (0, 1) if rel in ("left of", "right of") else (1, 0)
+    low = rel in ("left of", "above")
+    assert (p1[along] < 16) == low
+    assert abs(p1[across] - 16) < 0.2 * 32 and abs(p2[across] - 16) < 0.2 * 32
   assert 100 < n_two < 200
 
 
