@@ -22,6 +22,7 @@ EVALUATORS = {
     "zero_shot": caption_likelihood.ZeroShot,
     "aro": caption_likelihood.AROScore,
     "captioning": caption_likelihood.Captioning,
+    "token_accuracy": caption_likelihood.TokenAccuracy,
 }
 
 

@@ -15,12 +15,15 @@ The model enters only through functions:
 * AROScore: ARO-style compositionality (VG-Relation / VG-Attribution /
   order): an image counts as correct iff its true caption is strictly more
   likely than each of its P perturbed captions.
+* TokenAccuracy: teacher-forced next-token accuracy per word category
+  (e.g. colour / shape / relation words): which parts of a caption the model
+  reads from the image.
 * Captioning: greedy captions vs references: exact match, position-wise word
   accuracy and bag-of-words F1; samples(params, n) returns caption strings.
 """
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,6 +57,46 @@ class HeldOutCaptionLoss:
     losses = linear_probe.batched_apply(
         self.loss_fn, params, (self.images, self.tokens), self.batch_size)
     return {f"{self.prefix}/heldout_loss": float(np.mean(losses))}
+
+
+class TokenAccuracy:
+  """Teacher-forced next-token accuracy, per category of target word."""
+
+  def __init__(self, logits_fn: ScoreFn, images: np.ndarray,
+               tokens: np.ndarray, categories: Mapping[str, Sequence[int]],
+               batch_size: int = 256, prefix: str = "caption"):
+    """Initialises the evaluator.
+
+    Args:
+      logits_fn: (params, images[B, ...], tokens[B, L]) -> [B, L-1, V]
+        teacher-forced logits for the targets tokens[:, 1:].
+      images: [N, H, W, C].
+      tokens: int32[N, L] captions (BOS first, padded).
+      categories: {name: token ids}: a target position counts towards a
+        category when its true token is one of the ids.
+      batch_size: examples per call.
+      prefix: metric name prefix.
+    """
+    self.logits_fn, self.images = logits_fn, images
+    self.tokens = np.asarray(tokens, np.int32)
+    self.categories = {k: np.asarray(v) for k, v in categories.items()}
+    self.batch_size, self.prefix = batch_size, prefix
+
+  def run(self, params: Any) -> dict[str, float]:
+    """Returns {prefix/<category>_token_acc}: the fraction of target
+    positions of that category where the argmax over the whole vocabulary is
+    the true token (categories absent from the data are left out)."""
+    fn = lambda p, im, tok: jnp.argmax(self.logits_fn(p, im, tok), axis=-1)
+    preds = linear_probe.batched_apply(fn, params, (self.images, self.tokens),
+                                       self.batch_size)
+    targets = self.tokens[:, 1:]
+    out = {}
+    for name, ids in self.categories.items():
+      at = np.isin(targets, ids)
+      if at.any():
+        out[f"{self.prefix}/{name}_token_acc"] = float(
+            np.mean(preds[at] == targets[at]))
+    return out
 
 
 def candidate_logliks(loglik_fn: ScoreFn, params: Any, images: np.ndarray,

@@ -135,3 +135,26 @@ def test_aro_kinds_are_scored_pairwise_like_aro():
   assert m["aro/pairwise_acc"] == pytest.approx(27 / 30)
   with pytest.raises(ValueError, match="2 kinds for 3"):
     cl.AROScore(code_loglik, images, true, perturbed, kinds=("a", "b"))
+
+
+def test_token_accuracy_per_category():
+  # Fake model: predicts the true next token except where the target is in
+  # `wrong` (then it predicts token 1). Vocabulary of 8.
+  tokens = np.array([[2, 3, 4, 5, 0], [2, 4, 6, 7, 0], [2, 3, 3, 0, 0]],
+                    np.int32)
+  wrong = {4, 7}
+
+  def logits_fn(params, images, toks):
+    del params, images
+    tgt = toks[:, 1:]
+    pred = jnp.where(jnp.isin(tgt, jnp.array(list(wrong))), 1, tgt)
+    return jnp.eye(8)[pred]
+
+  images = np.zeros((3, 2, 2, 3), np.float32)
+  ev = cl.TokenAccuracy(logits_fn, images, tokens,
+                        {"a": [3, 4], "b": [6, 7], "absent": [1]},
+                        batch_size=2, prefix="cap")
+  out = ev.run(None)
+  # Category a: targets 3, 4, 4, 3, 3 -> 3 right of 5. Category b: 6, 7.
+  assert out == {"cap/a_token_acc": pytest.approx(3 / 5),
+                 "cap/b_token_acc": pytest.approx(1 / 2)}
