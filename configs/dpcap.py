@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       variant="B/16",  # dpjax.models.captioner.captioner_config variant.
       vocab_size=30522,  # bert-base-uncased WordPiece (user-supplied vocab).
       patch_size=0,  # encoder patch size; 0 = the variant's.
+      stem="patch",  # encoder stem: "patch" (the paper's) | "hmlp".
+      encoder_depth=0,  # 0 = the variant's.
+      decoder_depth=0,  # 0 = the variant's.
   ))
   c.data = ml_collections.ConfigDict(dict(
       # Private training data; "synthetic:shapes" | "tfds:<name>" |
@@ -68,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.audit = common.audit_block()
   c.evals = ml_collections.ConfigDict(dict(
       linear_probe=True, few_shot=True, zero_shot=True, aro=True,
-      heldout_loss=True, captions=8,  # number of greedy captions to write.
+      heldout_loss=True, token_accuracy=True, captions=8,  # number of greedy captions to write.
       probe_train_examples=10_000,
   ))
 

@@ -158,6 +158,11 @@ class ViT(nn.Module):
     use_cls_token: prepend a CLS token (gets no position embedding).
     learn_cls_token: if False the CLS token is a fixed constant, not a
       param (DP-Cap freezes it).
+    stem: "patch" (one Conv, kernel = stride = p) or "hmlp" (Touvron et
+      al. 2022's hierarchical MLP stem: 2x2 stride-2 Convs, each but the
+      last followed by LayerNorm and GELU, log2(p) of them; still a
+      per-patch map, so masking and ghost clipping apply unchanged).
+    stem_width: channels of the hMLP stem's inner stages (0 = width / 4).
     remat: rematerialise blocks (saves memory at large scale).
     dtype: computation dtype; params are float32.
   """
@@ -170,6 +175,8 @@ class ViT(nn.Module):
   pos_embedding: str = "sincos2d"
   use_cls_token: bool = False
   learn_cls_token: bool = True
+  stem: str = "patch"
+  stem_width: int = 0
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -194,10 +201,7 @@ class ViT(nn.Module):
       final LayerNorm).
     """
     del train
-    p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, kernel_init=layers.dense_init,
-                name="patch_embed")(images.astype(self.dtype))
+    x = self._stem(images.astype(self.dtype))
     b, gh, gw, d = x.shape
     n = gh * gw
     x = x.reshape(b, n, d)
@@ -216,6 +220,26 @@ class ViT(nn.Module):
       blocks.append(x)
     x = layers.layer_norm(self.dtype, "norm")(x)
     return (x, blocks) if return_blocks else x
+
+  def _stem(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] images -> [B, H/p, W/p, D] patch embeddings."""
+    p = self.patch_size
+    conv = lambda feats, k, name: nn.Conv(
+        feats, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype,
+        kernel_init=layers.dense_init, name=name)
+    if self.stem == "patch":
+      return conv(self.width, p, "patch_embed")(x)
+    if self.stem != "hmlp":
+      raise ValueError(f"unknown stem {self.stem!r}; valid: patch, hmlp")
+    stages = int(np.log2(p))
+    if p < 2 or 2 ** stages != p:
+      raise ValueError(f"stem='hmlp' needs a power-of-two patch_size >= 2, "
+                       f"got {p}")
+    inner = self.stem_width or max(self.width // 4, 1)
+    for i in range(stages - 1):
+      x = conv(inner, 2, f"stem_{i}")(x)
+      x = nn.gelu(layers.layer_norm(self.dtype, f"stem_norm_{i}")(x))
+    return conv(self.width, 2, "patch_embed")(x)
 
   def _pos_embed(self, gh: int, gw: int) -> jax.Array:
     """[N, D] position embeddings for a gh x gw patch grid."""

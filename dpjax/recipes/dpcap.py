@@ -30,6 +30,12 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
       max_len=config.data.max_caption_len)
   if config.model.patch_size:
     mcfg["encoder"]["patch_size"] = config.model.patch_size
+  m = config.model
+  mcfg["encoder"]["stem"] = m.get("stem", "patch")
+  if m.get("encoder_depth", 0):
+    mcfg["encoder"]["depth"] = m.encoder_depth
+  if m.get("decoder_depth", 0):
+    mcfg["decoder"]["depth"] = m.decoder_depth
   dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
   return captioner.Captioner(**mcfg, dtype=dtype)
 
@@ -80,6 +86,19 @@ def _shape_prompts(shape: str) -> list[str]:
           for color in synthetic.COLORS]
 
 
+def _word_categories(tok) -> dict[str, list[int]]:
+  """Token ids of the caption grammar's words by category (size, colour,
+  shape, relation); words the tokenizer splits into pieces are left out."""
+  words = {"size": synthetic.SIZES, "color": synthetic.COLORS,
+           "shape": synthetic.SHAPES,
+           "relation": [r.split()[0] for r in synthetic.RELATIONS]}
+  out = {}
+  for name, ws in words.items():
+    ids = [tok.encode(w) for w in ws]
+    out[name] = [i[0] for i in ids if len(i) == 1]
+  return out
+
+
 def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   """The DP-Cap task for `train.loop.run`."""
   d, t = config.data, config.train
@@ -118,6 +137,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   def loglik(params, images, tokens):
     logits = model.apply({"params": params}, images, tokens)
     return captioner.sequence_log_likelihood(logits, tokens[:, 1:])
+
+  def logits(params, images, tokens):
+    return model.apply({"params": params}, images, tokens)
 
   def per_example_loss(params, images, tokens):
     logits = model.apply({"params": params}, images, tokens)
@@ -160,6 +182,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
       out["aro"] = evaluate.caption_likelihood.AROScore(
           loglik, test["image"][idx], test["tokens"][idx], test["aro_tokens"],
           kinds=ARO_KINDS)
+    if e.get("token_accuracy", False):
+      out["token_accuracy"] = evaluate.caption_likelihood.TokenAccuracy(
+          logits, test["image"], test["tokens"], _word_categories(tok))
     if e.heldout_loss:
       out["heldout_loss"] = evaluate.caption_likelihood.HeldOutCaptionLoss(
           per_example_loss, test["image"], test["tokens"])

@@ -105,3 +105,25 @@ def test_vit_config_and_b16_param_count():
                           jnp.zeros((1, 224, 224, 3)))
   n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
   assert 85e6 < n < 87e6, n  # ViT-B/16 backbone: ~85.8M without a head
+
+
+def test_hmlp_stem_is_per_patch():
+  # Without blocks each token sees only its own patch: changing the pixels of
+  # patch 5 (row 1, col 1 of the 4x4 grid) changes token 5 and no other.
+  model = vit.ViT(**{**TINY, "depth": 0}, stem="hmlp")
+  x = _images()
+  params = _init(model, x)
+  assert {"stem_0", "stem_norm_0", "patch_embed"} <= set(params["params"])
+  assert params["params"]["stem_0"]["kernel"].shape == (2, 2, 3, 8)
+  y = x.at[:, 4:8, 4:8, :].add(1.0)
+  diff = jnp.abs(model.apply(params, y) - model.apply(params, x)).max((0, 2))
+  assert float(diff[5]) > 1e-3
+  np.testing.assert_allclose(np.delete(np.asarray(diff), 5), 0.0, atol=1e-6)
+
+
+def test_stem_errors_name_the_value():
+  x = _images()
+  with pytest.raises(ValueError, match="power-of-two patch_size.*got 6"):
+    _init(vit.ViT(**{**TINY, "patch_size": 6}, stem="hmlp"), x[:, :12, :12])
+  with pytest.raises(ValueError, match="unknown stem 'conv'"):
+    _init(vit.ViT(**TINY, stem="conv"), x)

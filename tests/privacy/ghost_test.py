@@ -1,5 +1,7 @@
 """Fast clipping (ghost norms + book-keeping) against the vmap reference."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -141,13 +143,15 @@ def _vit_loss():
   return loss_fn, params, {"image": images, "label": jnp.arange(B) % 3}
 
 
-def _captioner_loss():
+def _captioner_loss(stem="patch"):
   cfg = captioner.captioner_config("tiny", vocab_size=64, max_len=8)
   small = dict(depth=1, width=32, mlp_dim=64, num_heads=2)
-  cfg["encoder"].update(small)
+  cfg["encoder"].update(small, stem=stem)
   cfg["decoder"].update(small)
   model = captioner.Captioner(**cfg)
-  images = jax.random.normal(_KEY, (B, 12, 12, 3))
+  # hMLP: 16 px images, three 2x2 stages down to a 2x2 token grid.
+  side = 16 if stem == "hmlp" else 12
+  images = jax.random.normal(_KEY, (B, side, side, 3))
   tokens = jax.random.randint(_KEY, (B, 8), 0, 64)
   params = model.init(jax.random.PRNGKey(0), images[:1],
                       tokens[:1])["params"]
@@ -159,7 +163,9 @@ def _captioner_loss():
   return loss_fn, params, {"image": images, "tokens": tokens}
 
 
-@pytest.mark.parametrize("make", [_vit_loss, _captioner_loss])
+@pytest.mark.parametrize("make", [
+    _vit_loss, _captioner_loss,
+    functools.partial(_captioner_loss, stem="hmlp")])
 def test_full_models_match_vmap(make):
   loss_fn, params, batch = make()
   plan = ghost.clipping_plan(loss_fn, params, batch)
