@@ -23,7 +23,7 @@ def small_config(**overrides):
                  warmup_steps=1,
                  checkpoint_every=2)
   c.data.update(num_examples=2000, eval_num_examples=64)
-  c.evals.update(few_shot=False, probe_train_examples=128, captions=2)
+  c.evals.update(probe_train_examples=128, captions=2)
   c.privacy.noise_seed = 0
   c.update_from_flattened_dict(overrides)
   return c
@@ -39,7 +39,11 @@ def test_tiny_run_on_8_devices_reports_the_accountants_epsilon(tmp_path):
   assert results["delta"] == pytest.approx(1 / 2000)
   assert not results["tan_simulation"]
   for key in ("eval/linear_probe/shape_acc", "eval/zero_shot/acc",
-              "eval/aro/acc", "eval/caption/heldout_loss"):
+              "eval/aro/acc", "eval/caption/heldout_loss",
+              "eval/few_shot_1shape_color/5shot_acc",
+              "eval/few_shot_1shape_shape/1shot_acc",
+              "eval/caption/shape_token_acc",
+              "eval/caption/relation_token_acc"):
     assert key in results
   logged = metrics.read_csv(str(tmp_path))
   assert [s for s, _ in logged["private/loss"]] == [1, 2, 3]
@@ -54,9 +58,9 @@ def test_tiny_run_on_8_devices_reports_the_accountants_epsilon(tmp_path):
 
 def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   config = dpcap_config.get_config("tiny,tan=8")
-  assert config.privacy.tan_reference_batch_size == 256
-  assert config.train.batch_size == 32
-  config.train.update(steps=1, microbatch_size=32, warmup_steps=0)
+  assert config.privacy.tan_reference_batch_size == 512
+  assert config.train.batch_size == 64
+  config.train.update(steps=1, microbatch_size=64, warmup_steps=0)
   config.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
                       aro=False, heldout_loss=False, captions=0)
   config.privacy.noise_seed = 0
@@ -64,17 +68,17 @@ def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   assert results["tan_simulation"]
   ref_sigma = results["tan_reference_noise_multiplier"]
   assert ref_sigma == pytest.approx(privacy.calibrate_noise_multiplier(
-      8.0, 256 / 50000, 1, 1 / 50000), rel=1e-6)
+      8.0, 512 / 50000, 1, 1 / 50000), rel=1e-6)
   assert results["dp/noise_multiplier"] == pytest.approx(ref_sigma / 8)
   # Same total amount of noise sigma/B as the reference run.
-  assert privacy.total_amount_of_noise(ref_sigma, 256) == pytest.approx(
-      privacy.total_amount_of_noise(results["dp/noise_multiplier"], 32))
+  assert privacy.total_amount_of_noise(ref_sigma, 512) == pytest.approx(
+      privacy.total_amount_of_noise(results["dp/noise_multiplier"], 64))
   # The logs track the simulated reference run's epsilon, not the
   # simulation's own (which results.json reports once, labelled).
   logged = metrics.read_csv(str(tmp_path))
   assert "epsilon" not in logged
   assert logged["tan_reference_epsilon"][-1][1] == pytest.approx(
-      privacy.epsilon(ref_sigma, 256 / 50000, 1, 1 / 50000), rel=1e-6)
+      privacy.epsilon(ref_sigma, 512 / 50000, 1, 1 / 50000), rel=1e-6)
   assert results["epsilon"] > 8
 
 
