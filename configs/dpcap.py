@@ -10,9 +10,10 @@ epsilon 8 at delta 1/N (PLD; the paper's RDP gives 8.05).
   python -m dpjax.main --config=configs/dpcap.py:tiny --workdir=/tmp/dpcap_tiny
 
 `:tiny` trains on the embedded procedural shapes-and-captions data on a
-2-core CPU in about five minutes. `:tiny,tan=8` is a TAN simulation of the tiny run at batch B/8 with
-sigma/8 (same steps and lr): it tunes hyper-parameters cheaply and is NOT an
-epsilon-8 run. `:paper,tan=1024` simulates the paper run at B'=1,280.
+2-core CPU in about five minutes. `:tiny,tan=8` is a TAN simulation of the
+tiny run at batch B/8 with sigma/8 (same steps and lr): it tunes
+hyper-parameters cheaply and is NOT an epsilon-8 run. `:paper,tan=1024`
+simulates the paper run at B'=1,280.
 """
 
 import ml_collections
@@ -71,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.audit = common.audit_block()
   c.evals = ml_collections.ConfigDict(dict(
       linear_probe=True, few_shot=True, zero_shot=True, aro=True,
-      heldout_loss=True, token_accuracy=True, captions=8,  # number of greedy captions to write.
+      heldout_loss=True, token_accuracy=True,  # next-word acc. by word kind.
+      captions=8,  # number of greedy captions to write.
       probe_train_examples=10_000,
   ))
 

@@ -161,8 +161,8 @@ class ViT(nn.Module):
     stem: "patch" (one Conv, kernel = stride = p) or "hmlp" (Touvron et
       al. 2022's hierarchical MLP stem: 2x2 stride-2 Convs, each but the
       last followed by LayerNorm and GELU, log2(p) of them; still a
-      per-patch map, so masking and ghost clipping apply unchanged).
-    stem_width: channels of the hMLP stem's inner stages (0 = width / 4).
+      per-patch map, so masking and ghost clipping apply unchanged); the
+      inner stages have width / 4 channels.
     remat: rematerialise blocks (saves memory at large scale).
     dtype: computation dtype; params are float32.
   """
@@ -176,7 +176,6 @@ class ViT(nn.Module):
   use_cls_token: bool = False
   learn_cls_token: bool = True
   stem: str = "patch"
-  stem_width: int = 0
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -235,7 +234,7 @@ class ViT(nn.Module):
     if p < 2 or 2 ** stages != p:
       raise ValueError(f"stem='hmlp' needs a power-of-two patch_size >= 2, "
                        f"got {p}")
-    inner = self.stem_width or max(self.width // 4, 1)
+    inner = max(self.width // 4, 1)
     for i in range(stages - 1):
       x = conv(inner, 2, f"stem_{i}")(x)
       x = nn.gelu(layers.layer_norm(self.dtype, f"stem_norm_{i}")(x))
