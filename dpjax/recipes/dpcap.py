@@ -134,16 +134,16 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   features = apply_fn(captioner.Captioner.features)
 
-  def loglik(params, images, tokens):
-    logits = model.apply({"params": params}, images, tokens)
-    return captioner.sequence_log_likelihood(logits, tokens[:, 1:])
-
-  def logits(params, images, tokens):
+  def logits(params, images, tokens):  # [B, L-1, V] for tokens[:, 1:].
     return model.apply({"params": params}, images, tokens)
 
+  def loglik(params, images, tokens):
+    return captioner.sequence_log_likelihood(logits(params, images, tokens),
+                                             tokens[:, 1:])
+
   def per_example_loss(params, images, tokens):
-    logits = model.apply({"params": params}, images, tokens)
-    return captioner.caption_loss(logits, tokens[:, 1:])
+    return captioner.caption_loss(logits(params, images, tokens),
+                                  tokens[:, 1:])
 
   def decode(params, images):
     return captioner.greedy_decode(model, {"params": params}, images,
