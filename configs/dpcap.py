@@ -68,6 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=5.12e-4, b1=0.9, b2=0.95, weight_decay=0.005,
       warmup_steps=2000, decay_steps=10_000, dtype="bfloat16",
       checkpoint_every=50, log_every=10, num_workers=16)
+  # The decoder's learning rate is this x the schedule's (1 = the paper's).
+  c.train.decoder_lr_scale = 1.0
   c.mesh = common.mesh_block()
   c.audit = common.audit_block()
   c.evals = ml_collections.ConfigDict(dict(

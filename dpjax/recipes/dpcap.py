@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from dpjax import evaluate
 from dpjax.data import sources
@@ -99,6 +100,19 @@ def _word_categories(tok) -> dict[str, list[int]]:
   return out
 
 
+def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The config's optimizer; the decoder's updates (its whole param subtree,
+  AdamW's decay included) scaled by `t.decoder_lr_scale`, i.e. its learning
+  rate is that multiple of the schedule's."""
+  opt = common.optimizer_from_config(t)
+  scale = t.get("decoder_lr_scale", 1.0)
+  if scale == 1.0:
+    return opt
+  is_decoder = lambda params: {k: jax.tree.map(lambda _: k == "decoder", v)
+                               for k, v in params.items()}
+  return optax.chain(opt, optax.masked(optax.scale(scale), is_decoder))
+
+
 def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   """The DP-Cap task for `train.loop.run`."""
   d, t = config.data, config.train
@@ -123,7 +137,7 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
           d.image_size, augment=d.augment, flip=d.flip, tokenizer=tok,
           max_len=d.max_caption_len),
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
-      optimizer=common.optimizer_from_config(t),
+      optimizer=optimizer(t),
       num_examples=len(src),
       canaries=lambda m, seed: synthetic.noise_canaries(
           m, seed, d.image_size, caption_words=d.max_caption_len - 2))

@@ -5,10 +5,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import dpcap as dpcap_config
 from dpjax import privacy
+from dpjax.recipes import dpcap
 from dpjax.train import loop
 from dpjax.train import metrics
 
@@ -127,3 +131,21 @@ def test_command_line_on_one_device(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.load(open(tmp_path / "results.json"))
   assert results["step"] == 2 and results["epsilon"] > 0
+
+
+def test_decoder_lr_scale_scales_only_decoder_updates():
+  t = dpcap_config.get_config("tiny").train
+  t.warmup_steps = 0  # a non-zero first-step learning rate.
+  params = {"encoder": {"w": jnp.ones((3,))},
+            "decoder": {"w": jnp.ones((3,)), "n": {"b": jnp.ones((2,))}}}
+  grads = jax.tree.map(lambda p: 0.5 * p, params)
+  ups = {}
+  for scale in (1.0, 2.0):
+    t.decoder_lr_scale = scale
+    opt = dpcap.optimizer(t)
+    ups[scale], _ = opt.update(grads, opt.init(params), params)
+  np.testing.assert_allclose(ups[2.0]["encoder"]["w"], ups[1.0]["encoder"]["w"])
+  for a, b in zip(jax.tree.leaves(ups[2.0]["decoder"]),
+                  jax.tree.leaves(ups[1.0]["decoder"])):
+    np.testing.assert_allclose(a, 2 * b, rtol=1e-6)
+    assert np.all(np.asarray(b) != 0)
