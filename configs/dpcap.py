@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(
         source="synthetic:shapes", num_examples=50_000, image_size=32,
         max_caption_len=16, tokenizer="shapes", augment=False, flip=False,
-        # 2,000 held-out images: about 500 colour-swap pairs for ARO.
+        # 2,000 held-out images: about 1,000 two-shape ARO images.
         eval_num_examples=2000))
     c.privacy.noise_multiplier = -1.0  # calibrated to epsilon 8 at start.
     # Ghost / book-keeping clipping: the DP step costs about what the
