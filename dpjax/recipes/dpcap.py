@@ -32,10 +32,10 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
   if config.model.patch_size:
     mcfg["encoder"]["patch_size"] = config.model.patch_size
   m = config.model
-  mcfg["encoder"]["stem"] = m.get("stem", "patch")
-  if m.get("encoder_depth", 0):
+  mcfg["encoder"]["stem"] = m.stem
+  if m.encoder_depth:
     mcfg["encoder"]["depth"] = m.encoder_depth
-  if m.get("decoder_depth", 0):
+  if m.decoder_depth:
     mcfg["decoder"]["depth"] = m.decoder_depth
   dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
   return captioner.Captioner(**mcfg, dtype=dtype)
@@ -105,7 +105,7 @@ def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
   AdamW's decay included) scaled by `t.decoder_lr_scale`, i.e. its learning
   rate is that multiple of the schedule's."""
   opt = common.optimizer_from_config(t)
-  scale = t.get("decoder_lr_scale", 1.0)
+  scale = t.decoder_lr_scale
   if scale == 1.0:
     return opt
   is_decoder = lambda params: {k: jax.tree.map(lambda _: k == "decoder", v)
@@ -170,22 +170,22 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     if e.linear_probe or e.few_shot:
       train = _eval_arrays(config, tok, e.probe_train_examples, "probe")
       labels = lambda a: {"shape": a["shape"], "color": a["color"]}
+      # The labels are the caption subject's; in two-shape images which
+      # shape is the subject is a coin flip, so single-shape images give
+      # the unambiguous probes.
+      one_tr, one_te = train["num_shapes"] == 1, test["num_shapes"] == 1
     if e.linear_probe:
       out["linear_probe"] = evaluate.linear_probe.LinearProbe(
           features, train["image"], labels(train), test["image"], labels(test))
-      # The labels are the caption subject's; in two-shape images which
-      # shape is the subject is a coin flip, so single-shape images give
-      # the unambiguous probe.
-      one = lambda a: {k: v[a["num_shapes"] == 1] for k, v in labels(a).items()}
+      one = lambda a, m: {k: v[m] for k, v in labels(a).items()}
       out["linear_probe_1shape"] = evaluate.linear_probe.LinearProbe(
-          features, train["image"][train["num_shapes"] == 1], one(train),
-          test["image"][test["num_shapes"] == 1], one(test),
+          features, train["image"][one_tr], one(train, one_tr),
+          test["image"][one_te], one(test, one_te),
           prefix="linear_probe_1shape")
     if e.few_shot:
-      # Single-shape images (unambiguous labels); colour is the attribute a
-      # random encoder's features already separate linearly given enough
-      # examples, so the few-shot regime is where learned colour shows.
-      one_tr, one_te = train["num_shapes"] == 1, test["num_shapes"] == 1
+      # Colour is the attribute a random encoder's features already
+      # separate linearly given enough examples, so the few-shot regime is
+      # where learned colour shows.
       for attr in ("shape", "color"):
         out[f"few_shot_{attr}"] = evaluate.few_shot.FewShot(
             features, train["image"][one_tr], train[attr][one_tr],
@@ -202,7 +202,7 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
       out["aro"] = evaluate.caption_likelihood.AROScore(
           loglik, test["image"][idx], test["tokens"][idx], test["aro_tokens"],
           kinds=ARO_KINDS)
-    if e.get("token_accuracy", False):
+    if e.token_accuracy:
       out["token_accuracy"] = evaluate.caption_likelihood.TokenAccuracy(
           logits, test["image"], test["tokens"], _word_categories(tok))
     if e.heldout_loss:
