@@ -4,10 +4,12 @@ Importable alone: depends only on jax, numpy, optax and dp_accounting (no
 Flax, Grain or TFDS). The DP step is
 
   clipped_sum, aux = clipped_grad(loss_fn, C)(params, batch, mask)
-  updates, opt_state = dpsgd(lr, C, sigma, q * N, seed).update(clipped_sum, ..)
+  updates, opt_state = dpsgd(lr, C, sigma, q * N).update(clipped_sum, ..)
 
-with batches from ``poisson_sample`` and the budget from ``epsilon`` /
-``PrivacyLedger``. See each module's docstring for the formal guarantees.
+with batches from ``poisson_sample(secret_seed(), step, ...)`` and the budget
+from ``epsilon`` / ``PrivacyLedger``. The noise key (in the optimizer state)
+and the sampling seed are secret OS entropy by default; an int seed is for
+tests only. See each module's docstring for the formal guarantees.
 """
 
 from dpjax.privacy import accounting
@@ -38,6 +40,7 @@ from dpjax.privacy.sampling import max_batch_size_for
 from dpjax.privacy.sampling import poisson_sample
 from dpjax.privacy.sampling import PoissonBatch
 from dpjax.privacy.sampling import sample_indices
+from dpjax.privacy.sampling import secret_seed
 from dpjax.privacy.sampling import shard_for_process
 
 from dpjax.privacy import audit  # pylint: disable=g-bad-import-order

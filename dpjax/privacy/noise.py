@@ -4,8 +4,10 @@ The DP step is: clipped SUM of per-example gradients (``clipping``) -> ONE
 Gaussian draw N(0, (sigma * C)^2) per coordinate -> divide by the EXPECTED
 batch size q * N (dividing by the realised size would leak it) -> optimizer.
 
-Keys: the noise key of step t is ``fold_in(PRNGKey(seed), t)``, split once per
-leaf in a fixed (tree-flatten) order, so it never repeats across steps.
+Keys: the transforms keep a root key in their state (default: OS entropy
+filling the whole key, secret); step t's key is ``fold_in(root, t)``, split
+once per leaf in a fixed (tree-flatten) order, so it never repeats across
+steps.
 Sharding: call ``privatize`` / ``add_noise`` on the globally reduced sum
 (under ``jit`` the sum over a batch sharded on "data" is already global), so
 noise is added once, not once per device. With jax's partitionable threefry
@@ -13,10 +15,12 @@ noise is added once, not once per device. With jax's partitionable threefry
 sharded: each coordinate gets exactly one independent draw.
 """
 
-from typing import Any, NamedTuple, Optional
+import os
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpjax.privacy import clipping
@@ -78,23 +82,51 @@ def privatize(clipped_sum: PyTree, key: jax.Array, l2_clip_norm: float,
 
 
 class AddNoiseState(NamedTuple):
-  """State of ``add_noise`` / ``dp_aggregate``: number of updates so far."""
+  """State of ``add_noise`` / ``dp_aggregate`` (optax's ``AddNoiseState``
+  shape): the number of updates so far and the secret root key; step t's
+  key is ``fold_in(rng_key, count)``."""
   count: jax.Array  # int32 scalar
+  rng_key: jax.Array  # raw PRNG key (uint32[2] for threefry)
 
 
-def _step_key(seed: int, count: jax.Array) -> jax.Array:
-  return jax.random.fold_in(jax.random.PRNGKey(seed), count)
+Seed = Union[int, jax.Array, None]
+
+
+def _root_key(seed: Seed) -> jax.Array:
+  """A raw PRNG key: OS entropy over the whole key (None), PRNGKey(int),
+  or the given key (typed keys are unwrapped to raw key data)."""
+  if seed is None:
+    n = int(jax.random.key_data(jax.random.key(0)).shape[-1])
+    return jnp.asarray(np.frombuffer(os.urandom(4 * n), np.uint32))
+  if isinstance(seed, (int, np.integer)):
+    return jax.random.PRNGKey(int(seed))
+  if jnp.issubdtype(jnp.asarray(seed).dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(seed)
+  return jnp.asarray(seed, jnp.uint32)
+
+
+def _init_state(seed: Seed) -> AddNoiseState:
+  return AddNoiseState(count=jnp.zeros([], jnp.int32), rng_key=_root_key(seed))
+
+
+def _step_key(state: AddNoiseState) -> jax.Array:
+  return jax.random.fold_in(state.rng_key, state.count)
 
 
 def add_noise(l2_clip_norm: float, noise_multiplier: float,
               expected_batch_size: float,
-              seed: int) -> optax.GradientTransformation:
+              seed: Seed = None) -> optax.GradientTransformation:
   """Noise + average for a clipped SUM, as an optax transformation.
 
-  Formal guarantees: as ``privatize``, with key ``fold_in(PRNGKey(seed),
-  count)`` where ``count`` is the number of previous updates, so no key is
-  reused across steps. The input MUST be a sum of clipped per-example
-  gradients (``clipping.clipped_grad``), not a mean.
+  Formal guarantees: as ``privatize``, with key ``fold_in(rng_key, count)``
+  where ``rng_key`` lives in the state and ``count`` is the number of
+  previous updates, so no key is reused across steps. With ``seed=None``
+  (the default) every ``init`` call draws a fresh secret root key from OS
+  entropy (call ``init`` outside ``jax.jit``), so re-initialising the
+  optimizer state never replays earlier noise. An int seed is public and
+  reproducible: anyone who knows it can subtract the noise (tests only).
+  The input MUST be a sum of clipped per-example gradients
+  (``clipping.clipped_grad``), not a mean.
 
   >>> tx = add_noise(1.0, 1.0, expected_batch_size=10, seed=0)
   >>> state = tx.init({"w": jnp.zeros(2)})
@@ -106,7 +138,8 @@ def add_noise(l2_clip_norm: float, noise_multiplier: float,
     l2_clip_norm: clip norm C used for the sum.
     noise_multiplier: sigma.
     expected_batch_size: q * N (public); the sum is divided by it.
-    seed: int seed of the noise stream.
+    seed: None (secret OS entropy, the default), an int (public,
+      reproducible), or a PRNG key.
 
   Returns:
     ``optax.GradientTransformation`` with state ``AddNoiseState``.
@@ -114,14 +147,13 @@ def add_noise(l2_clip_norm: float, noise_multiplier: float,
 
   def init_fn(params):
     del params
-    return AddNoiseState(count=jnp.zeros([], jnp.int32))
+    return _init_state(seed)
 
   def update_fn(updates, state, params=None):
     del params
-    key = _step_key(seed, state.count)
-    noisy = privatize(updates, key, l2_clip_norm, noise_multiplier,
-                      expected_batch_size)
-    return noisy, AddNoiseState(count=state.count + 1)
+    noisy = privatize(updates, _step_key(state), l2_clip_norm,
+                      noise_multiplier, expected_batch_size)
+    return noisy, state._replace(count=state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -129,14 +161,15 @@ def add_noise(l2_clip_norm: float, noise_multiplier: float,
 def dp_aggregate(
     l2_clip_norm: float,
     noise_multiplier: float,
-    seed: int,
+    seed: Seed = None,
     expected_batch_size: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clip per-example grads, sum, add noise, divide: one optax transform.
 
   Formal guarantees: each example's gradient is clipped to L2 norm C, the
   clipped gradients are summed and ``privatize``d with key
-  ``fold_in(PRNGKey(seed), count)``. The sum is divided by
+  ``fold_in(rng_key, count)`` (keys as in ``add_noise``). A per-example
+  gradient that is not finite contributes zero. The sum is divided by
   ``expected_batch_size`` (default: the leading batch dimension, which is only
   right for fixed-size batches; pass q * N for Poisson batches). An optional
   ``mask`` keyword ([B], 1 real / 0 padding) zeroes padded rows exactly.
@@ -150,7 +183,7 @@ def dp_aggregate(
   Args:
     l2_clip_norm: clip norm C.
     noise_multiplier: sigma.
-    seed: int seed of the noise stream.
+    seed: None (secret OS entropy, the default), an int (public), or a key.
     expected_batch_size: q * N; defaults to the leading dim of the updates.
 
   Returns:
@@ -160,16 +193,16 @@ def dp_aggregate(
 
   def init_fn(params):
     del params
-    return AddNoiseState(count=jnp.zeros([], jnp.int32))
+    return _init_state(seed)
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
     del params, extra_args
     batch = jax.tree_util.tree_leaves(updates)[0].shape[0]
     if mask is None:
       mask = jnp.ones((batch,), jnp.float32)
-    clipped, _ = jax.vmap(clipping.clip_pytree, in_axes=(0, None))(
+    clipped, norms = jax.vmap(clipping.clip_pytree, in_axes=(0, None))(
         updates, l2_clip_norm)
-    real = mask > 0
+    real = (mask > 0) & jnp.isfinite(norms)  # Non-finite rows add zero.
 
     def leaf_sum(g):
       shape = (-1,) + (1,) * (g.ndim - 1)
@@ -178,8 +211,8 @@ def dp_aggregate(
 
     summed = jax.tree_util.tree_map(leaf_sum, clipped)
     denom = batch if expected_batch_size is None else expected_batch_size
-    noisy = privatize(summed, _step_key(seed, state.count), l2_clip_norm,
+    noisy = privatize(summed, _step_key(state), l2_clip_norm,
                       noise_multiplier, denom)
-    return noisy, AddNoiseState(count=state.count + 1)
+    return noisy, state._replace(count=state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

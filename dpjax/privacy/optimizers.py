@@ -16,8 +16,8 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 
 
 def dpsgd(learning_rate: ScalarOrSchedule, l2_clip_norm: float,
-          noise_multiplier: float, expected_batch_size: float, seed: int,
-          momentum: Optional[float] = None,
+          noise_multiplier: float, expected_batch_size: float,
+          seed: noise.Seed = None, momentum: Optional[float] = None,
           nesterov: bool = False) -> optax.GradientTransformation:
   """DP-SGD (Abadi et al. 2016) on a clipped sum.
 
@@ -35,7 +35,8 @@ def dpsgd(learning_rate: ScalarOrSchedule, l2_clip_norm: float,
     l2_clip_norm: clip norm C used for the sum.
     noise_multiplier: sigma.
     expected_batch_size: q * N.
-    seed: noise seed.
+    seed: noise key source (``noise.add_noise``): None = secret OS entropy
+      (the default), an int = public and reproducible (tests only).
     momentum: optional heavy-ball momentum.
     nesterov: Nesterov momentum.
 
@@ -49,8 +50,8 @@ def dpsgd(learning_rate: ScalarOrSchedule, l2_clip_norm: float,
 
 
 def dpadamw(learning_rate: ScalarOrSchedule, l2_clip_norm: float,
-            noise_multiplier: float, expected_batch_size: float, seed: int,
-            b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+            noise_multiplier: float, expected_batch_size: float,
+            seed: noise.Seed = None, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
             weight_decay: float = 1e-4,
             mask: Optional[Union[Any, Callable[[Any], Any]]] = None
             ) -> optax.GradientTransformation:
@@ -71,7 +72,8 @@ def dpadamw(learning_rate: ScalarOrSchedule, l2_clip_norm: float,
     l2_clip_norm: clip norm C used for the sum.
     noise_multiplier: sigma.
     expected_batch_size: q * N.
-    seed: noise seed.
+    seed: noise key source (``noise.add_noise``): None = secret OS entropy
+      (the default), an int = public and reproducible (tests only).
     b1: Adam first-moment decay.
     b2: Adam second-moment decay.
     eps: Adam epsilon.

@@ -19,9 +19,13 @@ make truncation negligible, or account for it.
 
 Randomness is a pure function of ``(seed, step)``: a resumed run resamples the
 same batches, and each step's batch is independent of every other step's.
+The seed must be SECRET (``secret_seed()``: 64 bits of OS entropy; keep it
+with your checkpoint, never log it): amplification by subsampling assumes
+nobody knows which examples a step used, and a seed in a config voids it.
 """
 
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -46,6 +50,20 @@ class PoissonBatch(NamedTuple):
   mask: np.ndarray
   size: int
   truncated: bool
+
+
+def secret_seed() -> int:
+  """A secret sampling seed: 64 bits of OS entropy, as an int in [0, 2**64).
+
+  Formal role: with this seed kept secret, the batches of ``sample_indices``
+  / ``poisson_sample`` are unpredictable to everyone else, as Poisson
+  amplification by subsampling requires. Store it with the (private)
+  training state to resume; never log or publish it.
+
+  >>> 0 <= secret_seed() < 2**64
+  True
+  """
+  return int.from_bytes(os.urandom(8), "little")
 
 
 def _rng(seed: int, step: int, tag: int) -> np.random.Generator:

@@ -49,12 +49,38 @@ def test_add_noise_steps_differ_and_reproduce():
   # Same seed and step reproduce; another seed differs.
   again, _ = tx.update(z, tx.init(z))
   np.testing.assert_array_equal(again["w"], upd0["w"])
-  other, _ = noise.add_noise(1.0, 1.0, 100.0, seed=8).update(z, tx.init(z))
+  tx8 = noise.add_noise(1.0, 1.0, 100.0, seed=8)
+  other, _ = tx8.update(z, tx8.init(z))
   assert not np.allclose(other["w"], upd0["w"])
-  # The key is fold_in(PRNGKey(seed), count).
+  # The key is fold_in(rng_key, count), rng_key = PRNGKey(seed) in the state.
+  np.testing.assert_array_equal(state.rng_key, jax.random.PRNGKey(7))
   direct = noise.privatize(z, jax.random.fold_in(jax.random.PRNGKey(7), 1),
                            1.0, 1.0, 100.0)
   np.testing.assert_array_equal(direct["w"], upd1["w"])
+  # A typed key works like its raw data.
+  typed = noise.add_noise(1.0, 1.0, 100.0, seed=jax.random.key(7))
+  np.testing.assert_array_equal(typed.update(z, typed.init(z))[0]["w"],
+                                upd0["w"])
+
+
+def test_default_noise_key_is_secret_full_width_and_fresh_per_init():
+  """seed=None: every init draws OS entropy over the WHOLE raw key (both
+  uint32 words, not a 31-bit seed), so re-initialising the optimizer state
+  never replays earlier noise."""
+  z = {"w": jnp.zeros((1000,))}
+  for tx in (noise.add_noise(1.0, 1.0, 10.0),
+             noise.dp_aggregate(1.0, 1.0, expected_batch_size=10.0)):
+    keys = np.stack([np.asarray(tx.init(z).rng_key) for _ in range(64)])
+    assert keys.dtype == np.uint32 and keys.shape == (64, 2)
+    assert len({tuple(k) for k in keys}) == 64
+    # PRNGKey(int) leaves word 0 at 0 and word 1 below 2**31; OS entropy
+    # sets both words' high bits about half the time.
+    for word in (0, 1):
+      assert 10 < int(np.sum(keys[:, word] >= 2**31)) < 54
+  tx = noise.add_noise(1.0, 1.0, 10.0)
+  first, _ = tx.update(z, tx.init(z))
+  again, _ = tx.update(z, tx.init(z))  # Re-initialised: fresh noise.
+  assert abs(np.corrcoef(first["w"], again["w"])[0, 1]) < 0.15
 
 
 def test_dp_aggregate_divides_by_expected_not_realised():
