@@ -43,7 +43,9 @@ def privacy_block() -> ml_collections.ConfigDict:
       noise_multiplier=-1.0,  # sigma; < 0 means calibrate to target_epsilon.
       target_epsilon=8.0,  # budget: sigma is calibrated to it; training
                            # stops before the ledger would exceed it.
-      delta=-1.0,  # < 0 means 1/N (N = private examples or users).
+      delta=-1.0,  # < 0 means N^-1.1 (N = private examples or users):
+                   # strictly below 1/N, which would allow publishing one
+                   # record outright. Paper presets set their paper's delta.
       accountant="pld",  # "pld" or "rdp" (dp_accounting).
       sampling="poisson",  # Poisson subsampling (the accounted mechanism).
       # TAN simulation (DP-Cap, Sander et al. 2023): > 0 means "simulate the
@@ -51,10 +53,19 @@ def privacy_block() -> ml_collections.ConfigDict:
       # batch and scaled by batch_size / reference. Not an epsilon run.
       tan_reference_batch_size=0,
       method="vmap",  # per-example clipping: "vmap" | "ghost" | "auto".
-      # Secret seed of the DP noise. -1: fresh OS entropy, kept in the
-      # checkpoint. A seed others know lets them subtract the noise: set one
-      # only for reproducible tests and experiments.
-      noise_seed=-1,
+      # The two secrets the guarantee rests on. -1 (default): OS entropy
+      # filling the whole PRNG key, broadcast from process 0, kept in the
+      # resumable checkpoint (never in export/, never logged). Independent of
+      # `config.seed` (init, public data) and of each other. A seed others
+      # know voids the guarantee (noise: they can subtract it; sampling:
+      # they know which examples each step used, so there is no
+      # amplification by subsampling): set one only for tests and
+      # reproducible experiments; the run then warns and results.json says
+      # `secret_randomness: false`.
+      noise_seed=-1,  # the Gaussian noise.
+      # Poisson batch selection and every per-example random choice on
+      # private data (augmentation, MAE masks, DP-FedEmb user grouping).
+      sampling_seed=-1,
   ))
 
 

@@ -97,6 +97,35 @@ class Checkpointer:
     self._manager.close()
 
 
+def _abs(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def export_dir(workdir: str) -> str:
+  return workdir.rstrip("/") + "/export/params"
+
+
+def export_params(workdir: str, params: Any) -> str:
+  """Writes `params` alone (no keys, no optimizer state) to
+  <workdir>/export/params, replacing an earlier export; returns the path.
+  Call on every process (Orbax gathers sharded arrays)."""
+  path = _abs(export_dir(workdir))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, params, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  return path
+
+
+def load_exported(path: str, abstract_params: Any) -> Any:
+  """Params written by `export_params` (path: the export/params dir),
+  placed like `abstract_params`."""
+  ckptr = ocp.StandardCheckpointer()
+  out = ckptr.restore(_abs(path), abstract_params)
+  ckptr.close()
+  return out
+
+
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStruct pytree (with shardings) describing `tree`."""
   return jax.tree.map(

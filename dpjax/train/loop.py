@@ -8,7 +8,6 @@ tests and launch scripts call this function; `dpjax.main` is a thin wrapper.
 
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any
@@ -28,6 +27,7 @@ from dpjax.train import canaries as canaries_lib
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import metrics as metrics_lib
+from dpjax.train import secrets
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
 
@@ -63,17 +63,6 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def _noise_key(config) -> jax.Array:
-  """The secret root of the DP noise; identical on every process."""
-  seed = config.privacy.noise_seed
-  if seed < 0:  # Default: fresh secret entropy, kept in the checkpoint.
-    seed = int.from_bytes(os.urandom(4), "little") >> 1
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
-  return jax.random.PRNGKey(seed)
-
-
 def _init_opt(optimizer, params, mesh):
   """Optimizer state placed like the params (same shape -> same sharding),
   so the jitted step never sees a new input sharding (and never
@@ -92,14 +81,21 @@ def _init_state(task, phase, config, mesh):
     params = _load_params(config.init_checkpoint, params)
   opt_state = _init_opt(phase.optimizer, params, mesh)
   rep = mesh_lib.replicated(mesh)
+  key = lambda seed, sampling: jax.device_put(
+      jnp.asarray(secrets.run_key(seed, sampling=sampling)), rep)
   return step_lib.TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
       opt_state=opt_state,
-      noise_key=jax.device_put(_noise_key(config), rep))
+      noise_key=key(config.privacy.noise_seed, False),
+      sampling_key=key(config.privacy.sampling_seed, True))
 
 
 def _load_params(path: str, params):
-  """Warm start: the params of another run's latest checkpoint."""
+  """Warm start: another run's exported params (<path>/export/params, or
+  `path` itself if it is an export dir), else its latest checkpoint."""
+  for export in (path, ckpt_lib.export_dir(path)):
+    if (epath.Path(export) / "_CHECKPOINT_METADATA").exists():
+      return ckpt_lib.load_exported(export, ckpt_lib.abstract_like(params))
   ckpt = ckpt_lib.Checkpointer(path, async_save=False)
   if ckpt.latest_step() is None:
     raise ValueError(f"config.init_checkpoint={path!r} holds no checkpoint: "
@@ -175,6 +171,13 @@ class _Run:
         out[f"{phase.name}/l2_clip_norm"] = s.l2_clip_norm
         out[f"{phase.name}/clipping"] = s.clipping
     if self.dp:
+      p = self.config.privacy
+      out.update(
+          # False: a seed in the config fixed the noise or the batch
+          # selection, so the epsilon below is NOT a guarantee.
+          secret_randomness=p.noise_seed < 0 and p.sampling_seed < 0,
+          secret_noise=p.noise_seed < 0, secret_sampling=p.sampling_seed < 0,
+          delta_rule=self.dp.delta_rule)
       out.update(delta=self.dp.delta, accountant=self.dp.accountant,
                  target_epsilon=self.dp.target_epsilon,
                  tan_simulation=self.dp.is_simulation)
@@ -238,7 +241,12 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
                      mesh_lib.replicated(run.mesh)))
   allowed = _allowed_steps(run, phase, phase_step)
   end = phase_step + allowed
-  kwargs = dict(seed=config.seed + 1000 * index, start_step=phase_step,
+  # Private data: the secret sampling key drives batch selection and all
+  # per-example randomness. Public phases: config.seed (nothing to hide).
+  seed = (secrets.phase_sampling_seed(
+      secrets.host_words(state.sampling_key), index) if phase.private
+          else config.seed + 1000 * index)
+  kwargs = dict(seed=seed, start_step=phase_step,
                 num_steps=end, global_microbatch=config.train.microbatch_size,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
@@ -255,7 +263,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   # not themselves DP), "nonprivate/" for phases without DP.
   prefix = "private/" if phase.private else "nonprivate/"
   sharding = mesh_lib.batch_sharding(run.mesh)
-  t0, seen, stopped = time.time(), 0, allowed < phase.steps - phase_step
+  t0, since, stopped = time.time(), 0, allowed < phase.steps - phase_step
   for _ in range(allowed):
     element = next(iterator)
     acc = zeros(state.params)
@@ -267,14 +275,17 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       acc = accumulate(state.params, acc, batch, mask)
     state, metrics = apply(state, acc)
     phase_step += 1
-    seen += int(element["batch_size"])
+    since += 1
     if phase.private:
       run.ledger.record(phase.noise_multiplier, phase.sampling_rate)
     gstep = int(state.step)
     last = phase_step == end
     if gstep % config.train.log_every == 0 or last:
       m = {prefix + k: float(v) for k, v in jax.device_get(metrics).items()}
-      m["examples_per_sec"] = seen / max(time.time() - t0, 1e-9)
+      # From the EXPECTED batch q*N: the realised Poisson size (and
+      # anything derived from it) never leaves the step.
+      m["examples_per_sec"] = (since * phase.batch_size /
+                               max(time.time() - t0, 1e-9))
       eps_key, m_eps = run.progress_epsilon()
       m[eps_key] = m_eps
       if phase.monitor is not None:
@@ -283,7 +294,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       writer.progress(gstep, {"loss": m[prefix + "loss"],
                               "ref_eps" if run.is_simulation else "eps": m_eps,
                               "ex/s": m["examples_per_sec"]})
-      t0, seen = time.time(), 0
+      t0, since = time.time(), 0
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         ledger=run.ledger.to_dict(),
                         data=iterator.get_state())
@@ -349,6 +360,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("resumed at step %d (phase %s, epsilon %.4g)",
                  int(state.step), phases[meta["phase"]].name, r.epsilon())
   logging.info("run: %s", json.dumps(r.describe(), indent=1))
+  if r.dp is not None:
+    for name in ("noise_seed", "sampling_seed"):
+      if config.privacy[name] >= 0:
+        logging.warning(
+            "config.privacy.%s=%d: this run's %s randomness is NOT secret, "
+            "so its epsilon is not a guarantee (tests and reproducible "
+            "experiments only; leave it at -1 for real runs).", name,
+            config.privacy[name], name.split("_")[0])
   writer = metrics_lib.MetricWriter(workdir, r.total_steps, int(state.step))
   stopped = False
   if not config.eval_only:
@@ -371,6 +390,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.warning("preempted at step %d; rerun the same command to resume",
                     int(state.step))
     return dict(preempted=True, step=int(state.step))
+  # Params alone, safe to publish; checkpoints/ keeps the secret keys.
+  ckpt_lib.export_params(workdir, state.params)
   results = r.describe()
   results.update(step=int(state.step), epsilon=r.epsilon(),
                  stopped_at_budget=stopped)

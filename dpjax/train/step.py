@@ -26,11 +26,15 @@ class TrainState(NamedTuple):
 
   step: int32 global step (over all phases); keys derive from it.
   noise_key: uint32[2] secret root of the DP noise (never logged).
+  sampling_key: uint32[2] secret root of Poisson batch selection and
+    per-example randomness on private data (read on the host by the loop;
+    never logged). Both keys are in the resumable checkpoint only.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   noise_key: jax.Array
+  sampling_key: jax.Array
 
 
 def zeros_accumulator(params) -> dict:
@@ -106,4 +110,5 @@ def apply(state: TrainState, acc: dict, *, optimizer: optax.GradientTransformati
       clipped_fraction=acc["num_clipped"] / count,
       update_norm=optax.tree.norm(updates),
   )
-  return TrainState(state.step + 1, params, opt_state, state.noise_key), metrics
+  return state._replace(step=state.step + 1, params=params,
+                        opt_state=opt_state), metrics

@@ -1,14 +1,17 @@
 """Preemption: SIGTERM -> finish the step, checkpoint, exit 0; rerun resumes.
 
-A run killed with SIGTERM mid-training and restarted with the same command
-must end with exactly the parameters, optimizer state, noise key and epsilon
-of an uninterrupted run (Grain iterator position and privacy ledger come
-back from the checkpoint's meta item).
+Runs keep their SECRET noise and sampling keys (the default: OS entropy):
+the keys come back from the checkpoint, so a run resumed from a checkpoint of
+an uninterrupted run ends with exactly its parameters, optimizer state, keys
+and epsilon (Grain iterator position and privacy ledger come back from the
+checkpoint's meta item), and a run killed with SIGTERM exits 0 and resumes
+with the keys it was killed with.
 """
 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 STEPS = 6
 
-# DP-Cap :tiny, no evaluation, fixed sigma (no calibration), public noise
-# seed (reproducible tests only), no periodic checkpoints: the killed run's
-# only checkpoint is the one written on SIGTERM.
+# DP-Cap :tiny, no evaluation, fixed sigma (no calibration), secret keys,
+# no periodic checkpoints: the killed run's only checkpoint is the one
+# written on SIGTERM.
 OVERRIDES = [
     f"--config.train.steps={STEPS}", "--config.train.batch_size=64",
     "--config.train.microbatch_size=32", "--config.train.warmup_steps=1",
@@ -35,18 +38,18 @@ OVERRIDES = [
     "--config.evals.linear_probe=False", "--config.evals.few_shot=False",
     "--config.evals.zero_shot=False", "--config.evals.aro=False",
     "--config.evals.heldout_loss=False", "--config.evals.captions=0",
-    "--config.privacy.noise_multiplier=1.0", "--config.privacy.noise_seed=0",
+    "--config.privacy.noise_multiplier=1.0",
 ]
 
 
-def _start(workdir: str, cache_dir: str) -> subprocess.Popen:
+def _start(workdir: str, cache_dir: str, *extra: str) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return subprocess.Popen(
       [sys.executable, "-m", "dpjax.main", "--config=configs/dpcap.py:tiny",
-       f"--workdir={workdir}", *OVERRIDES], cwd=REPO, env=env,
+       f"--workdir={workdir}", *OVERRIDES, *extra], cwd=REPO, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -72,11 +75,12 @@ def _state(workdir: str):
   return steps, state, meta
 
 
-def test_sigterm_checkpoints_exits_0_and_resume_equals_uninterrupted(
+def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
     tmp_path):
   cache = str(tmp_path / "jax_cache")
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  uninterrupted = _start(full, cache)
+  uninterrupted = _start(full, cache, "--config.train.checkpoint_every=2",
+                         "--config.train.keep_checkpoints=10")
   proc = _start(killed, cache)
   deadline = time.time() + 300
   while not _logged_steps(killed):  # First log line: mid-training.
@@ -86,29 +90,45 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_uninterrupted(
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc)
   assert "preempted at step" in out and "rerun the same command" in out
-  steps, _, meta = _state(killed)
+  steps, at_kill, meta = _state(killed)
   assert len(steps) == 1 and 2 <= steps[0] < STEPS, steps
   assert meta["phase_step"] == steps[0]
   assert meta["data"]["next_step"] == steps[0]  # Iterator position saved.
   assert meta["ledger"]["entries"][0]["count"] == steps[0]
   assert not os.path.exists(os.path.join(killed, "results.json"))
-
-  out = _finish(_start(killed, cache))  # The same command resumes.
-  assert "resumed at step" in out
   _finish(uninterrupted)
 
+  # Resume a copy of the uninterrupted run's step-2 checkpoint: its secret
+  # keys come back, so it must end exactly where the uninterrupted run did.
+  replay = str(tmp_path / "replay")
+  shutil.copytree(os.path.join(full, "checkpoints", "2"),
+                  os.path.join(replay, "checkpoints", "2"))
+  resumed = _start(killed, cache)  # The same command resumes.
+  out = _finish(_start(replay, cache))
+  assert "resumed at step 2" in out
+  assert "resumed at step" in _finish(resumed)
+
   _, want, want_meta = _state(full)
-  _, got, got_meta = _state(killed)
+  _, got, got_meta = _state(replay)
   assert int(got["step"]) == int(want["step"]) == STEPS
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)  # Bitwise: same batches and noise.
   assert got_meta == want_meta  # Ledger, data position, phase.
-  with open(os.path.join(full, "results.json")) as f:
-    want_results = json.load(f)
-  with open(os.path.join(killed, "results.json")) as f:
-    got_results = json.load(f)
-  assert got_results["step"] == STEPS
-  assert got_results["epsilon"] == pytest.approx(want_results["epsilon"],
-                                                 rel=1e-12)
-  assert got_results["epsilon"] > 0
+  results = []
+  for workdir in (full, replay, killed):
+    with open(os.path.join(workdir, "results.json")) as f:
+      results.append(json.load(f))
+    assert results[-1]["secret_randomness"] is True
+    assert results[-1]["step"] == STEPS
+  assert results[1]["epsilon"] == pytest.approx(results[0]["epsilon"],
+                                                rel=1e-12)
+  assert results[0]["epsilon"] > 0
+
+  # The killed run finished with the keys it was killed with, and they are
+  # secret: not those of the other run with the same config.
+  _, end, _ = _state(killed)
+  assert int(end["step"]) == STEPS
+  for key in ("noise_key", "sampling_key"):
+    np.testing.assert_array_equal(end[key], at_kill[key])
+    assert not np.array_equal(end[key], want[key])

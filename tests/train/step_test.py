@@ -23,7 +23,7 @@ def loss_fn(params, example):
 
 def _state(params, opt, seed=0):
   return step_lib.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params),
-                             jax.random.PRNGKey(seed))
+                             jax.random.PRNGKey(seed), jax.random.PRNGKey(99))
 
 
 def _run_step(state, x, mask, *, sigma, clip=1.0, expected=8.0, opt=None):
