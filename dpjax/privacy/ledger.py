@@ -58,14 +58,16 @@ class PrivacyLedger:
 
     Args:
       num_examples: dataset size N (of the private data).
-      delta: default target delta; defaults to 1 / N.
+      delta: default target delta; defaults to N^-1.1, strictly below 1/N
+        (delta = 1/N would allow releasing one record in the clear).
       accountant: "pld" or "rdp".
     """
     accounting._check(accountant, "poisson")  # pylint: disable=protected-access
     if num_examples <= 0:
       raise ValueError(f"num_examples must be > 0, got {num_examples}.")
     self.num_examples = int(num_examples)
-    self.delta = float(1.0 / num_examples if delta is None else delta)
+    self.delta = float(float(num_examples) ** -1.1 if delta is None
+                       else delta)
     self.accountant = accountant
     self.public_steps = 0
     self._entries: list[_Entry] = []

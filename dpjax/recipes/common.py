@@ -8,6 +8,7 @@ the fix.
 import dataclasses
 import math
 
+from absl import logging
 import ml_collections
 import optax
 
@@ -26,6 +27,8 @@ class PrivacySettings:
   normalize_gamma: float
   target_epsilon: float
   method: str
+  # How delta was set: "config" or "N^-1.1" (the default).
+  delta_rule: str = "config"
   # TAN simulation: the reference run this one simulates (0 = not a sim).
   tan_reference_batch_size: int = 0
   tan_reference_noise_multiplier: float = 0.0
@@ -63,10 +66,17 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
   if not 0 < batch_size <= num_examples:
     _fail("train.batch_size", batch_size,
           f"the expected batch must be in (0, N={num_examples}]")
-  delta = cfg.delta if cfg.delta > 0 else 1.0 / num_examples
-  if delta >= 1.0 / num_examples and cfg.delta > 0:
+  # Default N^-1.1 < 1/N: delta = 1/N allows "release one record at random
+  # in the clear", which is (0, 1/N)-DP; a default must be stricter.
+  delta = cfg.delta if cfg.delta > 0 else float(num_examples) ** -1.1
+  if cfg.delta > 0 and delta > (1.0 + 1e-9) / num_examples:
     _fail("privacy.delta", cfg.delta,
-          f"delta should be < 1/N = {1 / num_examples:.3g}")
+          f"delta must be <= 1/N = {1 / num_examples:.3g} (default -1: "
+          f"N^-1.1 = {num_examples ** -1.1:.3g})")
+  if cfg.delta > 0 and delta > (1.0 - 1e-9) / num_examples:
+    logging.warning(
+        "config.privacy.delta=%.3g = 1/N: this allows releasing one record "
+        "in the clear; kept only to match a paper (default: N^-1.1).", delta)
   ref_b = cfg.tan_reference_batch_size
   sigma = cfg.noise_multiplier
   if ref_b:
@@ -89,6 +99,7 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       noise_multiplier=float(sigma) if cfg.enabled else 0.0, delta=delta,
       accountant=cfg.accountant, clipping=cfg.clipping,
       normalize_gamma=cfg.normalize_gamma,
+      delta_rule="config" if cfg.delta > 0 else "N^-1.1",
       target_epsilon=cfg.target_epsilon if cfg.enabled else math.inf,
       method=cfg.method, tan_reference_batch_size=ref_b,
       tan_reference_noise_multiplier=float(ref_sigma))

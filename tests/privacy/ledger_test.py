@@ -16,11 +16,12 @@ N, Q, SIGMA = 60000, 256 / 60000, 1.1
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
 def test_single_event_matches_accounting(accountant):
   led = ledger_lib.PrivacyLedger(N, accountant=accountant)
-  assert led.delta == pytest.approx(1 / N)
+  assert led.delta == pytest.approx(N ** -1.1)  # Default strictly < 1/N.
+  assert led.delta < 1 / N
   for _ in range(5):
     led.record(SIGMA, Q, steps=200)
   assert led.steps == 1000 and len(led.entries) == 1
-  eps = accounting.epsilon(SIGMA, Q, 1000, 1 / N, accountant)
+  eps = accounting.epsilon(SIGMA, Q, 1000, N ** -1.1, accountant)
   assert led.epsilon() == pytest.approx(eps, rel=1e-6)
   assert led.epsilon(1e-3) < led.epsilon()
 

@@ -60,7 +60,8 @@ def test_two_phases_and_only_the_dp_phase_spends_budget(full_run):
   assert results["pretrain/private"] is False
   assert results["dp/private"] is True
   assert results["dp/l2_clip_norm"] == pytest.approx(0.1)
-  assert results["delta"] == pytest.approx(1 / (2 * 2000))  # 1/(2N).
+  assert results["delta"] == pytest.approx(2000 ** -1.1)  # Default.
+  assert results["delta_rule"] == "N^-1.1"
   want = privacy.epsilon(results["dp/noise_multiplier"],
                          results["dp/sampling_rate"], 2, results["delta"],
                          accountant=results["accountant"])
