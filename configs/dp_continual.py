@@ -11,7 +11,10 @@ One run, two phases (`dpjax/recipes/continual.py`):
 The public share is a deterministic index split of `data.source`
 (`data.public_fraction`) or a second source (`public.source`); the private
 phase samples from a view over ONLY the private indices, and epsilon, delta
-(1/N_priv) and N cover only the private share and the DP steps.
+(N_priv^-1.1) and N cover only the private share and the DP steps. The
+guarantee covers the private share only: the public share must really be
+public (released data, or data whose owners consented); an index split of
+one private dataset gives its public share NO protection.
 
 Paper preset (default): supervised ViT-B/16 from scratch; public =
 ImageNet-1k-sized share, private = ImageNet-11k (ImageNet-21k-P), epsilon 8.

@@ -200,9 +200,12 @@ class StepIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     for k, v in self._fingerprint.items():
       if k in state and state[k] != v:
+        # The seed of a private phase is secret: name it, never print it.
+        saved, now = ("<secret>", "<secret>") if k == "seed" else (
+            repr(state[k]), repr(v))
         raise ValueError(
-            f"data pipeline state has {k}={state[k]!r} but this run has "
-            f"{k}={v!r}: resume with the same data config or start afresh.")
+            f"data pipeline state has {k}={saved} but this run has "
+            f"{k}={now}: resume with the same data config or start afresh.")
     self._start(int(state["next_step"]))
 
   def close(self) -> None:

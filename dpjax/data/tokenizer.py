@@ -2,8 +2,9 @@
 
 No hub download. DP-Cap uses bert-base-uncased's WordPiece vocabulary
 (30,522 tokens): pass its ``vocab.txt`` to ``WordPieceTokenizer.
-from_vocab_file``. ``train_wordpiece`` trains a vocabulary offline on your
-captions; ``shapes_tokenizer()`` is the tiny preset's whole-word vocabulary,
+from_vocab_file``. ``train_wordpiece`` trains a vocabulary offline on PUBLIC
+text (never on the private captions: a vocabulary is a released artefact and
+a rare word in it can name a person or a record); ``shapes_tokenizer()`` is the tiny preset's whole-word vocabulary,
 built deterministically from the synthetic caption grammar.
 
 Common interface: ``encode``, ``encode_batch``, ``decode``, ``vocab_size``,
@@ -119,8 +120,9 @@ class WordPieceTokenizer(Tokenizer):
     if not os.path.exists(path):
       raise FileNotFoundError(
           f"tokenizer vocab file {path!r} not found: download "
-          "bert-base-uncased's vocab.txt, or train one with "
-          "dpjax.data.tokenizer.train_wordpiece(captions, vocab_size, path).")
+          "bert-base-uncased's vocab.txt, or train one on PUBLIC text (not "
+          "your private captions) with dpjax.data.tokenizer.train_wordpiece("
+          "public_texts, vocab_size, path).")
     with open(path, encoding="utf-8") as f:
       vocab = [line.rstrip("\n") for line in f]
     return cls(vocab, lowercase=lowercase)
@@ -155,8 +157,11 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int,
                     ) -> WordPieceTokenizer:
   """Trains a WordPiece vocabulary offline and writes it as ``vocab.txt``.
 
+  Privacy: the vocabulary is not differentially private. Train it on public
+  text only; trained on private captions it leaks their rare words.
+
   Args:
-    captions: training texts.
+    captions: PUBLIC training texts.
     vocab_size: target vocabulary size (including special tokens).
     out_path: where to write the vocabulary (one token per line).
     lowercase: lowercase and strip accents (BERT uncased).

@@ -1,14 +1,18 @@
 """Two processes x 4 CPU devices (jax.distributed, gloo) == 1 process x 8.
 
 launch/local_2proc.sh starts two `python -m dpjax.main` processes that
-coordinate over localhost; each reads only its half of every Poisson batch
-and the DP noise comes from the same key on both. After 3 DP steps their
-checkpointed parameters must equal those of one process with 8 devices and
-the same global batch (up to float summation order of the cross-process
-all-reduce).
+coordinate over localhost; each reads only its half of every Poisson batch.
+Their noise and sampling keys are secret OS entropy drawn on process 0 and
+broadcast, so both processes sample the same batches and add the same noise.
+One process with 8 devices resuming the two-process run's step-2
+checkpoint (its secret keys come back from it) must end step 3 with the
+two-process run's parameters (up to float summation order of the
+cross-process all-reduce): a process that had drawn its own keys would have
+loaded rows of another batch.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,17 +25,18 @@ from dpjax.train import checkpoint as ckpt_lib
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
-# DP-Cap :tiny, 3 steps, no evaluation, fixed sigma (no calibration) and a
-# public noise seed (reproducible tests only).
+# DP-Cap :tiny, 3 steps, no evaluation, fixed sigma (no calibration),
+# secret keys, checkpoints at steps 2 and 3.
 OVERRIDES = [
     "--config.train.steps=3", "--config.train.batch_size=64",
     "--config.train.microbatch_size=32", "--config.train.warmup_steps=1",
-    "--config.train.log_every=100", "--config.train.checkpoint_every=100",
+    "--config.train.log_every=100", "--config.train.checkpoint_every=2",
+    "--config.train.keep_checkpoints=10",
     "--config.data.num_examples=1000", "--config.data.eval_num_examples=8",
     "--config.evals.linear_probe=False", "--config.evals.few_shot=False",
     "--config.evals.zero_shot=False", "--config.evals.aro=False",
     "--config.evals.heldout_loss=False", "--config.evals.captions=0",
-    "--config.privacy.noise_multiplier=1.0", "--config.privacy.noise_seed=0",
+    "--config.privacy.noise_multiplier=1.0",
 ]
 
 
@@ -77,33 +82,39 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
       cwd=REPO, env=_env(cache, PYTHON=sys.executable,
                          PORT=str(_free_port())),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  out_multi = multi.communicate(timeout=300)[0]
+  logs = ""
+  for p in (0, 1):
+    with open(os.path.join(two, "logs", f"process_{p}.log")) as f:
+      logs += f.read()
+  assert multi.returncode == 0, out_multi + logs[-6000:]
+  assert "process 1 of 2, 4 local / 8 global devices" in logs
+
+  shutil.copytree(os.path.join(two, "checkpoints", "2"),
+                  os.path.join(one, "checkpoints", "2"))
   single = subprocess.Popen(
       [sys.executable, "-m", "dpjax.main", "--config=configs/dpcap.py:tiny",
        f"--workdir={one}", *OVERRIDES], cwd=REPO,
       env=_env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   out_single = single.communicate(timeout=300)[0]
-  out_multi = multi.communicate(timeout=300)[0]
-  logs = ""
-  for p in (0, 1):
-    with open(os.path.join(two, "logs", f"process_{p}.log")) as f:
-      logs += f.read()
   assert single.returncode == 0, out_single[-3000:]
-  assert multi.returncode == 0, out_multi + logs[-6000:]
-  assert "process 1 of 2, 4 local / 8 global devices" in logs
+  assert "resumed at step 2" in out_single
 
   s2, meta2 = _params(two)
   s1, meta1 = _params(one)
   assert int(s2["step"]) == int(s1["step"]) == 3
   assert meta2["ledger"] == meta1["ledger"]  # Same privacy account.
   assert meta2["data"] == meta1["data"]
-  np.testing.assert_array_equal(s2["noise_key"], s1["noise_key"])
+  for key in ("noise_key", "sampling_key"):
+    np.testing.assert_array_equal(s2[key], s1[key])
+    assert np.asarray(s2[key]).any()
   assert jax.tree.structure(s2) == jax.tree.structure(s1)
   # Params and Adam moments identical up to the summation order of the
   # cross-process gradient all-reduce (measured ~1e-8).
   for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s1)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-  # ... which is far below what the 3 noisy steps moved (Adam's mu).
+  # ... which is far below what the noisy steps moved (Adam's mu).
   mu = jax.tree.leaves(_adam_mu(s1["opt_state"]))
   assert mu
   assert max(float(np.max(np.abs(m))) for m in mu) > 1e-3
