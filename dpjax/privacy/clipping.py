@@ -9,6 +9,13 @@ gradients. It adds no noise: feed the sum to ``noise.add_noise`` (or
 ``noise.privatize``), which adds one Gaussian draw and divides by the
 EXPECTED batch size. Only aggregates leave this module (sums and counts),
 never per-example norms or losses.
+
+Non-finite rows: a real row whose per-example gradient has a NaN/inf
+coordinate has a NaN/inf global norm (one ``isfinite`` on the norm detects
+it; a norm that overflows float32 counts as non-finite too). Its clip factor
+is 0 and its gradient row is selected away with ``jnp.where`` (never a
+multiply: 0 * NaN is NaN), so it contributes exactly zero; it is counted in
+``aux["num_nonfinite"]``.
 """
 
 from typing import Any, Callable, Optional
@@ -51,16 +58,31 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 
 def _clip_factor(norm: jax.Array, l2_clip_norm: float) -> jax.Array:
-  # min(1, C / norm), with norm == 0 -> 1 (no division by zero).
-  safe = jnp.where(norm > l2_clip_norm, norm, 1.0)
-  return jnp.where(norm > l2_clip_norm, l2_clip_norm / safe, 1.0)
+  # min(1, C / norm), with norm == 0 -> 1 (no division by zero) and a
+  # non-finite norm (NaN or inf) -> 0. The factor alone does not zero a
+  # non-finite row (0 * NaN is NaN): callers also select it away with where.
+  big = norm > l2_clip_norm
+  safe = jnp.where(big, norm, 1.0)
+  factor = jnp.where(big, l2_clip_norm / safe, 1.0)
+  return jnp.where(jnp.isfinite(norm), factor, 0.0)
+
+
+def _scale_factor(norm: jax.Array, l2_clip_norm: float, clipping: str,
+                  normalize_gamma: float) -> jax.Array:
+  """Per-example factor of "clip" / "normalize"; 0 where ``norm`` is NaN/inf."""
+  if clipping == "clip":
+    return _clip_factor(norm, l2_clip_norm)
+  # fastDP automatic clipping: ||g * factor|| < C.
+  return jnp.where(jnp.isfinite(norm), l2_clip_norm / (norm + normalize_gamma),
+                   0.0)
 
 
 def clip_pytree(tree: PyTree, l2_clip_norm: float) -> tuple[PyTree, jax.Array]:
   """Scales ``tree`` by ``min(1, C / ||tree||)``.
 
   Formal guarantees: the returned tree has global L2 norm <= ``l2_clip_norm``
-  (up to float rounding); a tree already within the bound is unchanged.
+  (up to float rounding); a tree already within the bound is unchanged; a
+  tree whose norm is not finite (a NaN/inf leaf) becomes exactly zero.
 
   >>> clipped, norm = clip_pytree({"w": jnp.array([3., 4.])}, 1.0)
   >>> float(norm), [round(v, 4) for v in clipped["w"].tolist()]
@@ -75,8 +97,9 @@ def clip_pytree(tree: PyTree, l2_clip_norm: float) -> tuple[PyTree, jax.Array]:
   """
   norm = global_norm(tree)
   factor = _clip_factor(norm, l2_clip_norm)
-  return jax.tree_util.tree_map(lambda x: (x * factor).astype(x.dtype),
-                                tree), norm
+  finite = jnp.isfinite(norm)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.where(finite, x * factor, 0).astype(x.dtype), tree), norm
 
 
 def _clipped_sum_fn(loss_fn: LossFn, l2_clip_norm: float, clipping: str,
@@ -88,31 +111,40 @@ def _clipped_sum_fn(loss_fn: LossFn, l2_clip_norm: float, clipping: str,
     losses, grads = value_and_grad(params, batch)
     norms = jax.vmap(global_norm)(grads)  # [B], stays inside this function.
     real = mask > 0
-    if clipping == "clip":
-      factor = _clip_factor(norms, l2_clip_norm)
-    else:  # fastDP automatic clipping: ||g * factor|| < C.
-      factor = l2_clip_norm / (norms + normalize_gamma)
-    # jnp.where (not a multiply by mask) so NaN/inf in padded rows cannot
-    # leak: 0 * NaN is NaN, where(False, NaN, 0) is 0.
-    factor = jnp.where(real, factor, 0.0)
+    # A row's norm is NaN/inf iff one of its coordinates is (or it overflows):
+    # such real rows, like padding rows, are selected away.
+    finite = jnp.isfinite(norms)
+    keep = real & finite
+    # jnp.where (not a multiply by mask or factor) so NaN/inf in padded or
+    # non-finite rows cannot leak: 0 * NaN is NaN, where(False, NaN, 0) is 0.
+    factor = jnp.where(
+        keep, _scale_factor(norms, l2_clip_norm, clipping, normalize_gamma),
+        0.0)
 
     def leaf_sum(g):
       shape = (-1,) + (1,) * (g.ndim - 1)
       scaled = g.astype(jnp.float32) * factor.reshape(shape)
-      return jnp.sum(jnp.where(real.reshape(shape), scaled, 0.0), axis=0)
+      return jnp.sum(jnp.where(keep.reshape(shape), scaled, 0.0), axis=0)
 
     clipped_sum = jax.tree_util.tree_map(leaf_sum, grads)
-    zero = jnp.zeros_like(norms)
-    aux = {
-        "loss_sum": jnp.sum(jnp.where(real, losses.astype(jnp.float32), 0.0)),
-        "grad_norm_sum": jnp.sum(jnp.where(real, norms, zero)),
-        "num_clipped": jnp.sum(
-            jnp.where(real & (norms > l2_clip_norm), 1.0, 0.0)),
-        "count": jnp.sum(jnp.where(real, 1.0, 0.0)),
-    }
-    return clipped_sum, aux
+    return clipped_sum, _aux(losses, norms, real, finite, l2_clip_norm)
 
   return fn
+
+
+def _aux(losses: jax.Array, norms: jax.Array, real: jax.Array,
+         finite: jax.Array, l2_clip_norm: float) -> dict:
+  """Aggregate float32 scalars over real rows; NaN/inf never enter a sum."""
+  keep = real & finite
+  losses = losses.astype(jnp.float32)
+  return {
+      "loss_sum": jnp.sum(jnp.where(real & jnp.isfinite(losses), losses, 0.0)),
+      "grad_norm_sum": jnp.sum(jnp.where(keep, norms, 0.0)),
+      "num_clipped": jnp.sum(jnp.where(keep & (norms > l2_clip_norm), 1.0,
+                                       0.0)),
+      "count": jnp.sum(jnp.where(real, 1.0, 0.0)),
+      "num_nonfinite": jnp.sum(jnp.where(real & ~finite, 1.0, 0.0)),
+  }
 
 
 def _to_microbatches(x: jax.Array, num_micro: int, micro: int) -> jax.Array:
@@ -141,11 +173,17 @@ def clipped_grad(
   fastDP's automatic clipping g * C / (||g|| + gamma), norm < C), so adding or
   removing one example changes the sum by at most C in L2. Rows with
   ``mask == 0`` contribute exactly zero, even if their data or gradient is
-  NaN/inf. No noise is added here. ``aux`` holds only aggregates over real
-  rows (these are NOT private; log them as such): ``loss_sum``,
-  ``grad_norm_sum`` (pre-clip norms), ``num_clipped`` (rows with norm > C),
-  ``count`` (real rows). Under ``jit`` with the batch sharded over a mesh axis
-  (``NamedSharding(mesh, P("data"))``) the sum reduces across devices.
+  NaN/inf. Real rows whose gradient is non-finite (a NaN/inf coordinate, so
+  a NaN/inf per-example norm) also contribute exactly zero (clip factor 0,
+  row selected away with ``where``), so the sensitivity bound holds and
+  their presence cannot be read from the sum (it stays finite). No noise is
+  added here. ``aux`` holds only aggregates over real rows (these are NOT
+  private; log them as such): ``loss_sum`` (finite losses only),
+  ``grad_norm_sum`` (pre-clip norms, finite ones only), ``num_clipped``
+  (finite rows with norm > C), ``count`` (real rows), ``num_nonfinite``
+  (real rows whose gradient was non-finite). Under ``jit`` with the batch
+  sharded over a mesh axis (``NamedSharding(mesh, P("data"))``) the sum
+  reduces across devices.
 
   >>> fn = clipped_grad(lambda w, x: jnp.sum(w * x), 1.0)
   >>> s, aux = fn(jnp.zeros(2), jnp.array([[3., 4.], [.3, .4], [9., 9.]]),

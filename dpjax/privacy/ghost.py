@@ -34,9 +34,16 @@ Formal guarantee (as ``clipping.clipped_grad``): each real example adds a
 vector of L2 norm <= C ("clip") or < C ("normalize") to the sum, computed
 from its exact per-example gradient norm (float rounding aside), so one
 example changes the sum by at most C; ``mask == 0`` rows add exactly zero
-even when their data or gradients are NaN/inf. ``aux`` holds only aggregates
-(not private). Assumes, like vmap clipping, that ``loss_fn`` is a function of
-one example (no cross-example state).
+even when their data or gradients are NaN/inf. Real rows whose gradient is
+non-finite (a NaN/inf per-example norm, which a NaN/inf coordinate of any
+layer's gradient, stored activation or output gradient makes it) also add
+exactly zero: clip factor 0, and their rescaled output gradients, their stored
+activations and their fallback per-example grads are selected away with
+``where`` before the book-keeping matmuls (0 * NaN would be NaN), so the
+sensitivity bound holds and their presence cannot be read from the sum; they
+are counted in ``aux["num_nonfinite"]``. ``aux`` holds only aggregates (not
+private). Assumes, like vmap clipping, that ``loss_fn`` is a function of one
+example (no cross-example state).
 """
 
 from typing import Any, Callable, Optional
@@ -46,11 +53,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.privacy import clipping as clipping_lib
 from dpjax.privacy import ghost_layers
 
 PyTree = Any
 _METHODS = ("ghost", "auto")
 _LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
+# Clip factor and aux of the vmap path, so both paths agree on non-finite rows.
+_scale_factor = clipping_lib._scale_factor  # pylint: disable=protected-access
+_aux = clipping_lib._aux  # pylint: disable=protected-access
 
 
 def _mark(k: int) -> str:
@@ -83,10 +94,13 @@ def _analyze(loss_fn, leaves, treedef, batch, method) -> dict:
         return next_fun(*args, **kwargs)
       k, mod = len(calls), ctx.module
       params = _module_params(mod)
+      desc = ghost_layers.describe(mod, ctx.method_name, args, kwargs)
+      if (desc is not None and "kernel_shape" in desc and
+          tuple(getattr(params.get("kernel"), "shape", ())) !=
+          desc["kernel_shape"]):
+        desc = None  # Unexpected kernel layout: exact fallback.
       rec = dict(path=tuple(mod.scope.path), leaf_of={
-          n: ids.get(id(v)) for n, v in params.items()},
-                 desc=ghost_layers.describe(mod, ctx.method_name, args,
-                                            kwargs))
+          n: ids.get(id(v)) for n, v in params.items()}, desc=desc)
       calls.append(rec)
       with jax.named_scope(_mark(k)):
         y = next_fun(*args, **kwargs)
@@ -187,13 +201,6 @@ def clipping_plan(loss_fn, params: PyTree, batch: PyTree,
   return dict(zip(paths, modes))
 
 
-def _factor(norms, l2_clip_norm, clipping, gamma):
-  if clipping == "normalize":
-    return l2_clip_norm / (norms + gamma)
-  safe = jnp.where(norms > l2_clip_norm, norms, 1.0)
-  return jnp.where(norms > l2_clip_norm, l2_clip_norm / safe, 1.0)
-
-
 def clipped_sum_fn(
     loss_fn: Callable[[PyTree, PyTree], jax.Array],
     l2_clip_norm: float,
@@ -224,8 +231,9 @@ def clipped_sum_fn(
 
   Returns:
     ``fn(params, batch, mask) -> (clipped_sum, aux)``: ``clipped_sum`` a
-    float32 pytree like ``params`` (sum over rows with mask > 0); ``aux``
-    float32 scalars loss_sum, grad_norm_sum, num_clipped, count.
+    float32 pytree like ``params`` (sum over rows with mask > 0 and a finite
+    gradient); ``aux`` float32 scalars loss_sum, grad_norm_sum, num_clipped,
+    count, num_nonfinite (as ``clipping.clipped_grad``).
   """
   if method not in _METHODS:
     raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
@@ -287,9 +295,9 @@ def clipped_sum_fn(
     losses, vjp_fn, acts = jax.vjp(batched, copies, zs, has_aux=True)
     g_copies, g_zs = vjp_fn(jnp.ones_like(losses))
 
-    def rows(x, value):  # Padding rows -> value, even if x is NaN there.
-      r = real.reshape((-1,) + (1,) * (x.ndim - 1))
-      return jnp.where(r, x, jnp.asarray(value, x.dtype))
+    def rows(x, keep):  # Rows not kept -> 0, even if x is NaN there.
+      r = keep.reshape((-1,) + (1,) * (x.ndim - 1))
+      return jnp.where(r, x, jnp.zeros((), x.dtype))
 
     sq = jnp.zeros((b,), jnp.float32)
     mats, grams = [], {}
@@ -307,32 +315,33 @@ def clipped_sum_fn(
       sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(b, -1),
                         axis=1)
     norms = jnp.sqrt(sq)
-    factor = jnp.where(real, _factor(norms, l2_clip_norm, clipping,
-                                     normalize_gamma), 0.0)
+    # A row's norm is NaN/inf if a coordinate of its per-example gradient,
+    # or of an activation / output gradient entering the book-keeping
+    # matmuls, is (0 * NaN and 0 * inf are NaN in the norm formulas): such
+    # real rows are dropped like padding rows.
+    finite = jnp.isfinite(norms)
+    keep = real & finite
+    factor = jnp.where(keep, _scale_factor(norms, l2_clip_norm, clipping,
+                                           normalize_gamma), 0.0)
 
     out = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
     for i, g in zip(copy_ids, g_copies):
       scaled = g.astype(jnp.float32) * factor.reshape(
           (-1,) + (1,) * (g.ndim - 1))
-      out[i] = jnp.sum(rows(scaled, 0), axis=0)
+      out[i] = jnp.sum(rows(scaled, keep), axis=0)
     for rec, a, g in mats:
-      # Padding rows of BOTH operands -> 0: the book-keeping matmul sums over
-      # all rows, and 0 * NaN would leak a padding row's NaN into the sum.
-      # (Their norms may be NaN; `factor` and `aux` select them away.)
-      cg = rows(g.astype(jnp.float32) * factor[:, None, None], 0)
+      # Dropped rows (padding or non-finite) of BOTH operands -> 0: the
+      # book-keeping matmul sums over all rows, and 0 * NaN would leak such a
+      # row's NaN into the sum. (Their norms may be NaN; `factor` and `aux`
+      # select them away.)
+      cg = rows(g.astype(jnp.float32) * factor[:, None, None], keep)
       if rec["desc"]["kind"] != "embed":
-        a = rows(a, 0)
+        a = rows(a, keep)
       shapes = {n: leaves[i].shape for n, i in rec["leaf_of"].items()}
       sums = ghost_layers.clipped_sums(rec["desc"], a, cg, shapes, dtype)
       for n, i in rec["leaf_of"].items():
         out[i] = sums[n]
-    aux = {
-        "loss_sum": jnp.sum(rows(losses.astype(jnp.float32), 0)),
-        "grad_norm_sum": jnp.sum(rows(norms, 0)),
-        "num_clipped": jnp.sum(jnp.where(real & (norms > l2_clip_norm),
-                                         1.0, 0.0)),
-        "count": jnp.sum(jnp.where(real, 1.0, 0.0)),
-    }
+    aux = _aux(losses, norms, real, finite, l2_clip_norm)
     return treedef.unflatten(out), aux
 
   return fn

@@ -22,6 +22,7 @@ and `nn.Embed.__call__`. Everything else returns None from `describe` and
 is handled by the per-example-copy fallback in `ghost.py`.
 """
 
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -55,8 +56,9 @@ def describe(module, method_name: str, args, kwargs) -> Optional[dict]:
 
   Returns:
     dict with "kind" ("dense" | "embed"), "params" (the expected parameter
-    names) and the layout needed to turn the input into a matrix; None if
-    the call is not supported.
+    names), the layout needed to turn the input into a matrix and, for
+    DenseGeneral, "kernel_shape" (the kernel layout the formulas assume);
+    None if the call is not supported.
   """
   if method_name != "__call__" or kwargs or len(args) != 1:
     return None
@@ -78,17 +80,32 @@ def describe(module, method_name: str, args, kwargs) -> Optional[dict]:
   if cls is nn.DenseGeneral:
     if tuple(module.batch_dims or ()):
       return None
-    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    axis = tuple(a % x.ndim for a in axis)
-    feats = (module.features if isinstance(module.features, tuple)
-             else (module.features,))
+    # Exactly as flax's DenseGeneral (_canonicalize_tuple, _normalize_axes):
+    # the contracted axes are made non-negative and SORTED, and the kernel's
+    # leading dims follow that sorted order whatever order `axis` lists them
+    # in (axis=(2, 1) builds the same kernel layout as axis=(1, 2)).
+    axis = _canonical_tuple(module.axis)
+    if any(not -x.ndim <= a < x.ndim for a in axis):
+      return None
+    axis = tuple(sorted(a + x.ndim if a < 0 else a for a in axis))
+    if len(set(axis)) != len(axis):
+      return None
+    feats = _canonical_tuple(module.features)
+    # `kernel_shape`: ghost.py checks the layer's kernel against it and takes
+    # the exact fallback on a mismatch (a Flax whose layout differs).
     return dict(kind="dense", layout="general", axis=axis,
                 params=("kernel",) + bias,
+                kernel_shape=tuple(x.shape[a] for a in axis) + feats,
                 d_in=int(np.prod([x.shape[a] for a in axis])),
                 d_out=int(np.prod(feats)))
   if cls is nn.Conv:
     return _describe_patch_conv(module, x, bias)
   return None
+
+
+def _canonical_tuple(x) -> tuple:
+  # flax.linen.linear._canonicalize_tuple: any iterable -> tuple, else (x,).
+  return tuple(x) if isinstance(x, Iterable) else (x,)
 
 
 def _describe_patch_conv(module, x, bias) -> Optional[dict]:

@@ -169,10 +169,15 @@ def clipped_delta_sum(local_train: LocalTrainFn,
   """Sum over units of clipped shared-param deltas of local training.
 
   Formal guarantee: each real unit contributes clip(theta - theta_u) with
-  L2 norm <= ``l2_clip_norm`` (non-finite deltas are replaced by zero);
-  padding units (mask 0) contribute exactly zero and their data cannot
-  influence the output. With one user per unit this bounds one user's
-  effect by the clip norm; for mixed units see ``unit_clip_norm``.
+  L2 norm <= ``l2_clip_norm``; padding units (mask 0) contribute exactly
+  zero and their data cannot influence the output. A real unit whose delta
+  is non-finite (a NaN/inf coordinate, detected by a NaN/inf delta norm; a
+  norm overflowing float32 counts too) contributes exactly zero (selected
+  away with ``where``, also when ``l2_clip_norm`` is None), so the
+  sensitivity bound holds and its presence cannot be read from the sum; it
+  is counted in ``aux["num_nonfinite"]``. With one user per unit this bounds
+  one user's effect by the clip norm; for mixed units see
+  ``unit_clip_norm``.
 
   Args:
     local_train: see ``local_training``; ``local_train(shared, unit)``.
@@ -186,29 +191,36 @@ def clipped_delta_sum(local_train: LocalTrainFn,
     pytree with a leading unit axis [U, ...], ``mask`` float [U] (1 real, 0
     padding), ``weights`` float [U] (default ``mask``; e.g. users per unit)
     weighting the aux statistics. ``sum`` is like ``shared`` (float32);
-    aux = {"loss_sum", "grad_norm_sum", "num_clipped", "count"}: weighted
-    sums of local loss, delta norm, clipped indicator and of the weights.
+    aux = {"loss_sum", "grad_norm_sum", "num_clipped", "count",
+    "num_nonfinite"}: weighted sums of local loss (finite ones), delta norm
+    (finite ones), clipped indicator (finite units), the weights, and the
+    non-finite indicator (units whose delta was NaN/inf).
   """
 
   def one(shared, unit):
     end, loss = local_train(shared, unit)
     delta = jax.tree.map(lambda a, b: a.astype(jnp.float32)
                          - b.astype(jnp.float32), shared, end)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                for x in jax.tree.leaves(delta)]))
-    delta = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), delta)
+    # The norm is NaN/inf iff some coordinate is (or it overflows float32).
+    # clip_pytree zeroes such a delta; without clipping, where does.
     if l2_clip_norm is None:
       norm = clipping.global_norm(delta)
     else:
       delta, norm = clipping.clip_pytree(delta, l2_clip_norm)
-    return delta, jnp.where(finite, loss, 0.0), norm
+    finite = jnp.isfinite(norm)
+    if l2_clip_norm is None:
+      delta = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), delta)
+    loss = jnp.asarray(loss, jnp.float32)
+    return (delta, jnp.where(finite & jnp.isfinite(loss), loss, 0.0),
+            jnp.where(finite, norm, 0.0), finite)
 
   def fn(shared, units, mask, weights=None):
     if unit_batch:
-      deltas, losses, norms = jax.lax.map(lambda u: one(shared, u), units,
-                                          batch_size=unit_batch)
+      deltas, losses, norms, finite = jax.lax.map(
+          lambda u: one(shared, u), units, batch_size=unit_batch)
     else:
-      deltas, losses, norms = jax.vmap(one, in_axes=(None, 0))(shared, units)
+      deltas, losses, norms, finite = jax.vmap(one, in_axes=(None, 0))(
+          shared, units)
     real = mask > 0
     w = jnp.where(real, mask if weights is None else weights, 0.0)
     w = w.astype(jnp.float32)
@@ -222,8 +234,9 @@ def clipped_delta_sum(local_train: LocalTrainFn,
     aux = {
         "loss_sum": jnp.sum(w * jnp.where(real, losses, 0.0)),
         "grad_norm_sum": jnp.sum(w * jnp.where(real, norms, 0.0)),
-        "num_clipped": jnp.sum(jnp.where(real & clipped, w, 0.0)),
+        "num_clipped": jnp.sum(jnp.where(real & finite & clipped, w, 0.0)),
         "count": jnp.sum(w),
+        "num_nonfinite": jnp.sum(jnp.where(real & ~finite, w, 0.0)),
     }
     return jax.tree.map(leaf_sum, deltas), aux
 

@@ -75,7 +75,9 @@ def test_clipped_sum_matches_loop_and_bound(mode):
   assert float(aux["num_clipped"]) == sum(n > c for n in norms)
   losses = [float(_loss(params, _example(batch, i))) for i in range(8)]
   assert float(aux["loss_sum"]) == pytest.approx(sum(losses), rel=1e-4)
-  assert set(aux) == {"loss_sum", "grad_norm_sum", "num_clipped", "count"}
+  assert set(aux) == {"loss_sum", "grad_norm_sum", "num_clipped", "count",
+                      "num_nonfinite"}
+  assert float(aux["num_nonfinite"]) == 0
   assert all(v.shape == () for v in aux.values())
 
 
@@ -106,6 +108,68 @@ def test_masked_rows_contribute_exactly_zero_even_nan():
   sub = jax.tree_util.tree_map(lambda x: x[keep], batch)
   s3, _ = fn(params, sub, jnp.ones(len(keep)))
   np.testing.assert_allclose(_flat(s1), _flat(s3), rtol=1e-5, atol=1e-6)
+
+
+def _nonfinite_batch(batch):
+  """Row 1: NaN input (NaN gradient). Row 3: one target 3e38, so one
+  dloss/dpred overflows to -inf (+-inf gradient coordinates, inf loss)."""
+  return {"x": batch["x"].at[1].set(jnp.nan),
+          "y": batch["y"].at[3, 0].set(3e38)}
+
+
+@pytest.mark.parametrize("micro", [None, 2, 4])
+@pytest.mark.parametrize("mode", ["clip", "normalize"])
+def test_nonfinite_real_rows_contribute_exactly_zero(mode, micro):
+  params, batch = _setup()
+  mask = jnp.array([1, 1, 0, 1, 1, 1, 0, 1], jnp.float32)
+  bad = _nonfinite_batch(batch)
+  grads = clipping.per_example_grads(_loss)(params, bad)
+  norms = np.asarray(jax.vmap(clipping.global_norm)(grads))
+  # A NaN norm (factor 1) made the old sum NaN.
+  assert np.isnan(norms[1]) and not np.isfinite(norms[3])
+  assert np.any(np.isinf(_flat(_example(grads, 3))))
+  fn = jax.jit(clipping.clipped_grad(_loss, 1.0, clipping=mode,
+                                     microbatch_size=micro))
+  s, aux = fn(params, bad, mask)
+  without = mask.at[1].set(0.0).at[3].set(0.0)
+  want, want_aux = fn(params, bad, without)
+  assert np.all(np.isfinite(_flat(s)))
+  np.testing.assert_allclose(_flat(s), _flat(want), rtol=1e-6, atol=1e-7)
+  assert float(aux["num_nonfinite"]) == 2.0
+  assert float(want_aux["num_nonfinite"]) == 0.0
+  assert float(aux["count"]) == 6.0 and float(want_aux["count"]) == 4.0
+  for k in ("loss_sum", "grad_norm_sum", "num_clipped"):
+    assert np.isfinite(float(aux[k]))
+    assert float(aux[k]) == pytest.approx(float(want_aux[k]), rel=1e-6)
+  # Also equal to the batch without those rows at all.
+  keep = [0, 4, 5, 7]
+  sub = jax.tree_util.tree_map(lambda x: x[np.array(keep)], batch)
+  ref, _ = clipping.clipped_grad(_loss, 1.0, clipping=mode)(
+      params, sub, jnp.ones(4))
+  np.testing.assert_allclose(_flat(s), _flat(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_exactly_inf_and_nan_gradients_contribute_zero():
+  """Linear loss: the per-example gradient IS the input row. An inf norm gave
+  the old code factor C / inf = 0 and 0 * inf = NaN in the sum."""
+  fn = clipping.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0)
+  x = jnp.array([[3., 4.], [jnp.inf, 1.], [jnp.nan, 1.], [-jnp.inf, 0.],
+                 [.3, .4]])
+  s, aux = fn(jnp.zeros(2), x, jnp.ones(5))
+  np.testing.assert_allclose(np.asarray(s), [0.9, 1.2], rtol=1e-6)
+  assert float(aux["num_nonfinite"]) == 3.0
+  assert float(aux["num_clipped"]) == 1.0
+  assert float(aux["grad_norm_sum"]) == pytest.approx(5.5, rel=1e-6)
+  assert float(aux["count"]) == 5.0
+
+
+def test_clip_pytree_zeroes_a_nonfinite_tree():
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    clipped, norm = clipping.clip_pytree(
+        {"a": jnp.array([1.0, bad]), "b": jnp.ones(2)}, 1.0)
+    assert not np.isfinite(float(norm))
+    assert np.all(np.asarray(clipped["a"]) == 0.0)
+    assert np.all(np.asarray(clipped["b"]) == 0.0)
 
 
 @pytest.mark.parametrize("mode", ["clip", "normalize"])

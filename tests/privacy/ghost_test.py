@@ -82,6 +82,15 @@ LAYERS = {
                      {"bias": "ghost:gram", "kernel": "ghost:gram"}),
     "dense_general_out": (nn.DenseGeneral((2, 4), axis=-1), (_SEQ,), None),
     "dense_general_in": (nn.DenseGeneral(3, axis=(-2, -1)), (_SEQ,), None),
+    # Unsorted axes: flax sorts them, so the kernel is [6, 16, ...] either way.
+    "dense_general_unsorted": (nn.DenseGeneral(3, axis=(2, 1)), (_SEQ,),
+                               {"bias": "ghost:gram", "kernel": "ghost:gram"}),
+    "dense_general_unsorted_neg": (
+        nn.DenseGeneral((2, 4), axis=(-1, -2)), (_SEQ,),
+        {"bias": "ghost:gram", "kernel": "ghost:gram"}),
+    "dense_general_unsorted_free": (  # Contracts dims 3 and 1; 0, 2 free.
+        nn.DenseGeneral(5, axis=(-1, 1)), (_IMG,),
+        {"bias": "ghost:outer", "kernel": "ghost:outer"}),
     "patch_conv": (nn.Conv(7, (4, 4), strides=(4, 4), padding="VALID"),
                    (_IMG,), {"bias": "ghost:gram", "kernel": "ghost:gram"}),
     "embed_gram": (nn.Embed(100, 6), (_IDS,), {"embedding": "ghost:gram"}),
@@ -186,6 +195,67 @@ def test_padding_rows_add_exactly_zero_even_if_nan():
   assert np.isfinite(float(aux["grad_norm_sum"]))
   np.testing.assert_allclose(aux["grad_norm_sum"], want_aux["grad_norm_sum"],
                              rtol=1e-5)
+
+
+class _TwoHeads(nn.Module):
+  """Dense + LayerNorm (exact fallback) + Dense, and a linear Dense head."""
+
+  @nn.compact
+  def __call__(self, x, s):
+    h = nn.LayerNorm()(nn.Dense(8)(x))
+    out = jnp.sum(jnp.sin(nn.Dense(3)(h)) ** 2)
+    # |x| > 0: an inf output gradient gives +inf kernel gradients, no NaN.
+    return out + s * jnp.sum(nn.Dense(2, name="lin")(jnp.abs(x)))
+
+
+def _nonfinite_setup():
+  """Row 1: a NaN input (NaN gradients and norm). Row 2: an inf weight of
+  the linear head's output (that head's output gradients are inf, so its
+  gradient is +-inf, with no NaN: inf norm; the loss is inf)."""
+  module = _TwoHeads()
+  params = module.init(jax.random.PRNGKey(0), _SEQ[:1], 0.1)["params"]
+
+  def loss_fn(p, ex):
+    return module.apply({"params": p}, ex["x"][None], ex["s"])
+
+  batch = {"x": _SEQ, "s": jnp.full((B,), 0.1)}
+  bad = {"x": _SEQ.at[1, 2, 3].set(jnp.nan),
+         "s": batch["s"].at[2].set(jnp.inf)}
+  return loss_fn, params, batch, bad
+
+
+@pytest.mark.parametrize("micro", [None, 2])
+@pytest.mark.parametrize("clip_mode", ["clip", "normalize"])
+@pytest.mark.parametrize("method", ["vmap", "ghost", "auto"])
+def test_nonfinite_real_rows_contribute_exactly_zero(method, clip_mode, micro):
+  loss_fn, params, batch, bad = _nonfinite_setup()
+  plan = ghost.clipping_plan(loss_fn, params, bad)
+  assert all(plan[f"{n}/kernel"].startswith("ghost:")
+             for n in ("Dense_0", "Dense_1", "lin"))
+  assert plan["LayerNorm_0/scale"] == "copy"
+  grads = clipping.per_example_grads(loss_fn)(params, bad)
+  norms = np.asarray(jax.vmap(clipping.global_norm)(grads))
+  # Factor 1 (NaN norm) or 0 * inf (inf norm) made the old sum NaN.
+  assert np.isnan(norms[1]) and np.isposinf(norms[2])
+  assert all(np.isposinf(x[2]).all() for x in jax.tree.leaves(grads["lin"]))
+  mask = jnp.ones((B,))
+  without = jnp.array([1.0, 0.0, 0.0, 1.0])
+  kw = dict(clipping=clip_mode, microbatch_size=micro)
+  fn = jax.jit(privacy.clipped_grad(loss_fn, 0.5, method=method, **kw))
+  got, aux = fn(params, bad, mask)
+  want, want_aux = clipping.clipped_grad(loss_fn, 0.5, **kw)(
+      params, batch, without)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
+  _assert_tree_close(got, want, 1e-5)
+  assert float(aux["num_nonfinite"]) == 2.0
+  assert float(aux["count"]) == 4.0
+  for k in ("loss_sum", "grad_norm_sum", "num_clipped"):
+    assert np.isfinite(float(aux[k]))
+    np.testing.assert_allclose(aux[k], want_aux[k], rtol=1e-5)
+  # The same with those rows masked out as padding.
+  masked, masked_aux = fn(params, bad, without)
+  _assert_tree_close(got, masked, 1e-6)
+  assert float(masked_aux["num_nonfinite"]) == 0.0
 
 
 def test_normalize_and_microbatches_match_vmap():

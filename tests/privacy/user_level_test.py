@@ -190,3 +190,32 @@ def test_init_from_data_sees_only_its_units_data_and_shared_params():
   b, _ = fn()(SHARED, changed, mask)
   assert _dist(a, b) == 0.0
   assert _dist(base, a) > 0.0
+
+
+@pytest.mark.parametrize("clip,unit_batch", [(0.1, 0), (0.1, 2), (None, 0)])
+def test_nonfinite_units_contribute_zero_and_are_counted(clip, unit_batch):
+  """A real unit whose local training diverges (NaN / inf data) adds exactly
+  zero: the sum equals the sum with that unit masked out, and it is counted
+  (weighted like the other statistics) in aux["num_nonfinite"]."""
+  train = user_level.local_training(
+      _loss, _init_local, shared_optimizer=optax.sgd(5.0),
+      local_optimizer=optax.sgd(5.0), batch_size=4, epochs=2)
+  fn = jax.jit(user_level.clipped_delta_sum(train, clip,
+                                            unit_batch=unit_batch))
+  units = _units(4)
+  units["example"]["x"][1, 0, 2] = np.nan
+  units["example"]["x"][2, 3] = np.inf
+  weights = jnp.array([1.0, 2.0, 3.0, 4.0])
+  out, aux = fn(SHARED, units, jnp.ones(4), weights=weights)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(out))
+  without = jnp.array([1.0, 0.0, 0.0, 1.0])
+  want, want_aux = fn(SHARED, units, without, weights=weights)
+  assert _dist(out, want) == 0.0
+  assert float(aux["num_nonfinite"]) == 5.0  # users of units 1 and 2.
+  assert float(want_aux["num_nonfinite"]) == 0.0
+  assert float(aux["count"]) == 10.0
+  for k in ("loss_sum", "grad_norm_sum", "num_clipped"):
+    assert np.isfinite(float(aux[k]))
+    assert float(aux[k]) == pytest.approx(float(want_aux[k]), rel=1e-6)
+  _, aux1 = fn(SHARED, units, jnp.ones(4))  # default weights: units.
+  assert float(aux1["num_nonfinite"]) == 2.0
