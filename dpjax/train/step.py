@@ -18,7 +18,10 @@ import optax
 
 from dpjax import privacy
 
-AUX_KEYS = ("loss_sum", "grad_norm_sum", "num_clipped", "count")
+# Aggregates over real rows of a microbatch. num_nonfinite: real rows whose
+# gradient was NaN/inf (they contribute zero to the clipped sum).
+AUX_KEYS = ("loss_sum", "grad_norm_sum", "num_clipped", "count",
+            "num_nonfinite")
 
 
 class TrainState(NamedTuple):
@@ -65,7 +68,8 @@ def nonprivate_sum_fn(loss_fn):
     grads, losses = jax.grad(total, has_aux=True)(params)
     zero = jnp.zeros((), jnp.float32)
     return grads, dict(loss_sum=jnp.sum(losses), grad_norm_sum=zero,
-                       num_clipped=zero, count=jnp.sum(mask > 0, dtype=jnp.float32))
+                       num_clipped=zero, num_nonfinite=zero,
+                       count=jnp.sum(mask > 0, dtype=jnp.float32))
   return fn
 
 
@@ -108,6 +112,8 @@ def apply(state: TrainState, acc: dict, *, optimizer: optax.GradientTransformati
       loss=acc["loss_sum"] / count,
       grad_norm=acc["grad_norm_sum"] / count,
       clipped_fraction=acc["num_clipped"] / count,
+      # A count (not a fraction): rows dropped for a NaN/inf gradient.
+      nonfinite_rows=acc["num_nonfinite"],
       update_norm=optax.tree.norm(updates),
   )
   return state._replace(step=state.step + 1, params=params,

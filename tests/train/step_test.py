@@ -51,6 +51,23 @@ def test_noiseless_update_is_clipped_sum_over_expected_batch():
   assert float(metrics["clipped_fraction"]) == 1.0  # all norms ~64 > 1.
 
 
+def test_nonfinite_real_rows_add_zero_and_are_counted_privately():
+  """A REAL row whose gradient is NaN or inf must not turn the step into NaN
+  (its presence would be visible): it adds zero; the count is private/."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, DIM))
+  mask = jnp.ones((4,), jnp.float32)
+  params = {"w": jnp.zeros(DIM)}
+  bad = x.at[1, 0].set(jnp.nan).at[2, 5].set(jnp.inf)
+  got, metrics = _run_step(_state(params, optax.sgd(1.0)), bad, mask,
+                           sigma=1.0)
+  drop = jnp.array([1, 0, 0, 1], jnp.float32)
+  want, _ = _run_step(_state(params, optax.sgd(1.0)), x, drop, sigma=1.0)
+  assert np.all(np.isfinite(got.params["w"]))
+  np.testing.assert_allclose(got.params["w"], want.params["w"], rtol=1e-6,
+                             atol=1e-7)
+  assert float(metrics["nonfinite_rows"]) == 2.0
+
+
 def test_padding_rows_never_leak():
   x = jax.random.normal(jax.random.PRNGKey(1), (4, DIM))
   mask = jnp.array([1, 1, 0, 0], jnp.float32)
