@@ -2,18 +2,27 @@ r"""DP-FedEmb: user-level DP image embeddings (Xu et al., CVPR 2023).
 
 Paper preset (default): the EMNIST-62 setting. Users are writers (3,400 in
 federated EMNIST); train on classes 0-35, evaluate open-set on the unseen
-classes 36-61. LeNet backbone -> 128-d embedding; 200 rounds of 256 users
-(32 virtual clients x 8 writers), client SGD batch 16, 1 epoch, fresh local
-head; server SGD lr 0.1 momentum 0.9 [verify the paper's client/server lr].
-TFDS `emnist` has NO writer ids: point data.source at a user-keyed copy of
-federated EMNIST (e.g. TFF's `emnist` exported with
-dpjax.data.sources.write_arrayrecord, fields image / label / user).
+classes 36-61 of HELD-OUT writers: 10% of the writers, chosen by a public
+hash of the writer id (data.heldout_user_fraction), are never trained on
+and are the only ones evaluated (FEMNIST's test split has the same writers
+as train, so it is not held-out data for user-level DP). LeNet backbone ->
+128-d embedding; 200 rounds of 256 expected users (Poisson) hashed into 32
+virtual clients of ~8 writers (at most 16), client SGD batch 16, 1 epoch,
+fresh local head; server SGD lr 0.1 momentum 0.9 [verify the paper's
+client/server lr]. TFDS `emnist` has NO writer ids: point data.source (and
+data.eval_source, the same files) at a user-keyed copy of federated EMNIST
+(e.g. TFF's `emnist` exported with dpjax.data.sources.write_arrayrecord,
+fields image / label / user).
 
-Sensitivity: privacy.l2_clip_norm is C per USER. Virtual clients mix
-k = 8 users, and removing one user can move a mixed client's clipped delta
-by twice its clip norm, so clients are clipped to C/2 (C=2 here gives the
-paper's client clip 1.0) and the noise sigma*C is calibrated to the true
-per-user sensitivity (twice the paper's absolute noise at sigma = 0.62).
+Sensitivity: privacy.l2_clip_norm is C per USER. Each round samples users
+independently and hashes each sampled user into one of G = ceil(expected
+users / k) virtual clients (G from this config, never from the data), so
+adding or removing one user changes only its own client's input set
+(dpjax/recipes/fedemb_data.py has the argument). Removing one user can move
+a mixed client's clipped delta by twice its clip norm, so clients are
+clipped to C/2 (C=2 here gives the paper's client clip 1.0) and the noise
+sigma*C is calibrated to the true per-user sensitivity (twice the paper's
+absolute noise at sigma = 0.62).
 
   python -m dpjax.main --config=configs/dpfedemb.py --workdir=/tmp/fedemb
   python -m dpjax.main --config=configs/dpfedemb.py:tiny --workdir=/tmp/fe
@@ -24,8 +33,10 @@ pre-training on disjoint public identities, epsilon 4 at delta 1/N users.
 Baselines: --config.privacy.enabled=False (same federated algorithm, no
 clipping or noise) and --config.phases=public (the public init alone).
 Measured (:tiny, 20 rounds of 320 expected users, recall@FAR0.1 /
-recall@1): public init 0.457 / 0.269; DP eps 4.0 0.498 / 0.390;
-non-DP 0.533 / 0.414.
+recall@1, one run each): public init 0.457 / 0.269; DP eps 4.0 at delta
+1/N 0.500 / 0.383 (users hashed into 40 clients of <= 16; 0.498 / 0.390
+with the earlier fixed groups of 8, whose sensitivity claim did not hold),
+0.458 / 0.327 at delta N^-1.1; non-DP 0.533 / 0.414 (fixed groups of 8).
 """
 
 import ml_collections
@@ -67,12 +78,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       public_split="train",
       public_num_identities=0,  # synthetic: public identities.
       public_num_classes=10,  # public head width (0 = public identities).
-      # Held-out open-set evaluation data.
-      eval_source="arrayrecord:femnist/test-*.array_record",
-      eval_split="test",
+      # Held-out open-set evaluation data. Real user-keyed sources: only
+      # users (writers) with is_heldout_user(id, heldout_user_fraction), a
+      # public hash of the id, which the private source drops; so the
+      # evaluation is on whole writers never trained on, here read from the
+      # train files (FEMNIST's test split shares train's writers).
+      eval_source="arrayrecord:femnist/train-*.array_record",
+      eval_split="train",
+      heldout_user_fraction=0.1,  # writers held out of training for eval.
       eval_num_identities=0,  # synthetic: held-out identities.
       eval_num_examples=20_000,  # cap on eval images (all-pairs metrics).
       eval_label_range=(36, 62),  # EMNIST: unseen classes 36-61.
+      # Records that cannot be used (missing or undecodable file, empty
+      # caption): "error" | "skip". Sources of at most validate_max_records
+      # records (and, with "error", every folder: source) are read in full
+      # before training: "error" stops the run listing all of them (exit
+      # 2); "skip" trains with them as zero rows. During training a record
+      # that fails is always a zero row (N unchanged), reported only at the
+      # end, in <workdir>/private_bad_records.json (private data).
+      on_bad_record="error",
+      validate_max_records=100_000,  # start-up validation size threshold.
   ))
   c.public = ml_collections.ConfigDict(dict(
       steps=2000,  # non-private pre-training steps (Adam).
@@ -84,6 +109,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       users_per_client=8,  # k users per virtual client (paper:
                            # dynamic_clients); client clip is C/2 if k > 1.
       max_examples_per_user=64,  # E: per-user cap (uniform subset).
+      # K: most users one virtual client holds (a jit shape: K * E example
+      # rows per client; k = 1 ignores it). Users per client are ~Poisson(k)
+      # (G = ceil(train.batch_size / k) clients); the overflow keeps a keyed
+      # random K of them. 0 = 2k = 16 here: P(Poisson(8) > 16) = 0.4% per
+      # client (11% of rounds overflow somewhere), ~0.2 of 256 expected
+      # users dropped per round.
+      client_capacity=0,
       client_batch_size=16,
       client_epochs=1,
       client_lr=0.01,  # client SGD learning rate (backbone).
@@ -131,7 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         public_num_identities=200, public_num_classes=0,
         eval_source="synthetic:identities", eval_split="eval",
         eval_num_identities=150, eval_num_examples=900,
-        eval_label_range=()))
+        eval_label_range=(),
+        # Held out by construction: eval identities are a range disjoint
+        # from the private and public ones (first_identity offsets).
+        heldout_user_fraction=0.0))
     c.public.update(steps=100, batch_size=128, microbatch_size=128,
                     learning_rate=3e-3)
     # Local: 3 epochs of 3 steps on the client's 48 images; the fresh
@@ -142,7 +177,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         users_per_client=8, max_examples_per_user=6, client_batch_size=16,
         client_epochs=3, client_lr=0.05, client_momentum=0.0,
         head_init="imprint", head_lr_scale=2.0, local_logit_scale=10.0,
-        reconst_steps=0, local_classes=8, unit_batch=4))
+        # local_classes=8: a client's ranks >= 8 share the last output
+        # (16 measured no better: recall@1 0.348 vs 0.383 at delta 1/N).
+        reconst_steps=0, local_classes=8, unit_batch=4,
+        # 0 = 2k = 16 users (96 example rows) per client; 40 clients of
+        # ~Poisson(8) users: P(> 16) = 0.4% per client (14% of rounds
+        # overflow somewhere), ~0.25 of 320 expected users dropped a round.
+        client_capacity=0))
     c.privacy.update(dict(
         l2_clip_norm=1.0, noise_multiplier=-1.0,  # calibrated to epsilon 4.
         target_epsilon=4.0, accountant="pld"))

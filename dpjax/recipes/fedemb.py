@@ -5,11 +5,14 @@ Phases (config.phases):
   * "public": non-private pre-training of backbone + a head over the PUBLIC
     identities (per-example Poisson batches; spends no budget).
   * "dp": DP-FedAvg with partially local variables over the PRIVATE users.
-    Each round Poisson-samples groups of k users (virtual clients,
-    `fedemb_data`); each virtual client initialises a fresh local head
-    (Glorot; key from (seed, round, group)), trains it alone for the first
-    fedemb.reconst_steps local steps, then backbone + local head on its
-    users' examples (client SGD, head lr x head_lr_scale; optionally a
+    Each round Poisson-samples USERS (each independently w.p. q) and hashes
+    each sampled user into one of G = ceil(train.batch_size / k) virtual
+    clients of at most fedemb.client_capacity users (keyed by the secret
+    sampling seed, the round and the user: `fedemb_data`, whose docstring
+    has the sensitivity argument); each virtual client initialises a fresh
+    local head (key from (seed, round, client)), trains it alone for the
+    first fedemb.reconst_steps local steps, then backbone + local head on
+    its users' examples (client SGD, head lr x head_lr_scale; optionally a
     cosine head on s * z / |z|, fedemb.local_logit_scale;
     `privacy.user_level.local_training`, vmapped over clients), and returns
     the BACKBONE delta theta_start - theta_end clipped to C (k = 1) or C/2
@@ -21,11 +24,15 @@ Phases (config.phases):
     backbone; the public head is frozen in this phase (optax.set_to_zero:
     the noise the loop draws for its zero "gradient" is discarded).
     Accounting: Poisson at rate q = expected users / N users per round, one
-    ledger event per ROUND, delta = 1/N users by default.
+    ledger event per ROUND; the default delta is computed from N USERS.
   With privacy.enabled=False the "dp" phase runs the same federated
   algorithm without clipping or noise (the non-DP baseline).
 Evaluation: exact all-pairs recall at FAR 1e-3 / 0.1 and recall@1 of
-L2-normalised embeddings of held-out identities (evaluate.retrieval).
+L2-normalised embeddings of held-out identities (evaluate.retrieval), from
+users never trained on: synthetic sources use disjoint identity ranges; real
+user-keyed sources hold out whole users by a public hash of the user id
+(data.heldout_user_fraction, `fedemb_data.is_heldout_user`): the private
+source drops them and the evaluation keeps only them.
 """
 
 import functools
@@ -65,14 +72,38 @@ def _source(spec: str, split: str, config, *, num_identities: int = 0,
                              fields=fields)
 
 
-def private_source(config: ml_collections.ConfigDict):
-  """The user-partitioned private source (num_users, user_indices)."""
+def _heldout_fraction(config, spec: str) -> float:
+  """data.heldout_user_fraction for a real user-keyed source; 0 otherwise."""
   d = config.data
+  frac = float(d.heldout_user_fraction)
+  if not 0.0 <= frac < 1.0:
+    raise ValueError(f"config.data.heldout_user_fraction={frac}: use [0, 1)")
+  if frac and spec == "synthetic:identities":
+    raise ValueError(
+        "config.data.heldout_user_fraction applies to real user-keyed "
+        "sources; synthetic identities are held out by construction "
+        "(disjoint identity ranges): set it to 0")
+  if frac and not d.user_key:
+    raise ValueError("config.data.heldout_user_fraction needs data.user_key")
+  return frac
+
+
+def private_source(config: ml_collections.ConfigDict):
+  """The user-partitioned private source (num_users, user_indices).
+
+  Real sources: users (values of data.user_key) held out for evaluation by
+  `fedemb_data.is_heldout_user(user, data.heldout_user_fraction)` are left
+  out entirely: never sampled, never trained on.
+  """
+  d = config.data
+  frac = _heldout_fraction(config, d.source)
   src = _source(d.source, d.split, config, num_identities=d.num_users)
   if not hasattr(src, "num_users"):
     src = fedemb_data.UserKeyedSource(
         src, "user", "label",
-        tuple(d.train_label_range) if d.train_label_range else None)
+        tuple(d.train_label_range) if d.train_label_range else None,
+        keep_user=(lambda u: not fedemb_data.is_heldout_user(u, frac))
+        if frac else None)
   return src
 
 
@@ -81,6 +112,14 @@ def public_source(config: ml_collections.ConfigDict):
   return _source(d.public_source, d.public_split, config,
                  num_identities=d.public_num_identities,
                  first_identity=d.num_users)
+
+
+def eval_source(config: ml_collections.ConfigDict):
+  """The evaluation records (before the hold-out and label filters)."""
+  d = config.data
+  return _source(d.eval_source, d.eval_split, config,
+                 num_identities=d.eval_num_identities,
+                 first_identity=d.num_users + d.public_num_identities)
 
 
 def _transforms(config, label_field: str) -> list:
@@ -95,22 +134,46 @@ def _label_field(spec: str) -> str:
   return "identity" if spec == "synthetic:identities" else "label"
 
 
+def eval_indices(config: ml_collections.ConfigDict, src) -> list[int]:
+  """Indices of the evaluation records of ``src`` (= `eval_source`).
+
+  Records with a label in data.eval_label_range and, for real user-keyed
+  sources with data.heldout_user_fraction > 0, only those of held-out users
+  (`fedemb_data.is_heldout_user`), the users `private_source` drops: the
+  evaluation never sees a trained-on user. At most data.eval_num_examples,
+  in source order.
+  """
+  d = config.data
+  frac = _heldout_fraction(config, d.eval_source)
+  label_field = _label_field(d.eval_source)
+  lo, hi = d.eval_label_range or (-np.inf, np.inf)
+  out = []
+  for i in range(len(src)):
+    if len(out) >= d.eval_num_examples:
+      break
+    rec = src[i]
+    if not lo <= int(rec[label_field]) < hi:
+      continue
+    if frac and not fedemb_data.is_heldout_user(rec["user"], frac):
+      continue
+    out.append(i)
+  return out
+
+
 def eval_arrays(config: ml_collections.ConfigDict) -> dict:
   """Held-out (open-set) images and identities as numpy arrays."""
   d = config.data
-  src = _source(d.eval_source, d.eval_split, config,
-                num_identities=d.eval_num_identities,
-                first_identity=d.num_users + d.public_num_identities)
+  src = eval_source(config)
   ts = _transforms(config, _label_field(d.eval_source))
+  idx = eval_indices(config, src)
+  if not idx:
+    raise ValueError(f"no evaluation records in {d.eval_source!r} (check "
+                     "data.eval_label_range / data.heldout_user_fraction)")
   images, labels = [], []
-  for i in range(len(src)):
-    if len(images) >= d.eval_num_examples:
-      break
+  for i in idx:
     r = transforms_lib.apply(ts, dict(src[i]), np.random.default_rng(i))
-    lo, hi = d.eval_label_range or (-np.inf, np.inf)
-    if lo <= int(r["label"]) < hi:
-      images.append(r["image"])
-      labels.append(int(r["label"]))
+    images.append(r["image"])
+    labels.append(int(r["label"]))
   return {"image": np.stack(images), "identity": np.asarray(labels)}
 
 
@@ -245,6 +308,10 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
   if t.batch_size > src.num_users:
     raise ValueError(f"config.train.batch_size={t.batch_size} (expected "
                      f"users per round) exceeds the {src.num_users} users")
+  # G and K from public config only (never from N or the data): see the
+  # sensitivity argument in fedemb_data.
+  num_clients = fedemb_data.num_virtual_clients(t.batch_size, k)
+  capacity = fedemb_data.client_capacity(f.client_capacity, k)
 
   def init_head(rng):
     return local_head.init(rng, jnp.zeros((1, embed_dim)))["params"]
@@ -303,7 +370,7 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
   phase.make_batches = lambda **kw: fedemb_data.virtual_client_batches(
       phase.source, ts, sampling_rate=phase.sampling_rate,
       users_per_client=k, max_examples_per_user=f.max_examples_per_user,
-      **kw)
+      num_clients=num_clients, client_capacity=capacity, **kw)
   return phase
 
 

@@ -63,7 +63,9 @@ def test_changing_all_of_one_users_examples_moves_aggregate_at_most_c(
   c, k, e = (config.privacy.l2_clip_norm, config.fedemb.users_per_client,
              config.fedemb.max_examples_per_user)
   base, aux = fn(params, batch, mask)
-  assert float(aux["count"]) == k * float(mask.sum())  # counts USERS.
+  users = float(np.sum(np.asarray(batch["num_users"]) * np.asarray(mask)))
+  assert float(aux["count"]) == users > float(mask.sum())  # counts USERS.
+  assert k > 1  # so clients are clipped to C/2 (a user moves one by <= C).
   assert _dist(base["head"], jax.tree.map(jnp.zeros_like, base["head"])) == 0
   client = int(np.flatnonzero(np.asarray(mask))[0])
   rows = slice(0, e)  # all examples of the client's first user.
@@ -94,28 +96,95 @@ def test_users_outside_the_sample_contribute_nothing(dp_setup):
   assert _dist(out, ref) == 0.0 and _dist(base, ref) > 0.0
 
 
-def test_rounds_sample_disjoint_groups_of_k_users_poisson():
+def test_rounds_hash_poisson_sampled_users_into_g_clients():
   config = small_config()
   src = fedemb.private_source(config)
-  k, q = config.fedemb.users_per_client, 32 / 200
+  k, q, e = config.fedemb.users_per_client, 32 / 200, 4
+  g = 32 // k  # G = expected users / k, from the config alone.
+  keys = fedemb_data.user_keys(src)  # synthetic: the user index.
   sizes = []
   for step in range(40):
-    groups = fedemb_data._RoundGroups(src, k, 4, 0, step)
-    ids = np.concatenate([groups.members(g) for g in range(groups.num_users)])
-    assert sorted(ids.tolist()) == list(range(200))  # a partition.
-    sampled = privacy.sample_indices(0, step, groups.num_users, q)
-    sizes.append(sum(groups.members(g).size for g in sampled))
+    rc = fedemb_data.round_clients(keys, 0, step, q, k, g, 2 * k)
+    flat = np.concatenate(rc.members)
+    assert np.unique(flat).size == flat.size  # each user in one client.
+    assert rc.num_users == rc.num_sampled or max(
+        m.size for m in rc.members) == 2 * k  # only overflow drops users.
+    sizes.append(rc.num_sampled)
   assert abs(np.mean(sizes) - q * 200) < 6  # E[users] = q N (sd ~1.8).
   _, phase = _dp_phase(config)
   el = _round(phase, step=5)
   real = el["mask"].reshape(-1) > 0
   assert int(el["batch_size"]) == int(el["example"]["num_users"].sum())
-  groups = fedemb_data._RoundGroups(src, k, 4, 0, 5)
-  want = privacy.sample_indices(0, 5, groups.num_users, q)
-  assert sorted(el["user"].reshape(-1)[real].tolist()) == want.tolist()
-  labels = el["example"]["label"].reshape(-1, k * 4)[real]
-  for g, lab in zip(el["user"].reshape(-1)[real], labels):
-    assert set(lab.tolist()) == set(groups.members(int(g)).tolist())
+  rc = fedemb_data.round_clients(keys, 0, 5, q, k, g, 2 * k)
+  assert el["user"].reshape(-1)[real].tolist() == rc.ids.tolist()
+  assert el["example"]["label"].shape[-1] == 2 * k * e  # capacity 2k.
+  labels = el["example"]["label"].reshape(-1, 2 * k * e)[real]
+  ex_mask = el["example"]["example_mask"].reshape(-1, 2 * k * e)[real]
+  for members, lab, m in zip(rc.members, labels, ex_mask):
+    assert set(lab[m > 0].tolist()) == set(members.tolist())  # identity = u.
+
+
+def test_client_count_and_capacity_do_not_depend_on_population():
+  states = []
+  for n in (200, 199):
+    _, phase = _dp_phase(small_config(**{"data.num_users": n}))
+    it = phase.make_batches(seed=2**64 - 1, start_step=0, num_steps=2,
+                            global_microbatch=8, process_index=0,
+                            process_count=1, num_workers=0)
+    states.append(it.get_state())
+    assert all(np.all(el["user"] < 8) for el in it)
+  assert states[0]["num_clients"] == states[1]["num_clients"] == 32 // 4
+  assert states[0]["client_capacity"] == states[1]["client_capacity"] == 8
+
+
+class _FakeWriters:
+  """A small FEMNIST-like record source: 120 writers x 8 records, each
+  writer with labels in both [0, 36) and [36, 62)."""
+
+  def __init__(self):
+    self.recs = [{"image": np.full((28, 28, 1), i % 256, np.uint8),
+                  "label": (8 * (i // 120) + i % 8) % 62,
+                  "user": f"f{i % 120:04d}_{i % 120 % 7:02d}".encode()}
+                 for i in range(960)]
+
+  def __len__(self):
+    return len(self.recs)
+
+  def __getitem__(self, i):
+    return dict(self.recs[int(i)])
+
+
+def test_paper_preset_evaluates_on_held_out_writers(monkeypatch):
+  fake = _FakeWriters()
+  monkeypatch.setattr(fedemb.sources, "make_source",
+                      lambda spec, **kw: fake)
+  config = fedemb_config.get_config("paper")
+  assert config.data.heldout_user_fraction > 0
+  train = fedemb.private_source(config)
+  train_users = {train.user_id(u) for u in range(train.num_users)}
+  evals = fedemb.eval_source(config)
+  eval_users = {evals[i]["user"] for i in fedemb.eval_indices(config, evals)}
+  all_users = {r["user"] for r in fake.recs}
+  assert train_users and eval_users
+  assert not train_users & eval_users  # whole writers held out.
+  assert train_users | eval_users == all_users
+  assert all(fake[i]["label"] < 36 for u in range(train.num_users)
+             for i in train.user_indices(u))
+  arrays = fedemb.eval_arrays(config)
+  assert arrays["image"].shape[1:] == (28, 28, 3)
+  assert set(arrays["identity"].tolist()) <= set(range(36, 62))
+
+
+def test_tiny_preset_evaluates_on_held_out_identities():
+  config = fedemb_config.get_config("tiny")
+  private, public = fedemb.private_source(config), fedemb.public_source(config)
+  evals = fedemb.eval_source(config)
+  ranges = [(s.first_identity, s.first_identity + s.num_users)
+            for s in (private, public, evals)]
+  assert ranges == sorted(ranges)
+  assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint.
+  with pytest.raises(ValueError, match="heldout_user_fraction"):
+    fedemb.private_source(small_config(**{"data.heldout_user_fraction": 0.1}))
 
 
 def test_accounting_counts_rounds_not_examples_and_trains_end_to_end(
@@ -124,9 +193,9 @@ def test_accounting_counts_rounds_not_examples_and_trains_end_to_end(
   results = loop.run(config, str(tmp_path))
   assert results["dp/num_examples"] == 200  # users, not examples.
   assert results["dp/sampling_rate"] == pytest.approx(32 / 200)
-  assert results["delta"] == pytest.approx(1 / 200)
+  assert results["delta"] == pytest.approx(200 ** -1.1)
   want = privacy.epsilon(results["dp/noise_multiplier"], 32 / 200, 3,
-                         1 / 200)
+                         results["delta"])
   assert results["epsilon"] == pytest.approx(want, rel=1e-9)
   assert results["epsilon"] <= 4.0 + 1e-6
   assert results["step"] == 2 + 3  # public steps + rounds.
