@@ -27,7 +27,9 @@ def small_config(**overrides):
                  warmup_steps=1, checkpoint_every=1)
   c.data.update(num_examples=2000, eval_num_examples=48)
   c.evals.update(probe_train_examples=96)
+  # Reproducible (not secret) keys: two runs must take the same batches.
   c.privacy.noise_seed = 0
+  c.privacy.sampling_seed = 0
   c.update_from_flattened_dict(overrides)
   return c
 
