@@ -18,9 +18,11 @@ Sensitivity (add/remove one user):
     units to C/2, so that the per-user sensitivity is C in both cases and the
     Gaussian noise sigma*C of the DP step is calibrated to it (equivalently:
     noise calibrated for sensitivity 2C' with unit clip norm C' = C/2).
-  The grouping of users into units must not depend on the data of other
-  users (e.g. a fixed or per-round random partition of user ids), so that
-  removing one user changes only its own unit.
+  Adding or removing one user must change only its own unit: each user's
+  inclusion and unit must depend on that user alone (e.g. a secret keyed
+  hash of (key, round, user id) into a number of units fixed by public
+  config). A random permutation or partition of all N user ids does NOT
+  qualify: changing N redraws every group.
 
 Vectorised: ``jax.vmap`` over units, ``jax.lax.scan`` over local batches; a
 batch of units sharded over a mesh is reduced by the sum. Only aggregates
