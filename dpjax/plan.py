@@ -110,23 +110,30 @@ def _state_bytes(tree, fsdp: int, dtype=None) -> float:
   return total
 
 
-def _example(phase, micro: int):
-  """({field: ShapeDtypeStruct [micro, ...]}, mask struct) of one
-  microbatch, as the loop's pipeline makes it."""
+def _example(phase, micro: int, chips: int, sim: int):
+  """({field: ShapeDtypeStruct}, mask struct, the phase's global microbatch)
+  of one microbatch as the loop's pipeline makes it, with the per-device
+  rows of `chips` chips on `sim` simulated devices."""
   if phase.make_batches is not None:  # Its own batches: take one element.
-    it = phase.make_batches(seed=0, start_step=0, num_steps=1,
-                            global_microbatch=micro, process_index=0,
-                            process_count=1, num_workers=0)
-    el = next(it)
-    one = lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x).dtype)
-    return jax.tree.map(one, el["example"]), one(el["mask"])
+    el = next(phase.make_batches(seed=0, start_step=0, num_steps=1,
+                                 global_microbatch=micro, process_index=0,
+                                 process_count=1, num_workers=0))
+    micro = np.shape(el["mask"])[1]  # A phase may use its own size.
+    if micro % chips:
+      raise PlanError(f"phase {phase.name!r}: its microbatch of {micro} "
+                      f"does not split over {chips} chips")
+    rows = micro // chips * sim
+    one = lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[2:],
+                                         np.asarray(x).dtype)
+    return jax.tree.map(one, el["example"]), one(el["mask"]), micro
   from dpjax.data import transforms as transforms_lib
+  rows = micro // chips * sim
   rec = transforms_lib.apply(phase.transforms, dict(phase.source[0]),
                              np.random.default_rng(0))
-  ex = {k: jax.ShapeDtypeStruct((micro,) + np.shape(v), np.asarray(v).dtype)
+  ex = {k: jax.ShapeDtypeStruct((rows,) + np.shape(v), np.asarray(v).dtype)
         for k, v in rec.items()}
-  ex["rng"] = jax.ShapeDtypeStruct((micro, 2), np.uint32)  # add_rng.
-  return ex, jax.ShapeDtypeStruct((micro,), np.float32)
+  ex["rng"] = jax.ShapeDtypeStruct((rows, 2), np.uint32)  # add_rng.
+  return ex, jax.ShapeDtypeStruct((rows,), np.float32), micro
 
 
 def _cost(compiled) -> float:
@@ -145,7 +152,7 @@ def _memory(compiled) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
-def _compile_phase(phase, s, config, mesh, micro: int, param_shapes):
+def _compile_phase(phase, s, config, mesh, chips: int, param_shapes):
   """AOT-compiles the loop's accumulate and apply of `phase` on `mesh`."""
   from dpjax.train import loop  # The loop's own sum function.
   rep = mesh_lib.replicated(mesh)
@@ -157,7 +164,8 @@ def _compile_phase(phase, s, config, mesh, micro: int, param_shapes):
   acc_shard["grad"] = pshard
   acc = _abstract(jax.eval_shape(step_lib.zeros_accumulator, params),
                   acc_shard)
-  ex, mask = _example(phase, micro)
+  ex, mask, micro = _example(phase, config.train.microbatch_size, chips,
+                            mesh.size)
   bspec = lambda x: mesh_lib.batch_sharding(mesh)
   batch = _abstract(ex, jax.tree.map(bspec, ex))
   mask = _abstract(mask, bspec(mask))
@@ -177,7 +185,7 @@ def _compile_phase(phase, s, config, mesh, micro: int, param_shapes):
       expected_batch_size=float(phase.batch_size)), donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda x: x.sharding, state), rep))
   c_apply = apply.lower(state, acc).compile()
-  return c_acc, c_apply, opt_shapes
+  return c_acc, c_apply, opt_shapes, micro
 
 
 _MEASURED = {}  # (config json, mesh, local devices) -> _measure's result.
@@ -234,8 +242,8 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
       phase.noise_multiplier = settings[phase.name].noise_multiplier
   for phase in task.phases:
     s = settings.get(phase.name)
-    c_acc, c_apply, opt_shapes = _compile_phase(
-        phase, s, config, mesh, per_device * sim, param_shapes)
+    c_acc, c_apply, opt_shapes, micro = _compile_phase(
+        phase, s, config, mesh, chips, param_shapes)
     mem_acc, mem_apply = _memory(c_acc), _memory(c_apply)
     # Param, optimizer and f32 accumulator bytes per device: real mesh.fsdp
     # minus the simulated one (0 unless fsdp exceeds the simulated devices).
@@ -245,7 +253,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
     opt_dev = _state_bytes(opt_shapes, fsdp)
     acc_dev = _cost(c_acc) * (per_device // inner if inner else 1)
     apply_dev = _cost(c_apply)
-    n_micro = phase.batch_size / t.microbatch_size
+    n_micro = phase.batch_size / micro
     tail = phase.batch_size
     if phase.batch_size < phase.num_examples:
       tail = privacy.max_batch_size_for(phase.num_examples,
@@ -254,7 +262,8 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
     p = dict(name=phase.name, private=phase.private, steps=phase.steps,
              batch_size=phase.batch_size, num_examples=phase.num_examples,
              batch_size_tail_1e6=tail, microbatches_per_step=n_micro,
-             microbatches_tail_1e6=math.ceil(tail / t.microbatch_size),
+             microbatch_size=micro,
+             microbatches_tail_1e6=math.ceil(tail / micro),
              examples=phase.steps * phase.batch_size,
              epochs=phase.steps * phase.batch_size / phase.num_examples,
              memory_accumulate=mem_acc, memory_apply=mem_apply,
@@ -333,8 +342,9 @@ def plan(config, mesh_spec: str | None = None, *, mfu: float = 0.4,
           f"train.microbatch_size (now {t.microbatch_size}: "
           f"{out['per_device_microbatch']} per device), set "
           f"train.inner_microbatch (now {t.inner_microbatch}), raise "
-          f"mesh.fsdp (now {out['mesh_fsdp']}) or use train.dtype=bfloat16 "
-          f"(now {t.dtype})")
+          f"mesh.fsdp (now {out['mesh_fsdp']})" + (
+              "" if t.dtype == "bfloat16" else
+              f" or use train.dtype=bfloat16 (now {t.dtype})"))
   out["fits"] = not out["problems"]
   for k in ("flops_run", "wall_hours", "chip_hours"):
     out[k] = sum(p[k] for p in out["phases"])
@@ -370,7 +380,8 @@ def format_plan(r: dict) -> str:
         f"optimizer state {p['optimizer_bytes_per_device'] / GiB:.2f}) of "
         f"{p['hbm_bytes'] / GiB:.1f} GiB: "
         f"{'fits' if p['fits'] else 'DOES NOT FIT'}",
-        f"  FLOPs (XLA): {_g(p['flops_per_microbatch'])}/microbatch x "
+        f"  FLOPs (XLA): {_g(p['flops_per_microbatch'])}/microbatch of "
+        f"{p['microbatch_size']:,} x "
         f"{p['microbatches_per_step']:.4g} (tail "
         f"{p['microbatches_tail_1e6']}) + apply {_g(p['flops_apply'])} = "
         f"{_g(p['flops_per_step'])}/step, {_g(p['flops_run'])}/run",
@@ -389,6 +400,65 @@ def format_plan(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _leaves(cfg, prefix=""):
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", k, v
+
+
+def _is_stand_in(name: str, value) -> bool:
+  """A data source / tokenizer the plan swaps for the preset's synthetic
+  one: real data, a vocab file (shapes are all the plan needs)."""
+  if not isinstance(value, str) or not value:
+    return False
+  if name.endswith("source"):
+    return not value.startswith("synthetic:")
+  return name == "tokenizer" and value.startswith("wordpiece:") and not (
+      os.path.exists(value.split(":", 1)[1]))
+
+
+def stand_in_data(config, small) -> tuple[object, list[str]]:
+  """`config` with every real data source (and missing vocab file) replaced
+  by `small`'s synthetic value at the same field; sizes (N, image size,
+  caption length, vocab size, classes) stay `config`'s. Returns (copy,
+  notes naming each replaced field)."""
+  out = config.copy_and_resolve_references()
+  notes = []
+  small_leaves = {path: v for path, _, v in _leaves(small)}
+  for path, name, value in _leaves(config):
+    new = small_leaves.get(path)
+    if _is_stand_in(name, value) and isinstance(new, str) and new and (
+        not _is_stand_in(name, new)):
+      node = out
+      for part in path.split(".")[:-1]:
+        node = node[part]
+      with node.unlocked() if hasattr(node, "unlocked") else _nullctx():
+        node[name] = new
+      notes.append(f"{path}={value!r} stood in by {new!r} (same shapes and "
+                   "N; records are never read)")
+      if name.endswith("source"):  # Sizes real data would give: the preset's.
+        prefix = name[:-len("source")]
+        for k in node.keys():
+          if k.startswith(prefix) and k != name and (
+              k == prefix + "split" or not node[k]) and (
+                  small_leaves.get(path[:-len(name)] + k) not in (None,
+                                                                  node[k])):
+            with node.unlocked() if hasattr(node, "unlocked") else _nullctx():
+              node[k] = small_leaves[path[:-len(name)] + k]
+            notes.append(f"  {path[:-len(name)] + k}: stand-in's {node[k]!r}")
+  return out, notes
+
+
+class _nullctx:  # pylint: disable=invalid-name
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
 def write_plan(result: dict, workdir: str) -> None:
   """<workdir>/plan.json (local or gs://)."""
   from etils import epath
@@ -405,18 +475,40 @@ if __name__ == "__main__":
                       " (default: the local devices).")
   flags.DEFINE_string("workdir", None, "Writes <workdir>/plan.json.")
   flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation of projections.")
+  flags.DEFINE_list("also", [], "More chips (keys of train/hardware.py's "
+                    "CHIPS, e.g. h100) to project the same compiled step on.")
+  flags.DEFINE_bool("stand_in_data", True, "Replace real data sources and "
+                    "missing vocab files by the :tiny preset's synthetic "
+                    "ones (same shapes, N kept): the plan reads no records.")
   flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  config, notes = f.config, []
+  if f.stand_in_data:
+    import importlib.util
+    path = config_flags.get_config_filename(f["config"])
+    spec = importlib.util.spec_from_file_location("_plan_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config, notes = stand_in_data(config, module.get_config("tiny"))
   try:
-    r = plan(f.config, f.mesh, mfu=f.mfu)
+    r = plan(config, f.mesh, mfu=f.mfu)
+    r["notes"] += notes
   except PlanError as e:
     print(f"dpjax.plan: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
   print(format_plan(r), flush=True)
+  r["also"] = {}
+  for key in f.also:
+    o = plan(config, f.mesh, mfu=f.mfu, chip=hardware.CHIPS[key])
+    r["also"][key] = {k: o[k] for k in ("chip", "fits", "wall_hours",
+                                        "chip_hours", "problems")}
+    print(f"also on {r['chips']} x {o['chip']}: {o['wall_hours']:.3g} h "
+          f"wall, {o['chip_hours']:.4g} chip-hours, "
+          f"{'fits' if o['fits'] else 'DOES NOT FIT'}", flush=True)
   if f.workdir:
     write_plan(r, f.workdir)
   if not r["fits"]:

@@ -115,7 +115,7 @@ def test_flops_agree(result):
   assert 0.5 < p["flops_per_step"] / analytic < 2.0, (
       p["flops_per_step"], analytic)
   # XLA's count of a plain unclipped gradient of the same microbatch.
-  ex, _ = plan_lib._example(phase, MICRO)
+  ex, _, _ = plan_lib._example(phase, MICRO, 1, 1)
 
   def plain(params, batch):
     loss = lambda q: jnp.sum(jax.vmap(phase.loss_fn, (None, 0))(q, batch))
