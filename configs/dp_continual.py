@@ -88,6 +88,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="tfds:imagenet21k",
       eval_split="validation",
       eval_num_examples=10_000,
+      # Records that cannot be used (missing or undecodable file, empty
+      # caption): "error" | "skip". Sources of at most validate_max_records
+      # records (and, with "error", every folder: source) are read in full
+      # before training: "error" stops the run listing all of them (exit
+      # 2); "skip" trains with them as zero rows. During training a record
+      # that fails is always a zero row (N unchanged), reported only at the
+      # end, in <workdir>/private_bad_records.json (private data).
+      on_bad_record="error",
+      validate_max_records=100_000,  # start-up validation size threshold.
   ))
 
   # Phase 1: non-private AdamW on the public data [verify: B, steps, lr].

@@ -15,6 +15,10 @@ launch/README.md.
 
 Preemption: SIGTERM finishes the current step, checkpoints and exits 0; the
 same command resumes the run.
+
+Bad data: when start-up validation finds records that cannot be used
+(missing or undecodable files, empty captions; see README, Data), the run
+prints every problem in one message and exits 2 before training.
 """
 
 import os
@@ -113,8 +117,13 @@ def main(argv):
   del argv
   _maybe_initialize_distributed()
   from dpjax.train import loop  # pylint: disable=g-import-not-at-top
+  from dpjax.data import DataValidationError  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", FLAGS.config)
-  results = loop.run(FLAGS.config, FLAGS.workdir)
+  try:
+    results = loop.run(FLAGS.config, FLAGS.workdir)
+  except DataValidationError as e:
+    print(f"dpjax: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if results.get("preempted"):
     message = PREEMPTED_MESSAGE.format(step=results["step"],
                                        workdir=FLAGS.workdir)

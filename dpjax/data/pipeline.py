@@ -21,28 +21,61 @@ Element layout for one step (this process p of P; global microbatch M):
   {"example": {field: [n_micro, M/P, ...], ...,
                "rng": uint32[n_micro, M/P, 2] (from (seed, step, index))},
    "mask": float32[n_micro, M/P],
+   "bad_index": int64[n_micro, M/P], "bad_reason": int8[n_micro, M/P]
+   (bad records, below),
    "step": int64 (0-d), "batch_size": int64 (0-d; b, global; a logged
    metric only -- never divide by it)}.
 ``element["example"]`` sliced at microbatch m is the batch pytree that
 ``loss_fn`` (vmapped) consumes.
 The sorted sampled indices, padded to n_micro * M, are cut into microbatches
 of M consecutive slots; process p keeps slots [p*M/P, (p+1)*M/P) of each.
-Padding rows hold a copy of a real (transformed) record 0 with mask 0, so
-models never see NaN-producing zeros; they must contribute nothing.
+Padding rows hold a copy of a real (transformed) record with mask 0 (the
+first record that loads, normally record 0), so models never see
+NaN-producing zeros; they must contribute nothing.
+
+Bad records. A sampled row whose record fails to load -- ``BadRecord`` from
+a source or transform (missing file, undecodable or truncated image, caption
+with no tokens, missing field) or an ``OSError`` while reading or
+transforming it -- becomes a padding row: the template, mask 0, rng 0, so it
+contributes exactly zero, while N, q and the realised ``batch_size`` (and so
+the accounting) are unchanged. The element records it in
+  "bad_index": int64[n_micro, M/P] (the record's index; -1 for rows that
+  loaded and for padding), "bad_reason": int8[n_micro, M/P] (0, or
+  ``dpjax.data.reason_code``),
+which the training loop accumulates in memory (``BadRecordTally``) and
+writes once, at the end of the run, to a private file: nothing is logged at
+the step that drew the record (that would say when it was sampled), and
+Python warnings raised while loading rows are silenced for the same reason.
+Small sources are checked in full before training instead
+(``validate_phases``). Other exceptions (bugs) propagate.
 """
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator, Sequence
+import warnings
 
+from absl import logging
 import grain
 import numpy as np
 
+from dpjax.data import BAD_REASONS
+from dpjax.data import BadRecord
+from dpjax.data import DataValidationError
+from dpjax.data import reason_code
+from dpjax.data import sources as sources_lib
 from dpjax.data import transforms as transforms_lib
 from dpjax.privacy import sampling
 
 METADATA_KEYS = ("step", "batch_size")
 _USER_SUBSET_TAG = 0x05E125
+# One record's data problem (BadRecord) or I/O failure (OSError, which
+# includes Pillow's unidentified / truncated image errors).
+_LOAD_ERRORS = (BadRecord, OSError)
+# Records tried, from 0, for the padding template before giving up.
+_TEMPLATE_TRIES = 64
 
 
 def _stack(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -68,6 +101,84 @@ class _RowLoader:
   def load(self, index: int, step: int) -> dict[str, Any]:
     rng = transforms_lib.example_generator(self.seed, step, index)
     return transforms_lib.apply(self.transforms, self.source[int(index)], rng)
+
+  def try_load(self, index: int, step: int
+               ) -> tuple[dict[str, Any] | None, int, Exception | None]:
+    """(record, 0, None), or (None, reason code, error) for a bad record."""
+    try:
+      raw = self.source[int(index)]
+    except _LOAD_ERRORS as e:
+      return None, _code(e, "read"), e
+    rng = transforms_lib.example_generator(self.seed, step, index)
+    try:
+      return transforms_lib.apply(self.transforms, raw, rng), 0, None
+    except _LOAD_ERRORS as e:
+      return None, _code(e, "decode"), e
+
+
+def _code(error: Exception, default: str) -> int:
+  return reason_code(error.reason if isinstance(error, BadRecord)
+                     else default)
+
+
+def _describe_error(error: Exception) -> str:
+  if isinstance(error, BadRecord):
+    return f"{error.reason}: {error}"
+  return f"{type(error).__name__}: {error}"
+
+
+def template_record(rows: _RowLoader, num_examples: int) -> dict[str, Any]:
+  """The padding record: the first of records 0, 1, ... that loads (at step
+  0). Its rows always have mask 0, so which record it is does not matter.
+
+  Raises:
+    DataValidationError: none of the first records loads: the source or
+      its config (fields, keys, tokenizer) is wrong, not one record.
+  """
+  failed = {}  # reason code -> [(index, error), ...]
+  for i in range(max(1, min(num_examples, _TEMPLATE_TRIES))):
+    rec, code, err = rows.try_load(i, 0)
+    if rec is not None:
+      return rec
+    failed.setdefault(code, []).append((i, err))
+  common = max(failed.values(), key=len)  # The most frequent reason.
+  raise DataValidationError(
+      f"data: none of the first {i + 1} records of {rows.source!r} can be "
+      f"used ({len(common)} like record {common[0][0]}: "
+      f"{_describe_error(common[0][1])}). This is the data's configuration, "
+      "not a few bad records: check data.source, data.fields and the image "
+      "/ caption keys.")
+
+
+def load_rows(rows: _RowLoader, indices: Sequence[int], step: int,
+              template: dict[str, Any], real: Sequence[bool] | None = None,
+              quiet: bool = True) -> tuple[list[dict[str, Any]], np.ndarray]:
+  """Loads rows ``indices`` at ``step``; bad records become ``template``.
+
+  Args:
+    rows: the row loader.
+    indices: record indices.
+    step: the step (per-example randomness).
+    template: the padding record (``template_record``).
+    real: optional bool per index; False rows are padding (not loaded).
+    quiet: silence Python warnings while loading (their first appearance
+      would show when a record that triggers one was drawn).
+
+  Returns:
+    (records, int8[len(indices)] reason codes: 0 = loaded or padding, else
+    ``dpjax.data.reason_code`` of why the record is bad).
+  """
+  records, codes = [], np.zeros((len(indices),), np.int8)
+  with warnings.catch_warnings():
+    if quiet:
+      warnings.simplefilter("ignore")
+    for j, i in enumerate(indices):
+      if real is not None and not real[j]:
+        records.append(template)
+        continue
+      rec, codes[j], _ = rows.try_load(i, step)
+      records.append(template if rec is None else rec)
+  return records, codes
 
 
 def _process_slots(size: int, micro: int, process_index: int,
@@ -103,10 +214,11 @@ class StepLoader:
     _check_division(self.global_microbatch, self.process_count)
 
   def template(self) -> dict[str, Any]:
-    """The padding record: record 0 transformed at step 0."""
+    """The padding record: record 0 (else the first that loads) at step 0."""
     if self._template is None:
-      self._template = _RowLoader(self.source, self.transforms,
-                                  self.seed).load(0, 0)
+      self._template = template_record(
+          _RowLoader(self.source, self.transforms, self.seed),
+          self.num_examples)
     return self._template
 
   def indices(self, step: int) -> np.ndarray:
@@ -122,15 +234,21 @@ class StepLoader:
     flat_idx = np.where(real, idx[np.minimum(slots, max(idx.size - 1, 0))]
                         if idx.size else 0, 0).reshape(-1)
     rows = _RowLoader(self.source, self.transforms, self.seed)
-    records = [rows.load(i, step) if r else self.template()
-               for i, r in zip(flat_idx, real.reshape(-1))]
+    flat_real = real.reshape(-1)
+    records, codes = load_rows(rows, flat_idx, step, self.template(),
+                               flat_real)
+    ok = flat_real & (codes == 0)  # A bad record is a padding row.
     example = {k: v.reshape(slots.shape + v.shape[1:])
                for k, v in _stack(records).items()}
     if self.add_rng:
       keys = transforms_lib.example_keys(self.seed, step, flat_idx)
-      keys[~real.reshape(-1)] = 0
+      keys[~ok] = 0
       example["rng"] = keys.reshape(slots.shape + (2,))
-    return {"example": example, "mask": real.astype(np.float32),
+    return {"example": example,
+            "mask": ok.reshape(slots.shape).astype(np.float32),
+            "bad_index": np.where(codes > 0, flat_idx, -1).astype(
+                np.int64).reshape(slots.shape),
+            "bad_reason": codes.reshape(slots.shape),
             "step": np.int64(step), "batch_size": np.int64(idx.size)}
 
 
@@ -226,7 +344,8 @@ def poisson_batches(source: Any, *, sampling_rate: float,
   Formal property: step t's global batch is exactly
   ``sampling.sample_indices(seed, t, len(source), sampling_rate)`` (Poisson,
   never truncated); the union over processes and microbatches of rows with
-  mask 1 is that set.
+  mask 1 is that set minus its bad records, which are the rows with
+  ``bad_index`` >= 0 (mask 0: they contribute exactly zero).
 
   Args:
     source: random-access source (``__len__``, ``__getitem__ -> dict``).
@@ -317,7 +436,11 @@ class UserStepLoader:
   Layout: {"example": {field: [n_chunks, U/P, E, ...], "rng": uint32[...,
   E, 2]}, "mask": float32[n_chunks, U/P] (user is real), "example_mask":
   float32[n_chunks, U/P, E], "user": int64[n_chunks, U/P] (-1 = padding),
+  "bad_index", "bad_reason": [n_chunks, U/P, E] (see the module doc),
   "step", "batch_size" (= number of sampled users)}.
+  A bad record is a padding example (example_mask 0); a sampled user none
+  of whose records loads gets mask 0, so it contributes exactly zero (the
+  number of sampled users, and the accounting, are unchanged).
   """
   source: Any
   transforms: Sequence[Any]
@@ -351,20 +474,31 @@ class UserStepLoader:
     e = self.max_examples_per_user
     rows = _RowLoader(self.source, self.transforms, self.seed)
     if self._template is None:
-      self._template = rows.load(0, 0)
+      self._template = template_record(rows, len(self.source))
     template = self._template
-    per_user, user_ids, ex_mask, keys = [], [], [], []
-    for s in slots.reshape(-1):
+    per_user, user_ids, ex_mask, keys, bad_i, bad_r = [], [], [], [], [], []
+    user_mask = (slots < users.size).astype(np.float32).reshape(-1)
+    for j, s in enumerate(slots.reshape(-1)):
       u = int(users[s]) if s < users.size else -1
       idx = self._user_rows(u, step) if u >= 0 else np.zeros((0,), np.int64)
-      recs = [rows.load(i, step) for i in idx]
+      recs, codes = load_rows(rows, idx, step, template)
       recs += [template] * (e - len(recs))
       per_user.append(_stack(recs))
+      ok = codes == 0
       m = np.zeros((e,), np.float32)
-      m[:idx.size] = 1.0
+      m[:idx.size] = ok
       ex_mask.append(m)
+      if idx.size and not ok.any():  # Nothing of this user loads.
+        user_mask[j] = 0.0
+      bi = np.full((e,), -1, np.int64)
+      bi[:idx.size] = np.where(ok, -1, idx)
+      br = np.zeros((e,), np.int8)
+      br[:idx.size] = codes
+      bad_i.append(bi)
+      bad_r.append(br)
       k = np.zeros((e, 2), np.uint32)
       k[:idx.size] = transforms_lib.example_keys(self.seed, step, idx)
+      k[:idx.size][~ok] = 0
       keys.append(k)
       user_ids.append(u)
     lead = slots.shape
@@ -372,9 +506,11 @@ class UserStepLoader:
         lead + per_user[0][k].shape) for k in per_user[0]}
     example["rng"] = np.stack(keys).reshape(lead + (e, 2))
     return {"example": example,
-            "mask": (slots < users.size).astype(np.float32),
+            "mask": user_mask.reshape(lead),
             "example_mask": np.stack(ex_mask).reshape(lead + (e,)),
             "user": np.asarray(user_ids, np.int64).reshape(lead),
+            "bad_index": np.stack(bad_i).reshape(lead + (e,)),
+            "bad_reason": np.stack(bad_r).reshape(lead + (e,)),
             "step": np.int64(step), "batch_size": np.int64(users.size)}
 
 
@@ -399,6 +535,240 @@ def sample_users(source: Any, *, sampling_rate: float, users_per_chunk: int,
                  "num_users": int(source.num_users)}
   return StepIterator(loader, start_step, num_steps, num_workers,
                       fingerprint=fingerprint)
+
+
+# --- Bad records: start-up validation and the end-of-run tally. -----------
+
+_MAX_LISTED = 1000  # records named in one validation error.
+
+
+def find_bad_records(source: Any, transforms: Sequence[Any] = (), *,
+                     num_threads: int | None = None
+                     ) -> list[tuple[int, int, str]]:
+  """Reads and transforms EVERY record as training would (randomised
+  transforms with a fixed generator); returns ``(index, reason code,
+  message)`` of each record that fails, in index order.
+
+  Threads (``num_threads``, default min(8, CPUs)): Pillow decodes and
+  resizes without the GIL. The randomness used here is not the run's.
+  """
+  rows = _RowLoader(source, tuple(transforms), 0)
+
+  def check(i):
+    rec, code, err = rows.try_load(i, 0)
+    return None if rec is not None else (i, int(code), _describe_error(err))
+
+  n = len(source)
+  threads = num_threads or min(8, os.cpu_count() or 1)
+  if threads > 1 and n > 1:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      results = list(pool.map(check, range(n)))
+  else:
+    results = [check(i) for i in range(n)]
+  return [r for r in results if r is not None]
+
+
+def _by_reason(codes: Sequence[int]) -> dict[str, int]:
+  out = {}
+  for c in codes:
+    out[BAD_REASONS[int(c) - 1]] = out.get(BAD_REASONS[int(c) - 1], 0) + 1
+  return dict(sorted(out.items()))
+
+
+def validate_phases(phases: Sequence[tuple[str, Any, Sequence[Any]]], *,
+                    on_bad_record: str = "error",
+                    max_records: int = 100_000
+                    ) -> dict[str, list[tuple[int, int, str]]]:
+  """Start-up check of every record of the small sources, before training.
+
+  A source is checked in full when it has at most ``max_records`` records,
+  or is a ``folder:`` source and ``on_bad_record="error"``; generated
+  (synthetic) sources and larger ones are not (their bad records become
+  zero rows during training).
+
+  Args:
+    phases: (phase name, source, transforms) of each phase.
+    on_bad_record: "error": any bad record is an error listing them all;
+      "skip": they are logged as a count (at start-up, so independent of
+      sampling) and become zero rows in training.
+    max_records: size threshold (config.data.validate_max_records).
+
+  Returns:
+    {phase name: [(index, reason code, message), ...]} of the checked
+    phases (empty lists when clean).
+
+  Raises:
+    DataValidationError: on_bad_record="error" and a checked source has
+      bad records; the message names every one (up to 1000), counts them
+      by reason and says how to fix it.
+  """
+  if on_bad_record not in ("error", "skip"):
+    raise ValueError(f"config.data.on_bad_record={on_bad_record!r} is "
+                     'invalid: use "error" or "skip"')
+  found, problems = {}, []
+  for name, source, ts in phases:
+    if sources_lib.is_generated(source):
+      continue
+    n = len(source)
+    folder = sources_lib.is_folder(source)
+    if n > max_records and not (folder and on_bad_record == "error"):
+      logging.info("data: phase %s has %d records (> data.validate_max_"
+                   "records=%d): not validated at start-up; records that "
+                   "fail in training become zero rows", name, n, max_records)
+      continue
+    logging.info("data: validating the %d records of phase %s", n, name)
+    bad = find_bad_records(source, ts)
+    found[name] = bad
+    if not bad:
+      continue
+    counts = ", ".join(f"{k}: {v}" for k, v in
+                       _by_reason([c for _, c, _ in bad]).items())
+    if on_bad_record == "skip":
+      logging.warning(
+          "data: %d of %d records of phase %s cannot be used (%s); "
+          "data.on_bad_record=skip: they are zero rows in training (N is "
+          "unchanged) and are listed at the end of the run in the private "
+          "file private_bad_records.json", len(bad), n, name, counts)
+      continue
+    lines = [f"phase {name!r}: {len(bad)} of {n} records cannot be used "
+             f"({counts}); source {source!r}:"]
+    for i, code, message in bad[:_MAX_LISTED]:
+      what = sources_lib.describe(source, i)
+      lines.append(f"  record {i}{f' ({what})' if what else ''}: {message}")
+    if len(bad) > _MAX_LISTED:
+      lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+    problems.append("\n".join(lines))
+  if problems:
+    raise DataValidationError(
+        "data: bad records found before training\n" + "\n".join(problems) +
+        "\nFix: remove these records (for a folder: source, their rows in "
+        "captions.jsonl / captions.csv) or repair them; or set "
+        "--config.data.on_bad_record=skip to train with them as zero rows "
+        "(they stay in N, which is conservative, and are listed at the end "
+        "of the run in <workdir>/private_bad_records.json).")
+  return found
+
+
+BAD_RECORDS_FILE = "private_bad_records.json"
+
+
+class BadRecordTally:
+  """Bad records met in training: {phase: {index: [reason code, draws]}}.
+
+  Fed every element (``add``); kept in memory and in the (private)
+  checkpoint meta (``state`` / ``from_state``, JSON); reported once, at the
+  end of the run (``report``). Never logged per step.
+  """
+
+  def __init__(self):
+    self.phases: dict[str, dict[int, list[int]]] = {}
+
+  def add(self, phase: str, element: dict[str, Any]) -> None:
+    bad = element.get("bad_index")
+    if bad is None:
+      return
+    bad = np.asarray(bad).reshape(-1)
+    sel = bad >= 0
+    if not sel.any():
+      return
+    reasons = np.asarray(element["bad_reason"]).reshape(-1)[sel]
+    table = self.phases.setdefault(phase, {})
+    for i, r in zip(bad[sel].tolist(), reasons.tolist()):
+      table.setdefault(int(i), [int(r), 0])[1] += 1
+
+  def merge(self, other: "BadRecordTally") -> "BadRecordTally":
+    for phase, table in other.phases.items():
+      mine = self.phases.setdefault(phase, {})
+      for i, (r, n) in table.items():
+        mine.setdefault(i, [r, 0])[1] += n
+    return self
+
+  def num_records(self, phases: Sequence[str] | None = None) -> int:
+    return sum(len(t) for p, t in self.phases.items()
+               if phases is None or p in phases)
+
+  def num_draws(self, phases: Sequence[str] | None = None) -> int:
+    return sum(n for p, t in self.phases.items()
+               if phases is None or p in phases for _, n in t.values())
+
+  def state(self) -> dict[str, list[list[int]]]:
+    """JSON: {phase: [[index, reason code, draws], ...]} (sorted)."""
+    return {p: [[i, r, n] for i, (r, n) in sorted(t.items())]
+            for p, t in sorted(self.phases.items()) if t}
+
+  @classmethod
+  def from_state(cls, state: dict[str, Any] | None) -> "BadRecordTally":
+    out = cls()
+    for p, rows in (state or {}).items():
+      out.phases[p] = {int(i): [int(r), int(n)] for i, r, n in rows}
+    return out
+
+  def allgather(self, phase_names: Sequence[str]) -> "BadRecordTally":
+    """The sum over all processes (each loads only its own rows); a
+    collective: every process calls it at the same point. One process: a
+    copy."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1:
+      return BadRecordTally().merge(self)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ids = {p: k for k, p in enumerate(phase_names)}
+    # int32 columns (jax without x64): phase, index high/low words,
+    # reason, draws.
+    rows = np.asarray(
+        [[ids[p], i >> 31, i & 0x7FFFFFFF, r, n]
+         for p, t in self.phases.items() for i, (r, n) in t.items()],
+        np.int64).reshape(-1, 5)
+    sizes = np.asarray(multihost_utils.process_allgather(
+        np.int32(rows.shape[0]))).reshape(-1)
+    width = max(1, int(sizes.max()))
+    padded = np.full((width, 5), -1, np.int32)
+    padded[:rows.shape[0]] = rows
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    out = BadRecordTally()
+    for proc, size in enumerate(sizes):
+      for ph, hi, lo, r, n in gathered[proc][:int(size)].astype(np.int64):
+        table = out.phases.setdefault(phase_names[int(ph)], {})
+        table.setdefault(int(hi << 31 | lo), [int(r), 0])[1] += int(n)
+    return out
+
+  def report(self, phases: Sequence[tuple[str, bool, Any]],
+             startup: dict[str, list[tuple[int, int, str]]] | None = None
+             ) -> dict[str, Any]:
+    """The content of <workdir>/private_bad_records.json.
+
+    Args:
+      phases: (name, private, source) of every phase of the run.
+      startup: ``validate_phases``'s findings (data.on_bad_record=skip).
+    """
+    out = {
+        "WARNING": (
+            "DERIVED FROM PRIVATE DATA, NOT COVERED BY EPSILON: which "
+            "records of the training data could not be used and how many "
+            "times each was drawn (which reveals how often it was sampled)."
+            " For the person running the job; do not publish (like "
+            "checkpoints/ and the private/ metrics)."),
+        "reasons": list(BAD_REASONS),
+        "phases": {},
+    }
+    for name, private, source in phases:
+      table = self.phases.get(name, {})
+      records = []
+      for i, (r, n) in sorted(table.items()):
+        rec = {"index": i, "reason": BAD_REASONS[r - 1], "draws": n}
+        what = sources_lib.describe(source, i)
+        if what:
+          rec["name"] = what
+        records.append(rec)
+      entry = {"private": bool(private), "bad_records": len(records),
+               "bad_draws": sum(n for _, n in table.values()),
+               "by_reason": _by_reason([r for r, _ in table.values()]),
+               "records": records}
+      if startup and name in startup:
+        entry["found_at_startup"] = [
+            {"index": i, "reason": BAD_REASONS[c - 1], "message": m}
+            for i, c, m in startup[name]]
+      out["phases"][name] = entry
+    return out
 
 
 def to_global_array(local: Any, mesh: Any, partition_spec: Any = None,

@@ -20,6 +20,12 @@
 Records are plain dicts. Encoded images stay bytes here; ``transforms.
 DecodeImage`` decodes them inside grain worker processes. Text fields are
 returned as ``str``.
+
+A record that cannot be read (a missing file, an unreadable or malformed
+stored record, an index row without a file name) raises
+``dpjax.data.BadRecord``; the pipelines make it a zero row, and start-up
+validation (``pipeline.validate_source``) lists every such record. The
+record still counts in ``len(source)`` (N): keeping N is conservative.
 """
 
 import csv
@@ -30,6 +36,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dpjax.data import BadRecord
 from dpjax.data import synthetic
 
 _SYNTHETIC = {
@@ -39,6 +46,39 @@ _SYNTHETIC = {
     "identities": synthetic.Identities,
 }
 _TEXT_FIELDS = ("caption", "text", "file")
+# What a wrapped random-access source raises for one unreadable record
+# (tfds decodes inside __getitem__; IndexError, a sampler bug, propagates).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def layers(source: Any, depth: int = 16) -> list[Any]:
+  """``source`` and the sources it wraps (following ``.source``)."""
+  out = [source]
+  while len(out) < depth and getattr(out[-1], "source", None) is not None:
+    out.append(out[-1].source)
+  return out
+
+
+def is_generated(source: Any) -> bool:
+  """True for procedural (synthetic) data, possibly wrapped (splits,
+  appended canaries): it cannot hold a bad record."""
+  return any(isinstance(s, tuple(_SYNTHETIC.values()))
+             for s in layers(source))
+
+
+def is_folder(source: Any) -> bool:
+  """True if ``source`` reads a ``folder:`` directory (possibly wrapped)."""
+  return any(isinstance(s, FolderSource) for s in layers(source))
+
+
+def describe(source: Any, index: int) -> str:
+  """A short name of record ``index`` for error messages: the file name of
+  a folder record, else "" (only sources with ``describe`` say more)."""
+  fn = getattr(source, "describe", None)
+  try:
+    return str(fn(int(index))) if fn is not None else ""
+  except (IndexError, KeyError):
+    return ""
 
 
 def _to_str(v: Any) -> Any:
@@ -71,15 +111,27 @@ class FieldMapSource:
   def __len__(self) -> int:
     return len(self.source)
 
+  def describe(self, index: int) -> str:
+    return describe(self.source, index)
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    raw = self.source[int(index)]
+    try:
+      raw = self.source[int(index)]
+    except _READ_ERRORS as e:
+      raise BadRecord("read", f"{type(e).__name__}: {e}") from e
+    if not isinstance(raw, Mapping):
+      raise BadRecord("read", f"the stored record is a {type(raw).__name__},"
+                      " not a map of fields")
     used = {p.split("/")[0] for p in self.fields.values()}
     out = {k: v for k, v in raw.items() if k not in used}
     for name, path in self.fields.items():
       try:
         out[name] = _get_path(raw, path)
       except (KeyError, TypeError) as e:
-        raise KeyError(
+        # One record without it is a bad record; a typo in data.fields
+        # makes every record bad, which the pipeline reports as an error.
+        raise BadRecord(
+            "missing_field",
             f"data.fields[{name!r}]={path!r}: the record has no such field; "
             f"its fields are {sorted(raw)}. Fix data.fields.") from e
     for k in self.text_fields:
@@ -133,7 +185,16 @@ class MsgpackArrayRecordSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     import msgpack  # pylint: disable=g-import-not-at-top
-    return msgpack.unpackb(self._source[int(index)], raw=False)
+    try:
+      data = self._source[int(index)]
+    except (OSError, RuntimeError, ValueError) as e:
+      raise BadRecord("read", f"ArrayRecord read failed: "
+                      f"{type(e).__name__}: {e}") from e
+    try:
+      return msgpack.unpackb(data, raw=False)
+    except (msgpack.UnpackException, ValueError) as e:
+      raise BadRecord("read", f"not a msgpack record: {type(e).__name__}: "
+                      f"{e}") from e
 
   def __repr__(self) -> str:
     return f"MsgpackArrayRecordSource({self.paths})"
@@ -179,6 +240,11 @@ class FolderSource:
 
   Record: {"image": bytes (the file's content), "caption": str, "file": str,
   "label": int (only if the index has labels)}.
+
+  Index lines that do not parse or lack "file" stay records (N counts every
+  line) whose reading raises ``BadRecord``, as does a missing or unreadable
+  file; a row without "caption" gives caption None (``Tokenize`` makes it a
+  bad record). Start-up validation lists them all at once.
   """
 
   def __init__(self, directory: str):
@@ -187,7 +253,8 @@ class FolderSource:
     csv_path = os.path.join(directory, "captions.csv")
     if os.path.exists(jsonl):
       with open(jsonl, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [_parse_jsonl(line, n)
+                for n, line in enumerate(f, 1) if line.strip()]
     elif os.path.exists(csv_path):
       with open(csv_path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -197,26 +264,54 @@ class FolderSource:
           "captions.csv: add one mapping each image file to its caption "
           '(JSONL lines {"file": "a.png", "caption": "...", "label": 0} or '
           "CSV with header file,caption[,label]).")
-    for i, r in enumerate(rows):
-      if "file" not in r or "caption" not in r:
-        raise ValueError(f"data.source='folder:{directory}': index row {i} "
-                         f"({r}) lacks 'file' or 'caption'; add both.")
     self.rows = rows
 
   def __len__(self) -> int:
     return len(self.rows)
 
+  def describe(self, index: int) -> str:
+    return str(self.rows[int(index)].get("file") or "")
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     r = self.rows[int(index)]
-    with open(os.path.join(self.directory, r["file"]), "rb") as f:
-      out = {"image": f.read(), "caption": str(r["caption"]),
-             "file": str(r["file"])}
+    if _BAD_ROW in r:
+      raise BadRecord("read", r[_BAD_ROW])
+    if not r.get("file"):
+      raise BadRecord("missing_field", f"index row {index} has no 'file'")
+    path = os.path.join(self.directory, str(r["file"]))
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except FileNotFoundError as e:
+      raise BadRecord("missing_file", f"{r['file']} does not exist") from e
+    except OSError as e:
+      raise BadRecord("read", f"{r['file']}: {type(e).__name__}: {e}") from e
+    caption = r.get("caption")
+    out = {"image": data, "caption": None if caption is None else str(caption),
+           "file": str(r["file"])}
     if r.get("label") not in (None, ""):
-      out["label"] = int(r["label"])
+      try:
+        out["label"] = int(r["label"])
+      except (TypeError, ValueError) as e:
+        raise BadRecord("read", f"{r['file']}: label {r['label']!r} is not "
+                        "an integer") from e
     return out
 
   def __repr__(self) -> str:
     return f"FolderSource({self.directory!r}, {len(self)} files)"
+
+
+_BAD_ROW = "_unparsed"  # An index line that is not a JSON object.
+
+
+def _parse_jsonl(line: str, number: int) -> dict[str, Any]:
+  try:
+    row = json.loads(line)
+  except ValueError as e:
+    return {_BAD_ROW: f"captions.jsonl line {number} is not JSON: {e}"}
+  if not isinstance(row, dict):
+    return {_BAD_ROW: f"captions.jsonl line {number} is not a JSON object"}
+  return row
 
 
 def make_source(spec: str, *, split: str = "train",

@@ -6,13 +6,21 @@ pipeline has ``num_workers > 0``. Randomised transforms (crop, flip) take a
 index)`` (``example_generator``), so augmentation is deterministic and
 independent of worker count or resumption. Each transform also works in a
 plain grain pipeline (``ds.map(t)`` / ``ds.random_map(t)``).
+
+Data problems raise ``dpjax.data.BadRecord`` (an image that does not decode,
+a caption with no tokens, a missing field), which the Poisson pipelines turn
+into a zero row; anything else is a bug and propagates.
 """
 
 import io
+import struct
 from typing import Any, Sequence
+import zlib
 
 import grain
 import numpy as np
+
+from dpjax.data import BadRecord
 
 Record = dict[str, Any]
 
@@ -68,12 +76,32 @@ def apply(transforms: Sequence[Any], record: Record,
   return record
 
 
-def decode_image(value: Any) -> np.ndarray:
-  """PNG/JPEG bytes or an array -> uint8[H, W, 3]."""
-  if isinstance(value, (bytes, bytearray, memoryview)):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+def _decode_bytes(value: bytes) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  # What Pillow raises for corrupt, truncated or hostile files (unidentified
+  # and truncated files are OSErrors; some plugins raise the others).
+  errors = (OSError, ValueError, SyntaxError, EOFError, struct.error,
+            zlib.error, Image.DecompressionBombError)
+  try:
     with Image.open(io.BytesIO(bytes(value))) as im:
-      value = np.asarray(im.convert("RGB"))
+      return np.asarray(im.convert("RGB"))
+  except errors as e:
+    detail = str(e).split(" <_io.BytesIO")[0]  # Not the buffer's address.
+    raise BadRecord("decode", f"image does not decode: {type(e).__name__}: "
+                    f"{detail}") from e
+
+
+def decode_image(value: Any) -> np.ndarray:
+  """PNG/JPEG bytes or an array -> uint8[H, W, 3].
+
+  Raises:
+    BadRecord: ("decode") bytes that are not a readable image (corrupt,
+      truncated, empty).
+  """
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    value = _decode_bytes(value)
+  elif value is None:
+    raise BadRecord("decode", "the image is missing (None)")
   arr = np.asarray(value)
   if arr.ndim == 2:
     arr = arr[:, :, None]
@@ -103,6 +131,10 @@ class DecodeImage(grain.transforms.Map):
     self.key = key
 
   def map(self, record: Record) -> Record:
+    if self.key not in record:
+      raise BadRecord("missing_field", f"DecodeImage: record has no "
+                      f"{self.key!r} field; it has {sorted(record)}. Fix "
+                      "the image key or data.fields.")
     return {**record, self.key: decode_image(record[self.key])}
 
 
@@ -174,17 +206,32 @@ class Normalize(grain.transforms.Map):
 
 
 class Tokenize(grain.transforms.Map):
-  """record[key] (str/bytes) -> record[out_key] = int32[max_len]."""
+  """record[key] (str/bytes) -> record[out_key] = int32[max_len].
+
+  A caption that is missing (None) or tokenises to nothing (empty,
+  whitespace) raises ``BadRecord("empty_caption")`` unless ``allow_empty``:
+  trained on, it would teach "bos, eos" from a record with no text.
+  """
 
   def __init__(self, tokenizer: Any, max_len: int, key: str = "caption",
-               out_key: str = "tokens"):
+               out_key: str = "tokens", allow_empty: bool = False):
     self.tokenizer, self.max_len = tokenizer, max_len
     self.key, self.out_key = key, out_key
+    self.allow_empty = allow_empty
 
   def map(self, record: Record) -> Record:
-    return {**record,
-            self.out_key: self.tokenizer.encode_fixed(record[self.key],
-                                                      self.max_len)}
+    text = record.get(self.key)
+    if text is None and not self.allow_empty:
+      raise BadRecord("empty_caption", f"Tokenize: record has no "
+                      f"{self.key!r} (fields: {sorted(record)})")
+    ids = self.tokenizer.encode_fixed("" if text is None else text,
+                                      self.max_len)
+    # bos + eos and nothing between: the caption has no tokens.
+    if (not self.allow_empty and self.max_len > 2 and
+        np.count_nonzero(ids != self.tokenizer.pad_id) <= 2):
+      raise BadRecord("empty_caption",
+                      f"Tokenize: {self.key!r} has no tokens")
+    return {**record, self.out_key: ids}
 
 
 class Keep(grain.transforms.Map):
@@ -196,8 +243,11 @@ class Keep(grain.transforms.Map):
   def map(self, record: Record) -> Record:
     missing = [k for k in self.keys if k not in record]
     if missing:
-      raise KeyError(f"Keep({list(self.keys)}): record lacks {missing}; it "
-                     f"has {sorted(record)}. Fix the keys or the field map.")
+      # A bad record if some records lack it; if all do, the pipeline's
+      # padding template (the first record that loads) fails with this.
+      raise BadRecord("missing_field", f"Keep({list(self.keys)}): record "
+                      f"lacks {missing}; it has {sorted(record)}. Fix the "
+                      "keys or the field map.")
     return {k: np.asarray(record[k]) for k in self.keys}
 
 

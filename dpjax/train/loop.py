@@ -115,6 +115,17 @@ class _Run:
     common.validate_train(config.train, jax.device_count())
     # Before the privacy settings: inserted canaries are part of N.
     self.canaries = canaries_lib.insert(config, list(self.task.phases))
+    # Small sources are read in full now: bad records fail the run before
+    # it starts (or, with data.on_bad_record=skip, become zero rows).
+    data = config.get("data") or {}
+    self.startup_bad = {} if config.eval_only else pipeline.validate_phases(
+        [(p.name, p.source, p.transforms) for p in self.task.phases],
+        on_bad_record=data.get("on_bad_record", "error"),
+        max_records=data.get("validate_max_records", 100_000))
+    # Bad records met in training: in memory and in the checkpoint, never
+    # logged per step (that would say when they were drawn); written once
+    # at the end (_write_bad_records).
+    self.bad = pipeline.BadRecordTally()
     self.settings = {}
     for phase in self.task.phases:
       if phase.private:
@@ -266,6 +277,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   t0, since, stopped = time.time(), 0, allowed < phase.steps - phase_step
   for _ in range(allowed):
     element = next(iterator)
+    run.bad.add(phase.name, element)
     acc = zeros(state.params)
     for m in range(element["mask"].shape[0]):
       micro = jax.tree.map(lambda x: x[m], element["example"])
@@ -297,7 +309,9 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       t0, since = time.time(), 0
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         ledger=run.ledger.to_dict(),
-                        data=iterator.get_state())
+                        data=iterator.get_state(),
+                        bad_records=run.bad.allgather(
+                            [p.name for p in run.task.phases]).state())
     if preempt.agreed():
       run.ckpt.save(gstep, state._asdict(), meta(), force=True)
       run.ckpt.wait()
@@ -336,6 +350,32 @@ def _audit(run: _Run, params, workdir: str) -> dict:
   return canaries_lib.metrics(result, means)
 
 
+def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
+  """End of the run, every process: gathers the bad records met in
+  training, writes <workdir>/private_bad_records.json (derived from private
+  data) and the aggregate private/bad_records (nonprivate/ for public
+  phases) to the metrics; this is the only place they are reported."""
+  phases = run.task.phases
+  bad = run.bad.allgather([p.name for p in phases])
+  if jax.process_index() != 0:
+    return
+  report = bad.report([(p.name, p.private, p.source) for p in phases],
+                      run.startup_bad)
+  (epath.Path(workdir) / pipeline.BAD_RECORDS_FILE).write_text(
+      json.dumps(report, indent=1))
+  m = {}
+  for private, prefix in ((True, "private/"), (False, "nonprivate/")):
+    names = [p.name for p in phases if p.private == private]
+    if names:
+      m[prefix + "bad_records"] = bad.num_records(names)
+  writer.write(step, m)
+  if bad.num_records():
+    logging.info("%d bad records were zero rows in training (%d draws); "
+                 "listed in %s (derived from private data)",
+                 bad.num_records(), bad.num_draws(),
+                 pipeline.BAD_RECORDS_FILE)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes, or only evaluates) the run described by `config`.
 
@@ -355,6 +395,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     restored, meta = r.ckpt.restore(ckpt_lib.abstract_like(state._asdict()))
     state = step_lib.TrainState(**restored)
     saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
+    if jax.process_index() == 0:  # The saved tally is all processes' sum.
+      r.bad = pipeline.BadRecordTally.from_state(meta.get("bad_records"))
     if saved.steps:  # Else (saved in a public phase) keep this run's N, delta.
       r.ledger = saved
     logging.info("resumed at step %d (phase %s, epsilon %.4g)",
@@ -390,6 +432,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.warning("preempted at step %d; rerun the same command to resume",
                     int(state.step))
     return dict(preempted=True, step=int(state.step))
+  if not config.eval_only:
+    _write_bad_records(r, workdir, writer, int(state.step))
   # Params alone, safe to publish; checkpoints/ keeps the secret keys.
   ckpt_lib.export_params(workdir, state.params)
   results = r.describe()
