@@ -79,6 +79,7 @@ from dpjax.recipes import common
 from dpjax.train import hardware
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import secrets
+from dpjax.train import stand_in
 from dpjax.train import step as step_lib
 
 GiB = hardware.GiB
@@ -400,65 +401,6 @@ def format_plan(r: dict) -> str:
   return "\n".join(lines)
 
 
-def _leaves(cfg, prefix=""):
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      yield from _leaves(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", k, v
-
-
-def _is_stand_in(name: str, value) -> bool:
-  """A data source / tokenizer the plan swaps for the preset's synthetic
-  one: real data, a vocab file (shapes are all the plan needs)."""
-  if not isinstance(value, str) or not value:
-    return False
-  if name.endswith("source"):
-    return not value.startswith("synthetic:")
-  return name == "tokenizer" and value.startswith("wordpiece:") and not (
-      os.path.exists(value.split(":", 1)[1]))
-
-
-def stand_in_data(config, small) -> tuple[object, list[str]]:
-  """`config` with every real data source (and missing vocab file) replaced
-  by `small`'s synthetic value at the same field; sizes (N, image size,
-  caption length, vocab size, classes) stay `config`'s. Returns (copy,
-  notes naming each replaced field)."""
-  out = config.copy_and_resolve_references()
-  notes = []
-  small_leaves = {path: v for path, _, v in _leaves(small)}
-  for path, name, value in _leaves(config):
-    new = small_leaves.get(path)
-    if _is_stand_in(name, value) and isinstance(new, str) and new and (
-        not _is_stand_in(name, new)):
-      node = out
-      for part in path.split(".")[:-1]:
-        node = node[part]
-      with node.unlocked() if hasattr(node, "unlocked") else _nullctx():
-        node[name] = new
-      notes.append(f"{path}={value!r} stood in by {new!r} (same shapes and "
-                   "N; records are never read)")
-      if name.endswith("source"):  # Sizes real data would give: the preset's.
-        prefix = name[:-len("source")]
-        for k in node.keys():
-          if k.startswith(prefix) and k != name and (
-              k == prefix + "split" or not node[k]) and (
-                  small_leaves.get(path[:-len(name)] + k) not in (None,
-                                                                  node[k])):
-            with node.unlocked() if hasattr(node, "unlocked") else _nullctx():
-              node[k] = small_leaves[path[:-len(name)] + k]
-            notes.append(f"  {path[:-len(name)] + k}: stand-in's {node[k]!r}")
-  return out, notes
-
-
-class _nullctx:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
-
 def write_plan(result: dict, workdir: str) -> None:
   """<workdir>/plan.json (local or gs://)."""
   from etils import epath
@@ -493,7 +435,8 @@ def main(argv):
     spec = importlib.util.spec_from_file_location("_plan_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config, notes = stand_in_data(config, module.get_config("tiny"))
+    config, notes = stand_in.stand_in_data(config,
+                                           module.get_config("tiny"))
   try:
     r = plan(config, f.mesh, mfu=f.mfu)
     r["notes"] += notes

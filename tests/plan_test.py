@@ -20,6 +20,7 @@ from dpjax import plan as plan_lib
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import hardware
+from dpjax.train import stand_in
 
 MICRO = 64
 
@@ -43,6 +44,17 @@ def test_parse_mesh():
   assert hardware.parse_mesh("v5e-16").chips == 16
   with pytest.raises(ValueError, match="chips"):
     hardware.parse_mesh("tpu9000:4")
+
+
+def test_stand_in_data():
+  paper = dpcap_config.get_config("paper")
+  c, notes = stand_in.stand_in_data(paper, dpcap_config.get_config("tiny"))
+  assert c.data.source == "synthetic:shapes" and paper.data.source != (
+      c.data.source)
+  assert c.data.num_examples == paper.data.num_examples
+  assert c.data.image_size == 224 and c.model.vocab_size == 30522
+  assert c.privacy.delta == paper.privacy.delta
+  assert any("data.source=" in n for n in notes)
 
 
 def test_fields(result, tmp_path):
