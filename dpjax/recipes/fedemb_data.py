@@ -78,6 +78,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dpjax.data import BadRecord
 from dpjax.data import pipeline
 from dpjax.data import transforms as transforms_lib
 
@@ -180,7 +181,10 @@ class UserKeyedSource:
     self.source = source
     users: dict[Any, list[int]] = {}
     for i in range(len(source)):
-      rec = source[i]
+      try:
+        rec = source[i]
+      except BadRecord:  # Unreadable (e.g. a missing file): its user is
+        continue  # unknown; it joins no user, like a data-preparation skip.
       if label_range is not None and not (
           label_range[0] <= int(rec[label_key]) < label_range[1]):
         continue
