@@ -431,7 +431,7 @@ def main(argv):
   config, notes = f.config, []
   if f.stand_in_data:
     import importlib.util
-    path = config_flags.get_config_filename(f["config"])
+    path = config_flags.get_config_filename(f["config"]).split(":")[0]
     spec = importlib.util.spec_from_file_location("_plan_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
