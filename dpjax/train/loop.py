@@ -21,6 +21,7 @@ import numpy as np
 
 from dpjax import privacy
 from dpjax import recipes
+from dpjax.data import bad_records
 from dpjax.data import pipeline
 from dpjax.recipes import common
 from dpjax.train import canaries as canaries_lib
@@ -117,15 +118,14 @@ class _Run:
     self.canaries = canaries_lib.insert(config, list(self.task.phases))
     # Small sources are read in full now: bad records fail the run before
     # it starts (or, with data.on_bad_record=skip, become zero rows).
-    data = config.get("data") or {}
-    self.startup_bad = {} if config.eval_only else pipeline.validate_phases(
+    self.startup_bad = {} if config.eval_only else bad_records.validate_phases(
         [(p.name, p.source, p.transforms) for p in self.task.phases],
-        on_bad_record=data.get("on_bad_record", "error"),
-        max_records=data.get("validate_max_records", 100_000))
+        on_bad_record=config.data.on_bad_record,
+        max_records=config.data.validate_max_records)
     # Bad records met in training: in memory and in the checkpoint, never
     # logged per step (that would say when they were drawn); written once
     # at the end (_write_bad_records).
-    self.bad = pipeline.BadRecordTally()
+    self.bad = bad_records.BadRecordTally()
     self.settings = {}
     for phase in self.task.phases:
       if phase.private:
@@ -361,7 +361,7 @@ def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
     return
   report = bad.report([(p.name, p.private, p.source) for p in phases],
                       run.startup_bad)
-  (epath.Path(workdir) / pipeline.BAD_RECORDS_FILE).write_text(
+  (epath.Path(workdir) / bad_records.BAD_RECORDS_FILE).write_text(
       json.dumps(report, indent=1))
   m = {}
   for private, prefix in ((True, "private/"), (False, "nonprivate/")):
@@ -373,7 +373,7 @@ def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
     logging.info("%d bad records were zero rows in training (%d draws); "
                  "listed in %s (derived from private data)",
                  bad.num_records(), bad.num_draws(),
-                 pipeline.BAD_RECORDS_FILE)
+                 bad_records.BAD_RECORDS_FILE)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -396,7 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = step_lib.TrainState(**restored)
     saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
     if jax.process_index() == 0:  # The saved tally is all processes' sum.
-      r.bad = pipeline.BadRecordTally.from_state(meta.get("bad_records"))
+      r.bad = bad_records.BadRecordTally.from_state(meta.get("bad_records"))
     if saved.steps:  # Else (saved in a public phase) keep this run's N, delta.
       r.ledger = saved
     logging.info("resumed at step %d (phase %s, epsilon %.4g)",

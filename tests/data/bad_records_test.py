@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dpjax import data
+from dpjax.data import bad_records
 from dpjax.data import pipeline
 from dpjax.data import sources
 from dpjax.data import synthetic
@@ -38,7 +39,7 @@ def _transforms():
 def test_validation_lists_every_problem_in_one_error(kind, tmp_path):
   src, reasons = _source(kind, tmp_path)
   with pytest.raises(data.DataValidationError) as err:
-    pipeline.validate_phases([("dp", src, _transforms())])
+    bad_records.validate_phases([("dp", src, _transforms())])
   msg = str(err.value)
   assert "4 of 12 records" in msg and "decode: 2" in msg
   listed = [line for line in msg.splitlines() if line.startswith("  record ")]
@@ -57,22 +58,22 @@ def test_validation_lists_every_problem_in_one_error(kind, tmp_path):
 def test_skip_mode_and_size_threshold(kind, tmp_path):
   src, reasons = _source(kind, tmp_path)
   ts = _transforms()
-  found = pipeline.validate_phases([("dp", src, ts)], on_bad_record="skip")
+  found = bad_records.validate_phases([("dp", src, ts)], on_bad_record="skip")
   assert {i: data.BAD_REASONS[c - 1] for i, c, _ in found["dp"]} == reasons
   # Larger than the threshold: never read in full, except a folder with
   # on_bad_record="error" (cheap to check, and the default).
   if kind == "folder":
     with pytest.raises(data.DataValidationError):
-      pipeline.validate_phases([("dp", src, ts)], max_records=5)
+      bad_records.validate_phases([("dp", src, ts)], max_records=5)
   else:
-    assert pipeline.validate_phases([("dp", src, ts)], max_records=5) == {}
-  assert pipeline.validate_phases([("dp", src, ts)], on_bad_record="skip",
+    assert bad_records.validate_phases([("dp", src, ts)], max_records=5) == {}
+  assert bad_records.validate_phases([("dp", src, ts)], on_bad_record="skip",
                                   max_records=5) == {}
   # Generated data is never read (this would take hours).
   huge = synthetic.ShapesCaptions(10**9, image_size=8)
-  assert pipeline.validate_phases([("x", huge, ts)], max_records=10**10) == {}
+  assert bad_records.validate_phases([("x", huge, ts)], max_records=10**10) == {}
   with pytest.raises(ValueError, match="config.data.on_bad_record='drop'"):
-    pipeline.validate_phases([("dp", src, ts)], on_bad_record="drop")
+    bad_records.validate_phases([("dp", src, ts)], on_bad_record="drop")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -110,7 +111,7 @@ def test_poisson_rows_are_the_sample_minus_the_bad_records(tmp_path):
   it = pipeline.poisson_batches(src, sampling_rate=0.3, global_microbatch=4,
                                 seed=5, num_steps=6, transforms=_transforms(),
                                 process_index=0, process_count=1)
-  tally = pipeline.BadRecordTally()
+  tally = bad_records.BadRecordTally()
   draws = dict.fromkeys(reasons, 0)
   for el in it:
     step = int(el["step"])
@@ -214,7 +215,7 @@ def test_user_loader_a_user_with_no_loadable_record_contributes_nothing():
       assert em.tolist() == [1, 0, 1, 0] and bad.tolist() == [-1, 13, -1, -1]
     elif u >= 0:
       assert el["mask"][0, slot] == 1 and (bad == -1).all()
-  tally = pipeline.BadRecordTally()
+  tally = bad_records.BadRecordTally()
   tally.add("dp", el)
   assert sorted(tally.phases["dp"]) == [6, 7, 8, 13]
 
@@ -223,14 +224,14 @@ def test_tally_state_merge_and_report(tmp_path):
   src, reasons = _source("folder", tmp_path)
   el = {"bad_index": np.array([[0, -1, 5], [8, 0, -1]]),
         "bad_reason": np.array([[4, 0, 1], [5, 4, 0]], np.int8)}
-  tally = pipeline.BadRecordTally()
+  tally = bad_records.BadRecordTally()
   tally.add("dp", el)
   tally.add("dp", {"mask": np.ones(3)})  # elements without the leaves.
   state = json.loads(json.dumps(tally.state()))
   assert state == {"dp": [[0, 4, 2], [5, 1, 1], [8, 5, 1]]}
-  again = pipeline.BadRecordTally.from_state(state).merge(tally)
+  again = bad_records.BadRecordTally.from_state(state).merge(tally)
   assert again.num_records() == 3 and again.num_draws() == 8
-  assert pipeline.BadRecordTally.from_state(None).state() == {}
+  assert bad_records.BadRecordTally.from_state(None).state() == {}
   assert tally.allgather(["dp"]).state() == tally.state()  # one process.
   report = json.loads(json.dumps(tally.report(
       [("dp", True, src), ("pretrain", False, src)])))
@@ -267,6 +268,6 @@ def test_transform_and_source_errors_are_bad_records(tmp_path):
     f.write(json.dumps({"caption": "a red circle"}) + "\n")
   src = sources.make_source(f"folder:{directory}")
   assert len(src) == 6
-  found = pipeline.find_bad_records(src, _transforms())
+  found = bad_records.find_bad_records(src, _transforms())
   assert [(i, data.BAD_REASONS[c - 1]) for i, c, _ in found] == [
       (0, "decode"), (3, "decode"), (4, "read"), (5, "missing_field")]

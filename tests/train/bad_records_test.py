@@ -22,6 +22,7 @@ import pytest
 
 from configs import dpcap as dpcap_config
 from dpjax import data as data_lib
+from dpjax.data import bad_records
 from dpjax.data import pipeline
 from dpjax.data import sources
 from dpjax.data import tokenizer
@@ -121,14 +122,14 @@ def test_run_finishes_and_reports_bad_records_only_at_the_end(
     # Two steps, then a resumed run to three: the count survives.
     loop.run(_config(spec, 2, **overrides), workdir)
     first = json.load(open(os.path.join(workdir,
-                                        pipeline.BAD_RECORDS_FILE)))
+                                        bad_records.BAD_RECORDS_FILE)))
     assert [r["draws"] for r in first["phases"]["dp"]["records"]] == [2] * 4
   results = loop.run(_config(spec, 3, **overrides), workdir)
   assert results["step"] == 3
   assert results["dp/num_examples"] == N  # N (and so epsilon) unchanged.
   assert not [k for k in results if "bad" in k]  # results.json is public.
 
-  report = json.load(open(os.path.join(workdir, pipeline.BAD_RECORDS_FILE)))
+  report = json.load(open(os.path.join(workdir, bad_records.BAD_RECORDS_FILE)))
   assert "PRIVATE" in report["WARNING"]
   dp = report["phases"]["dp"]
   assert dp["private"] and dp["bad_records"] == 4 and dp["bad_draws"] == 12
