@@ -137,6 +137,23 @@ def _example(phase, micro: int, chips: int, sim: int):
   return ex, jax.ShapeDtypeStruct((rows,), np.float32), micro
 
 
+def expected_microbatches(batch_size: float, num_examples: int,
+                          micro: int) -> float:
+  """E[max(1, ceil(b / micro))] for the Poisson batch b ~ Binomial(N, q)
+  (normal approximation): what the loop runs per step, padding included."""
+  q = min(1.0, batch_size / num_examples)
+  if q >= 1.0:  # Every example, every step: no randomness.
+    return max(1, math.ceil(batch_size / micro))
+  sd = math.sqrt(batch_size * (1 - q))
+  cdf = lambda x: 0.5 * (1 + math.erf((x - batch_size) / (sd * math.sqrt(2))))
+  lo = max(1, math.floor((batch_size - 8 * sd) / micro))
+  hi = math.ceil((batch_size + 8 * sd) / micro) + 1
+  out = lo * cdf(lo * micro)  # Everything up to lo microbatches.
+  for k in range(lo + 1, hi + 1):
+    out += k * (cdf(k * micro) - cdf((k - 1) * micro))
+  return out
+
+
 def _cost(compiled) -> float:
   c = compiled.cost_analysis()
   if isinstance(c, (list, tuple)):
@@ -254,7 +271,8 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
     opt_dev = _state_bytes(opt_shapes, fsdp)
     acc_dev = _cost(c_acc) * (per_device // inner if inner else 1)
     apply_dev = _cost(c_apply)
-    n_micro = phase.batch_size / micro
+    n_micro = expected_microbatches(phase.batch_size, phase.num_examples,
+                                    micro)
     tail = phase.batch_size
     if phase.batch_size < phase.num_examples:
       tail = privacy.max_batch_size_for(phase.num_examples,
@@ -383,7 +401,7 @@ def format_plan(r: dict) -> str:
         f"{'fits' if p['fits'] else 'DOES NOT FIT'}",
         f"  FLOPs (XLA): {_g(p['flops_per_microbatch'])}/microbatch of "
         f"{p['microbatch_size']:,} x "
-        f"{p['microbatches_per_step']:.4g} (tail "
+        f"{p['microbatches_per_step']:.4g} expected (1e-6 tail "
         f"{p['microbatches_tail_1e6']}) + apply {_g(p['flops_apply'])} = "
         f"{_g(p['flops_per_step'])}/step, {_g(p['flops_run'])}/run",
         f"  projected: {p['step_seconds']:.3g} s/step, "

@@ -72,7 +72,12 @@ def test_fields(result, tmp_path):
   assert p["steps"] == 50 and p["batch_size"] == 512
   assert p["examples"] == 50 * 512
   assert p["epochs"] == pytest.approx(50 * 512 / 50_000)
-  assert p["microbatches_per_step"] == 512 / MICRO
+  # E[ceil(b / M)] of the Poisson batch b: 8 or 9 microbatches of 64.
+  assert p["microbatches_per_step"] == pytest.approx(
+      plan_lib.expected_microbatches(512, 50_000, MICRO))
+  assert 8 < p["microbatches_per_step"] < 9
+  assert plan_lib.expected_microbatches(256, 19_800, 512) == pytest.approx(1)
+  assert plan_lib.expected_microbatches(256, 256, 32) == 8
   assert p["batch_size_tail_1e6"] == privacy.max_batch_size_for(
       50_000, 512 / 50_000, 1e-6) > 512
   assert p["microbatches_tail_1e6"] == math.ceil(p["batch_size_tail_1e6"]
@@ -86,7 +91,8 @@ def test_fields(result, tmp_path):
   assert p["memory_apply"]["arguments"] >= 2 * 4 * n
   assert 0 < p["peak_bytes_per_device"] < p["hbm_bytes"]
   assert p["flops_per_step"] == pytest.approx(
-      p["flops_per_microbatch"] * 512 / MICRO + p["flops_apply"])
+      p["flops_per_microbatch"] * p["microbatches_per_step"] +
+      p["flops_apply"])
   assert p["flops_run"] == pytest.approx(50 * p["flops_per_step"])
   chip = hardware.CHIPS["cpu"]
   assert p["step_seconds"] == pytest.approx(
@@ -123,7 +129,7 @@ def test_flops_agree(result):
   per_example = 6 * (count(shapes["encoder"]) * patches +
                      count(shapes["decoder"]) * tokens)
   p = result["phases"][0]
-  analytic = per_example * p["batch_size"]
+  analytic = per_example * MICRO * p["microbatches_per_step"]
   assert 0.5 < p["flops_per_step"] / analytic < 2.0, (
       p["flops_per_step"], analytic)
   # XLA's count of a plain unclipped gradient of the same microbatch.
