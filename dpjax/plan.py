@@ -76,6 +76,7 @@ import numpy as np
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.recipes import common
+from dpjax.train import flops as flops_lib
 from dpjax.train import hardware
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import secrets
@@ -191,6 +192,9 @@ def _compile_phase(phase, s, config, mesh, chips: int, param_shapes):
   accumulate = jax.jit(functools.partial(step_lib.accumulate, sum_fn),
                        donate_argnums=(1,), out_shardings=acc_shard)
   c_acc = accumulate.lower(params, acc, batch, mask).compile()
+  # All sim devices' matmul FLOPs, loops (lax.scan) counted in full.
+  loop_flops = flops_lib.count(functools.partial(step_lib.accumulate, sum_fn),
+                               params, acc, batch, mask)
   key = np.asarray(secrets.run_key(0))
   ks = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   state = step_lib.TrainState(
@@ -203,7 +207,7 @@ def _compile_phase(phase, s, config, mesh, chips: int, param_shapes):
       expected_batch_size=float(phase.batch_size)), donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda x: x.sharding, state), rep))
   c_apply = apply.lower(state, acc).compile()
-  return c_acc, c_apply, opt_shapes, micro
+  return c_acc, c_apply, opt_shapes, micro, loop_flops / mesh.size
 
 
 _MEASURED = {}  # (config json, mesh, local devices) -> _measure's result.
@@ -260,7 +264,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
       phase.noise_multiplier = settings[phase.name].noise_multiplier
   for phase in task.phases:
     s = settings.get(phase.name)
-    c_acc, c_apply, opt_shapes, micro = _compile_phase(
+    c_acc, c_apply, opt_shapes, micro, jaxpr_dev = _compile_phase(
         phase, s, config, mesh, chips, param_shapes)
     mem_acc, mem_apply = _memory(c_acc), _memory(c_apply)
     # Param, optimizer and f32 accumulator bytes per device: real mesh.fsdp
@@ -270,6 +274,12 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
     adjust = state(fsdp) - state(sim_fsdp)
     opt_dev = _state_bytes(opt_shapes, fsdp)
     acc_dev = _cost(c_acc) * (per_device // inner if inner else 1)
+    xla_dev = acc_dev
+    if jaxpr_dev > 2 * acc_dev:  # Loops XLA counted once (local steps...).
+      acc_dev = jaxpr_dev
+      notes.append(f"phase {phase.name}: the jaxpr's matmul FLOPs with loops "
+                   f"in full are {jaxpr_dev / xla_dev:.3g}x XLA's count "
+                   "(one iteration per loop): the jaxpr count is used")
     apply_dev = _cost(c_apply)
     n_micro = expected_microbatches(phase.batch_size, phase.num_examples,
                                     micro)
@@ -293,6 +303,8 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
                                        mem_apply["total"]) + adjust,
              step_flops_per_device=step_dev,
              flops_per_microbatch=acc_dev * chips,
+             xla_flops_per_microbatch=xla_dev * chips,
+             jaxpr_flops_per_microbatch=jaxpr_dev * chips,
              flops_apply=apply_dev * chips, flops_per_step=step_dev * chips,
              flops_run=step_dev * chips * phase.steps)
     if s is not None:
@@ -399,11 +411,13 @@ def format_plan(r: dict) -> str:
         f"optimizer state {p['optimizer_bytes_per_device'] / GiB:.2f}) of "
         f"{p['hbm_bytes'] / GiB:.1f} GiB: "
         f"{'fits' if p['fits'] else 'DOES NOT FIT'}",
-        f"  FLOPs (XLA): {_g(p['flops_per_microbatch'])}/microbatch of "
+        f"  FLOPs: {_g(p['flops_per_microbatch'])}/microbatch of "
         f"{p['microbatch_size']:,} x "
         f"{p['microbatches_per_step']:.4g} expected (1e-6 tail "
         f"{p['microbatches_tail_1e6']}) + apply {_g(p['flops_apply'])} = "
-        f"{_g(p['flops_per_step'])}/step, {_g(p['flops_run'])}/run",
+        f"{_g(p['flops_per_step'])}/step, {_g(p['flops_run'])}/run "
+        f"(microbatch: XLA {_g(p['xla_flops_per_microbatch'])}, jaxpr "
+        f"matmuls {_g(p['jaxpr_flops_per_microbatch'])})",
         f"  projected: {p['step_seconds']:.3g} s/step, "
         f"{p['wall_hours']:.3g} h wall, {p['chip_hours']:.4g} chip-hours"]
     if "epsilon" in p:

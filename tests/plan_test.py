@@ -19,6 +19,7 @@ from configs import dpcap as dpcap_config
 from dpjax import plan as plan_lib
 from dpjax import privacy
 from dpjax import recipes
+from dpjax.train import flops as flops_lib
 from dpjax.train import hardware
 from dpjax.train import stand_in
 
@@ -44,6 +45,13 @@ def test_parse_mesh():
   assert hardware.parse_mesh("v5e-16").chips == 16
   with pytest.raises(ValueError, match="chips"):
     hardware.parse_mesh("tpu9000:4")
+
+
+def test_loop_flops_counted_in_full():
+  x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  body = lambda a: jax.lax.scan(lambda c, _: (c @ a, None), a, None,
+                                length=10)[0]
+  assert flops_lib.count(body, x) == 10 * 2 * 64 ** 3
 
 
 def test_stand_in_data():
@@ -101,7 +109,7 @@ def test_fields(result, tmp_path):
   assert p["epsilon"] == pytest.approx(privacy.epsilon(
       1.0, 512 / 50_000, 50, p["delta"]))
   text = plan_lib.format_plan(result)
-  for s in ("params: ", "fits", "FLOPs (XLA)", "epsilon", "chip-hours"):
+  for s in ("params: ", "fits", "FLOPs: ", "jaxpr", "epsilon", "chip-hours"):
     assert s in text
   # Another chip reuses the compiled numbers (no second compile).
   v5p = plan_lib.plan(_config(), "cpu:8", chip=hardware.CHIPS["v5p"])
@@ -140,6 +148,11 @@ def test_flops_agree(result):
     return jax.grad(loss)(params)
 
   xla = plan_lib._cost(jax.jit(plain).lower(shapes, ex).compile())
+  # The jaxpr count (matmuls, loops in full) agrees with XLA's here (no
+  # loops), so the XLA number is the one used.
+  assert 0.5 < p["jaxpr_flops_per_microbatch"] / p[
+      "xla_flops_per_microbatch"] < 2.0
+  assert p["flops_per_microbatch"] == p["xla_flops_per_microbatch"]
   ratio = p["flops_per_microbatch"] / xla
   assert 0.5 < ratio < 2.0, (p["flops_per_microbatch"], xla)
 
