@@ -61,7 +61,6 @@ if __name__ == "__main__":  # Before jax initialises its backends.
     os.environ.update(_env)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools
 import json
 import math
 
@@ -69,145 +68,17 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 from ml_collections import config_flags
-import numpy as np
 
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.recipes import common
-from dpjax.train import flops as flops_lib
+from dpjax.train import aot
 from dpjax.train import hardware
-from dpjax.train import mesh as mesh_lib
-from dpjax.train import secrets
 from dpjax.train import stand_in
-from dpjax.train import step as step_lib
 
 GiB = hardware.GiB
-
-
-class PlanError(ValueError):
-  """A phase does not fit (or the mesh does not tile): names the knobs."""
-
-
-def _devices_mesh(devices, fsdp: int) -> Mesh:
-  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp),
-              mesh_lib.BATCH_AXES)
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=s),
-                      tree, shardings)
-
-
-def _state_bytes(tree, fsdp: int, dtype=None) -> float:
-  """Per-device bytes of a param-like tree under mesh.fsdp = fsdp."""
-  total = 0.0
-  for x in jax.tree.leaves(tree):
-    spec = mesh_lib._leaf_spec(x.shape, fsdp)  # pylint: disable=protected-access
-    split = fsdp if any(a is not None for a in spec) else 1
-    item = jnp.dtype(dtype or x.dtype).itemsize
-    total += math.prod(x.shape) * item / split
-  return total
-
-
-def _example(phase, micro: int, chips: int, sim: int):
-  """({field: ShapeDtypeStruct}, mask struct, the phase's global microbatch)
-  of one microbatch as the loop's pipeline makes it, with the per-device
-  rows of `chips` chips on `sim` simulated devices."""
-  if phase.make_batches is not None:  # Its own batches: take one element.
-    el = next(phase.make_batches(seed=0, start_step=0, num_steps=1,
-                                 global_microbatch=micro, process_index=0,
-                                 process_count=1, num_workers=0))
-    micro = np.shape(el["mask"])[1]  # A phase may use its own size.
-    if micro % chips:
-      raise PlanError(f"phase {phase.name!r}: its microbatch of {micro} "
-                      f"does not split over {chips} chips")
-    rows = micro // chips * sim
-    one = lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[2:],
-                                         np.asarray(x).dtype)
-    return jax.tree.map(one, el["example"]), one(el["mask"]), micro
-  from dpjax.data import transforms as transforms_lib
-  rows = micro // chips * sim
-  rec = transforms_lib.apply(phase.transforms, dict(phase.source[0]),
-                             np.random.default_rng(0))
-  ex = {k: jax.ShapeDtypeStruct((rows,) + np.shape(v), np.asarray(v).dtype)
-        for k, v in rec.items()}
-  ex["rng"] = jax.ShapeDtypeStruct((rows, 2), np.uint32)  # add_rng.
-  return ex, jax.ShapeDtypeStruct((rows,), np.float32), micro
-
-
-def expected_microbatches(batch_size: float, num_examples: int,
-                          micro: int) -> float:
-  """E[max(1, ceil(b / micro))] for the Poisson batch b ~ Binomial(N, q)
-  (normal approximation): what the loop runs per step, padding included."""
-  q = min(1.0, batch_size / num_examples)
-  if q >= 1.0:  # Every example, every step: no randomness.
-    return max(1, math.ceil(batch_size / micro))
-  sd = math.sqrt(batch_size * (1 - q))
-  cdf = lambda x: 0.5 * (1 + math.erf((x - batch_size) / (sd * math.sqrt(2))))
-  lo = max(1, math.floor((batch_size - 8 * sd) / micro))
-  hi = math.ceil((batch_size + 8 * sd) / micro) + 1
-  out = lo * cdf(lo * micro)  # Everything up to lo microbatches.
-  for k in range(lo + 1, hi + 1):
-    out += k * (cdf(k * micro) - cdf((k - 1) * micro))
-  return out
-
-
-def _cost(compiled) -> float:
-  c = compiled.cost_analysis()
-  if isinstance(c, (list, tuple)):
-    c = c[0] if c else {}
-  return float((c or {}).get("flops", 0.0))
-
-
-def _memory(compiled) -> dict:
-  m = compiled.memory_analysis()
-  out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-             aliased=m.alias_size_in_bytes, temps=m.temp_size_in_bytes)
-  out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] +
-                  out["temps"])
-  return {k: float(v) for k, v in out.items()}
-
-
-def _compile_phase(phase, s, config, mesh, chips: int, param_shapes):
-  """AOT-compiles the loop's accumulate and apply of `phase` on `mesh`."""
-  from dpjax.train import loop  # The loop's own sum function.
-  rep = mesh_lib.replicated(mesh)
-  params = _abstract(param_shapes, mesh_lib.param_shardings(param_shapes, mesh))
-  opt_shapes = jax.eval_shape(phase.optimizer.init, params)
-  opt = _abstract(opt_shapes, mesh_lib.param_shardings(opt_shapes, mesh))
-  pshard = jax.tree.map(lambda x: x.sharding, params)
-  acc_shard = {k: rep for k in step_lib.AUX_KEYS}
-  acc_shard["grad"] = pshard
-  acc = _abstract(jax.eval_shape(step_lib.zeros_accumulator, params),
-                  acc_shard)
-  ex, mask, micro = _example(phase, config.train.microbatch_size, chips,
-                            mesh.size)
-  bspec = lambda x: mesh_lib.batch_sharding(mesh)
-  batch = _abstract(ex, jax.tree.map(bspec, ex))
-  mask = _abstract(mask, bspec(mask))
-  sum_fn = loop._sum_fn(phase, s, config)  # pylint: disable=protected-access
-  accumulate = jax.jit(functools.partial(step_lib.accumulate, sum_fn),
-                       donate_argnums=(1,), out_shardings=acc_shard)
-  c_acc = accumulate.lower(params, acc, batch, mask).compile()
-  # All sim devices' matmul FLOPs, loops (lax.scan) counted in full.
-  loop_flops = flops_lib.count(functools.partial(step_lib.accumulate, sum_fn),
-                               params, acc, batch, mask)
-  key = np.asarray(secrets.run_key(0))
-  ks = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-  state = step_lib.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
-      opt_state=opt, noise_key=ks, sampling_key=ks)
-  apply = jax.jit(functools.partial(
-      step_lib.apply, optimizer=phase.optimizer, private=phase.private,
-      l2_clip_norm=s.l2_clip_norm if s else 0.0,
-      noise_multiplier=phase.noise_multiplier,
-      expected_batch_size=float(phase.batch_size)), donate_argnums=(0,),
-      out_shardings=(jax.tree.map(lambda x: x.sharding, state), rep))
-  c_apply = apply.lower(state, acc).compile()
-  return c_acc, c_apply, opt_shapes, micro, loop_flops / mesh.size
+PlanError = aot.PlanError
 
 
 _MEASURED = {}  # (config json, mesh, local devices) -> _measure's result.
@@ -233,7 +104,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
     raise PlanError(str(e)) from e
   per_device = t.microbatch_size // chips
   sim_fsdp = math.gcd(fsdp, sim)
-  mesh = _devices_mesh(local[:sim], sim_fsdp)
+  mesh = aot.devices_mesh(local[:sim], sim_fsdp)
   task = recipes.get(config.recipe).build(config)
   param_shapes = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   notes = []
@@ -251,7 +122,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              simulated_devices=sim, compiled_on=local[0].platform,
              params=sum(math.prod(x.shape)
                         for x in jax.tree.leaves(param_shapes)),
-             params_per_device=_state_bytes(param_shapes, fsdp, jnp.int8),
+             params_per_device=aot.state_bytes(param_shapes, fsdp, jnp.int8),
              microbatch_size=t.microbatch_size,
              per_device_microbatch=per_device, mesh_fsdp=fsdp, notes=notes,
              phases=[])
@@ -264,24 +135,24 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
       phase.noise_multiplier = settings[phase.name].noise_multiplier
   for phase in task.phases:
     s = settings.get(phase.name)
-    c_acc, c_apply, opt_shapes, micro, jaxpr_dev = _compile_phase(
+    c_acc, c_apply, opt_shapes, micro, jaxpr_dev = aot.compile_phase(
         phase, s, config, mesh, chips, param_shapes)
-    mem_acc, mem_apply = _memory(c_acc), _memory(c_apply)
+    mem_acc, mem_apply = aot.memory(c_acc), aot.memory(c_apply)
     # Param, optimizer and f32 accumulator bytes per device: real mesh.fsdp
     # minus the simulated one (0 unless fsdp exceeds the simulated devices).
-    state = lambda f: (_state_bytes(param_shapes, f) + _state_bytes(
-        opt_shapes, f) + _state_bytes(param_shapes, f, jnp.float32))
+    state = lambda f: (aot.state_bytes(param_shapes, f) + aot.state_bytes(
+        opt_shapes, f) + aot.state_bytes(param_shapes, f, jnp.float32))
     adjust = state(fsdp) - state(sim_fsdp)
-    opt_dev = _state_bytes(opt_shapes, fsdp)
-    acc_dev = _cost(c_acc) * (per_device // inner if inner else 1)
+    opt_dev = aot.state_bytes(opt_shapes, fsdp)
+    acc_dev = aot.cost(c_acc) * (per_device // inner if inner else 1)
     xla_dev = acc_dev
     if jaxpr_dev > 2 * acc_dev:  # Loops XLA counted once (local steps...).
       acc_dev = jaxpr_dev
       notes.append(f"phase {phase.name}: the jaxpr's matmul FLOPs with loops "
                    f"in full are {jaxpr_dev / xla_dev:.3g}x XLA's count "
                    "(one iteration per loop): the jaxpr count is used")
-    apply_dev = _cost(c_apply)
-    n_micro = expected_microbatches(phase.batch_size, phase.num_examples,
+    apply_dev = aot.cost(c_apply)
+    n_micro = aot.expected_microbatches(phase.batch_size, phase.num_examples,
                                     micro)
     tail = phase.batch_size
     if phase.batch_size < phase.num_examples:

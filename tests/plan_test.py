@@ -19,6 +19,7 @@ from configs import dpcap as dpcap_config
 from dpjax import plan as plan_lib
 from dpjax import privacy
 from dpjax import recipes
+from dpjax.train import aot
 from dpjax.train import flops as flops_lib
 from dpjax.train import hardware
 from dpjax.train import stand_in
@@ -82,10 +83,10 @@ def test_fields(result, tmp_path):
   assert p["epochs"] == pytest.approx(50 * 512 / 50_000)
   # E[ceil(b / M)] of the Poisson batch b: 8 or 9 microbatches of 64.
   assert p["microbatches_per_step"] == pytest.approx(
-      plan_lib.expected_microbatches(512, 50_000, MICRO))
+      aot.expected_microbatches(512, 50_000, MICRO))
   assert 8 < p["microbatches_per_step"] < 9
-  assert plan_lib.expected_microbatches(256, 19_800, 512) == pytest.approx(1)
-  assert plan_lib.expected_microbatches(256, 256, 32) == 8
+  assert aot.expected_microbatches(256, 19_800, 512) == pytest.approx(1)
+  assert aot.expected_microbatches(256, 256, 32) == 8
   assert p["batch_size_tail_1e6"] == privacy.max_batch_size_for(
       50_000, 512 / 50_000, 1e-6) > 512
   assert p["microbatches_tail_1e6"] == math.ceil(p["batch_size_tail_1e6"]
@@ -141,13 +142,13 @@ def test_flops_agree(result):
   assert 0.5 < p["flops_per_step"] / analytic < 2.0, (
       p["flops_per_step"], analytic)
   # XLA's count of a plain unclipped gradient of the same microbatch.
-  ex, _, _ = plan_lib._example(phase, MICRO, 1, 1)
+  ex, _, _ = aot.example_structs(phase, MICRO, 1, 1)
 
   def plain(params, batch):
     loss = lambda q: jnp.sum(jax.vmap(phase.loss_fn, (None, 0))(q, batch))
     return jax.grad(loss)(params)
 
-  xla = plan_lib._cost(jax.jit(plain).lower(shapes, ex).compile())
+  xla = aot.cost(jax.jit(plain).lower(shapes, ex).compile())
   # The jaxpr count (matmuls, loops in full) agrees with XLA's here (no
   # loops), so the XLA number is the one used.
   assert 0.5 < p["jaxpr_flops_per_microbatch"] / p[
