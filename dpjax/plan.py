@@ -18,9 +18,10 @@ mesh (same per-device shapes). Memory is CPU-XLA's (TPU/GPU fuse and lay out
 differently: a projection, not a measurement of that chip); when mesh.fsdp
 exceeds the simulated devices the parameter-state bytes are rescaled
 analytically and the output says so. FLOPs are XLA's count of the compiled
-per-device program times the number of chips; loops (lax.scan) count one
-iteration, so with train.inner_microbatch the FLOPs are scaled up by the
-number of inner chunks. Exits 3 when a phase does not fit, naming the knobs;
+per-device program times the number of chips; XLA counts a loop (lax.scan)
+once, so train.inner_microbatch scales it by the number of chunks, and a
+jaxpr count of the step's matmuls with loops in full (train/flops.py) is
+used instead when it is more than twice XLA's. Exits 3 when a phase does not fit, naming the knobs;
 the config is never changed.
 """
 
