@@ -4,10 +4,11 @@ launch/local_2proc.sh starts two `python -m dpjax.main` processes that
 coordinate over localhost; each reads only its half of every Poisson batch.
 Their noise and sampling keys are secret OS entropy drawn on process 0 and
 broadcast, so both processes sample the same batches and add the same noise.
-One process with 8 devices resuming the two-process run's step-2
-checkpoint (its secret keys come back from it) must end step 3 with the
-two-process run's parameters (up to float summation order of the
-cross-process all-reduce): a process that had drawn its own keys would have
+The two-process run's step-2 checkpoint, resumed (as after a kill) both on
+one process with 8 devices and on two processes again, must end step 3 with
+the uninterrupted two-process run's parameters and keys (up to float
+summation order of the cross-process all-reduce): the secret keys come back
+from the checkpoint, and a process that had drawn its own keys would have
 loaded rows of another batch.
 """
 
@@ -73,49 +74,68 @@ def _adam_mu(opt_state):
   return None
 
 
-def test_two_processes_match_one_process_with_8_devices(tmp_path):
-  cache = str(tmp_path / "jax_cache")
-  two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  multi = subprocess.Popen(
+def _two_processes(workdir: str, cache: str) -> subprocess.Popen:
+  return subprocess.Popen(
       ["bash", os.path.join(REPO, "launch", "local_2proc.sh"),
-       "configs/dpcap.py:tiny", two, *OVERRIDES],
+       "configs/dpcap.py:tiny", workdir, *OVERRIDES],
       cwd=REPO, env=_env(cache, PYTHON=sys.executable,
                          PORT=str(_free_port())),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  out_multi = multi.communicate(timeout=300)[0]
+
+
+def _logs(workdir: str) -> str:
   logs = ""
   for p in (0, 1):
-    with open(os.path.join(two, "logs", f"process_{p}.log")) as f:
+    with open(os.path.join(workdir, "logs", f"process_{p}.log")) as f:
       logs += f.read()
+  return logs
+
+
+def test_two_processes_match_one_process_with_8_devices(tmp_path):
+  cache = str(tmp_path / "jax_cache")
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  again = str(tmp_path / "two_again")
+  multi = _two_processes(two, cache)
+  out_multi = multi.communicate(timeout=300)[0]
+  logs = _logs(two)
   assert multi.returncode == 0, out_multi + logs[-6000:]
   assert "process 1 of 2, 4 local / 8 global devices" in logs
 
-  shutil.copytree(os.path.join(two, "checkpoints", "2"),
-                  os.path.join(one, "checkpoints", "2"))
+  # Resume the step-2 checkpoint (as after a kill) on one process with 8
+  # devices and, at the same time, on two processes again.
+  for workdir in (one, again):
+    shutil.copytree(os.path.join(two, "checkpoints", "2"),
+                    os.path.join(workdir, "checkpoints", "2"))
   single = subprocess.Popen(
       [sys.executable, "-m", "dpjax.main", "--config=configs/dpcap.py:tiny",
        f"--workdir={one}", *OVERRIDES], cwd=REPO,
       env=_env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  multi_again = _two_processes(again, cache)
   out_single = single.communicate(timeout=300)[0]
+  out_again = multi_again.communicate(timeout=300)[0]
   assert single.returncode == 0, out_single[-3000:]
   assert "resumed at step 2" in out_single
+  assert multi_again.returncode == 0, out_again + _logs(again)[-6000:]
+  assert "resumed at step 2" in _logs(again)
 
   s2, meta2 = _params(two)
-  s1, meta1 = _params(one)
-  assert int(s2["step"]) == int(s1["step"]) == 3
-  assert meta2["ledger"] == meta1["ledger"]  # Same privacy account.
-  assert meta2["data"] == meta1["data"]
-  for key in ("noise_key", "sampling_key"):
-    np.testing.assert_array_equal(s2[key], s1[key])
-    assert np.asarray(s2[key]).any()
-  assert jax.tree.structure(s2) == jax.tree.structure(s1)
-  # Params and Adam moments identical up to the summation order of the
-  # cross-process gradient all-reduce (measured ~1e-8).
-  for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s1)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  for other in (one, again):
+    s1, meta1 = _params(other)
+    assert int(s2["step"]) == int(s1["step"]) == 3
+    assert meta2["ledger"] == meta1["ledger"]  # Same privacy account.
+    assert meta2["data"] == meta1["data"]
+    for key in ("noise_key", "sampling_key"):  # Restored, not redrawn.
+      np.testing.assert_array_equal(s2[key], s1[key])
+      assert np.asarray(s2[key]).any()
+    assert jax.tree.structure(s2) == jax.tree.structure(s1)
+    # Params and Adam moments identical up to the summation order of the
+    # cross-process gradient all-reduce (measured ~1e-8).
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s1)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
   # ... which is far below what the noisy steps moved (Adam's mu).
-  mu = jax.tree.leaves(_adam_mu(s1["opt_state"]))
+  mu = jax.tree.leaves(_adam_mu(s2["opt_state"]))
   assert mu
   assert max(float(np.max(np.abs(m))) for m in mu) > 1e-3
   assert os.path.exists(os.path.join(two, "results.json"))  # process 0.
+  assert os.path.exists(os.path.join(again, "results.json"))
