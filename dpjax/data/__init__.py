@@ -2,11 +2,11 @@
 numpy transforms, and Poisson-sampled Grain pipelines.
 
 Import submodules: ``from dpjax.data import pipeline, sources, synthetic,
-tokenizer, transforms``.
+tokenizer, transforms, bad_records``.
 
 Bad records (a file that is missing or does not decode, a caption with no
 tokens) are handled in two places (README, Data): small sources are checked
-in full before training (``pipeline.validate_source``, which raises
+in full before training (``bad_records.validate_phases``, which raises
 ``DataValidationError`` listing every problem); during training a record
 that fails to load (``BadRecord``, or an ``OSError`` while reading or
 transforming it) becomes a zero row (mask 0) and is reported only at the end

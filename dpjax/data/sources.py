@@ -24,7 +24,7 @@ returned as ``str``.
 A record that cannot be read (a missing file, an unreadable or malformed
 stored record, an index row without a file name) raises
 ``dpjax.data.BadRecord``; the pipelines make it a zero row, and start-up
-validation (``pipeline.validate_source``) lists every such record. The
+validation (``bad_records.validate_phases``) lists every such record. The
 record still counts in ``len(source)`` (N): keeping N is conservative.
 """
 
