@@ -127,13 +127,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              microbatch_size=t.microbatch_size,
              per_device_microbatch=per_device, mesh_fsdp=fsdp, notes=notes,
              phases=[])
-  settings = {}
-  for phase in task.phases:
-    if phase.private:
-      settings[phase.name] = common.privacy_from_config(
-          config.privacy, num_examples=phase.num_examples,
-          batch_size=phase.batch_size, steps=phase.steps)
-      phase.noise_multiplier = settings[phase.name].noise_multiplier
+  settings = common.resolve_phases(config.privacy, task.phases)
   for phase in task.phases:
     s = settings.get(phase.name)
     c_acc, c_apply, opt_shapes, micro, jaxpr_dev = aot.compile_phase(

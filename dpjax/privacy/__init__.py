@@ -34,6 +34,7 @@ from dpjax.privacy.noise import add_noise
 from dpjax.privacy.noise import AddNoiseState
 from dpjax.privacy.noise import dp_aggregate
 from dpjax.privacy.noise import privatize
+from dpjax.privacy.noise import secret_key
 from dpjax.privacy.optimizers import dpadamw
 from dpjax.privacy.optimizers import dpsgd
 from dpjax.privacy.sampling import max_batch_size_for

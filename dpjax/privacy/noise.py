@@ -92,12 +92,23 @@ class AddNoiseState(NamedTuple):
 Seed = Union[int, jax.Array, None]
 
 
+def secret_key() -> np.ndarray:
+  """A raw PRNG key of jax's default implementation (uint32[2] for
+  threefry) filled entirely from OS entropy: secret and full-width, unlike
+  ``PRNGKey(int)`` of a 32-bit seed.
+
+  >>> secret_key().dtype, secret_key().shape
+  (dtype('uint32'), (2,))
+  """
+  n = int(jax.random.key_data(jax.random.key(0)).shape[-1])
+  return np.frombuffer(os.urandom(4 * n), np.uint32).copy()
+
+
 def _root_key(seed: Seed) -> jax.Array:
   """A raw PRNG key: OS entropy over the whole key (None), PRNGKey(int),
   or the given key (typed keys are unwrapped to raw key data)."""
   if seed is None:
-    n = int(jax.random.key_data(jax.random.key(0)).shape[-1])
-    return jnp.asarray(np.frombuffer(os.urandom(4 * n), np.uint32))
+    return jnp.asarray(secret_key())
   if isinstance(seed, (int, np.integer)):
     return jax.random.PRNGKey(int(seed))
   if jnp.issubdtype(jnp.asarray(seed).dtype, jax.dtypes.prng_key):

@@ -105,6 +105,21 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       tan_reference_noise_multiplier=float(ref_sigma))
 
 
+def resolve_phases(cfg: ml_collections.ConfigDict, phases
+                   ) -> dict[str, PrivacySettings]:
+  """{phase name: settings} of every private phase; sets each private
+  phase's `noise_multiplier` to its resolved sigma (the loop and
+  `dpjax.plan` resolve privacy through this one function)."""
+  out = {}
+  for phase in phases:
+    if phase.private:
+      s = privacy_from_config(cfg, num_examples=phase.num_examples,
+                              batch_size=phase.batch_size, steps=phase.steps)
+      phase.noise_multiplier = s.noise_multiplier
+      out[phase.name] = s
+  return out
+
+
 def schedule_from_config(t: ml_collections.ConfigDict, steps: int | None = None):
   """Linear warm-up then cosine over `decay_steps` (may exceed steps)."""
   steps = steps or t.steps

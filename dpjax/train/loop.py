@@ -126,14 +126,7 @@ class _Run:
     # logged per step (that would say when they were drawn); written once
     # at the end (_write_bad_records).
     self.bad = bad_records.BadRecordTally()
-    self.settings = {}
-    for phase in self.task.phases:
-      if phase.private:
-        s = common.privacy_from_config(
-            config.privacy, num_examples=phase.num_examples,
-            batch_size=phase.batch_size, steps=phase.steps)
-        phase.noise_multiplier = s.noise_multiplier
-        self.settings[phase.name] = s
+    self.settings = common.resolve_phases(config.privacy, self.task.phases)
     private = [p for p in self.task.phases if p.private]
     self.dp = self.settings[private[0].name] if private else None
     self.ledger = privacy.PrivacyLedger(

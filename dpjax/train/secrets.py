@@ -16,20 +16,15 @@ reproducible runs for tests and experiments; such a run's epsilon is not a
 guarantee, and the loop says so (warning, `secret_randomness: false`).
 """
 
-import os
-
 import jax
 import numpy as np
+
+from dpjax import privacy
 
 # Folded into an explicit sampling seed so that noise_seed == sampling_seed
 # still gives two different keys.
 _SAMPLING_TAG = 0x5A3B1E
 _PHASE_TAG = 0xF0A5E
-
-
-def key_words() -> int:
-  """Number of uint32 words in a raw key of jax's default PRNG (2: threefry)."""
-  return int(jax.random.key_data(jax.random.key(0)).shape[-1])
 
 
 def _broadcast(words: np.ndarray) -> np.ndarray:
@@ -40,14 +35,8 @@ def _broadcast(words: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32)
 
 
-def os_entropy_key() -> np.ndarray:
-  """uint32[key_words()]: a raw PRNG key filled entirely from os.urandom."""
-  n = key_words()
-  return np.frombuffer(os.urandom(4 * n), np.uint32).copy()
-
-
 def run_key(seed: int, *, sampling: bool = False) -> np.ndarray:
-  """The raw key (uint32[key_words()]) of one of the run's secrets.
+  """The raw key (uint32[2] for threefry) of one of the run's secrets.
 
   Args:
     seed: < 0: fresh OS entropy (secret; the default). >= 0: the key of
@@ -59,7 +48,7 @@ def run_key(seed: int, *, sampling: bool = False) -> np.ndarray:
     The same uint32 words on every process.
   """
   if seed < 0:
-    return _broadcast(os_entropy_key())
+    return _broadcast(privacy.noise.secret_key())
   key = jax.random.PRNGKey(seed)
   if sampling:
     key = jax.random.fold_in(key, _SAMPLING_TAG)

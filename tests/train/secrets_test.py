@@ -11,6 +11,7 @@ import pytest
 
 from configs import dpcap as dpcap_config
 from dpjax.data import pipeline
+from dpjax.privacy import noise
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import loop
 from dpjax.train import metrics
@@ -19,7 +20,7 @@ from dpjax.train import secrets
 
 def test_default_keys_fill_the_whole_key_and_differ_per_run():
   keys = np.stack([secrets.run_key(-1) for _ in range(64)])
-  assert keys.dtype == np.uint32 and keys.shape == (64, secrets.key_words())
+  assert keys.dtype == np.uint32 and keys.shape == (64, noise.secret_key().size)
   assert len({tuple(k) for k in keys}) == 64
   # The old int seed (os.urandom(4) >> 1, then PRNGKey) left word 0 at 0
   # and word 1 below 2**31: 31 bits. Both words' high bits now vary.
@@ -36,10 +37,10 @@ def test_explicit_seeds_are_reproducible_and_noise_differs_from_sampling():
 
 
 def test_phase_seed_keeps_64_bits_and_separates_phases():
-  key = secrets.os_entropy_key()
+  key = noise.secret_key()
   seeds = {secrets.phase_sampling_seed(key, i) for i in range(4)}
   assert len(seeds) == 4 and all(0 <= s < 2**64 for s in seeds)
-  highs = [secrets.phase_sampling_seed(secrets.os_entropy_key(), 0) >= 2**63
+  highs = [secrets.phase_sampling_seed(noise.secret_key(), 0) >= 2**63
            for _ in range(64)]
   assert 10 < sum(highs) < 54
   # The numpy pipelines accept the full range.
@@ -68,7 +69,7 @@ def _final(workdir):
   return state
 
 
-def _run(tmp_path, name, monkeypatch=None, **privacy):
+def _run(tmp_path, name, **privacy):
   workdir = str(tmp_path / name)
   results = loop.run(_config(**privacy), workdir)
   return workdir, results, _final(workdir)
