@@ -13,15 +13,23 @@ TPU VM slice with more than one worker (TPU_WORKER_HOSTNAMES), or --multihost
 (jax auto-detects the cluster: TPU VM metadata, SLURM, Open MPI, ...). See
 launch/README.md.
 
-Preemption: SIGTERM finishes the current step, checkpoints and exits 0; the
-same command resumes the run.
+Preemption: SIGTERM at any moment exits 0 with a resumable workdir: during
+training it finishes the current step and checkpoints; during start-up or
+the final evaluation it stops at once. The same command resumes the run
+(and a finished run only re-does what is missing).
 
-Bad data: when start-up validation finds records that cannot be used
-(missing or undecodable files, empty captions; see README, Data), the run
-prints every problem in one message and exits 2 before training.
+Output: a progress bar and a handful of lines. Other libraries' INFO logs
+(Orbax, jax) and the full config are shown with --verbosity=1.
+
+Errors a user fixes: an invalid config field (the message names the field,
+the value and the fix) or bad data found by start-up validation (every
+problem in one message; see README, Data) print one line and exit 2;
+--traceback shows the traceback instead.
 """
 
+import logging as py_logging
 import os
+import signal
 import sys
 from typing import Mapping
 
@@ -42,6 +50,8 @@ flags.DEFINE_integer("process_id", None, "This process' index.")
 flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() and let jax detect the "
                   "cluster (TPU VM slice, SLURM, Open MPI).")
+flags.DEFINE_bool("traceback", False, "Show the traceback of config and "
+                  "data errors (default: one line and exit status 2).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -113,21 +123,47 @@ def _maybe_initialize_distributed() -> None:
                jax.local_device_count(), jax.device_count())
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _QuietFilter(py_logging.Filter):
+  """Drops INFO (and lower) records of other libraries (Orbax alone logs
+  ~250 lines around a short run's checkpoints); warnings always pass."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or
+            os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+def _preempted_at_startup(signum, frame):
+  """SIGTERM before the loop installs its own handler: nothing is written
+  yet, so stop now (exit 0; the same command starts or resumes the run)."""
+  del signum, frame
+  print("dpjax: preempted during start-up; rerun the same command.",
+        flush=True)
+  sys.exit(0)
+
+
 def main(argv):
   del argv
+  signal.signal(signal.SIGTERM, _preempted_at_startup)
+  if FLAGS.verbosity < 1:
+    logging.get_absl_handler().addFilter(_QuietFilter())
   _maybe_initialize_distributed()
-  from dpjax.train import loop  # pylint: disable=g-import-not-at-top
+  from dpjax import errors  # pylint: disable=g-import-not-at-top
+  from dpjax import recipes  # pylint: disable=g-import-not-at-top
   from dpjax.data import DataValidationError  # pylint: disable=g-import-not-at-top
-  logging.info("config:\n%s", FLAGS.config)
+  logging.vlog(1, "config:\n%s", FLAGS.config)
   try:
-    results = loop.run(FLAGS.config, FLAGS.workdir)
-  except DataValidationError as e:
+    results = recipes.run(FLAGS.config, FLAGS.workdir)
+  except (errors.ConfigError, DataValidationError) as e:
+    if FLAGS.traceback:
+      raise
     print(f"dpjax: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   if results.get("preempted"):
     message = PREEMPTED_MESSAGE.format(step=results["step"],
                                        workdir=FLAGS.workdir)
-    logging.warning(message)
     print(message, flush=True)
     sys.exit(0)
 

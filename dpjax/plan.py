@@ -73,7 +73,7 @@ from ml_collections import config_flags
 
 from dpjax import privacy
 from dpjax import recipes
-from dpjax.recipes import common
+from dpjax.train import settings as settings_lib
 from dpjax.train import aot
 from dpjax.train import hardware
 from dpjax.train import stand_in
@@ -100,7 +100,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
                     f"the {chips} chips of --mesh={ms.spec}: set mesh.fsdp "
                     "to a divisor and mesh.data=-1")
   try:
-    common.validate_train(t, chips)
+    settings_lib.validate_train(t, chips)
   except ValueError as e:
     raise PlanError(str(e)) from e
   per_device = t.microbatch_size // chips
@@ -127,11 +127,10 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              microbatch_size=t.microbatch_size,
              per_device_microbatch=per_device, mesh_fsdp=fsdp, notes=notes,
              phases=[])
-  settings = common.resolve_phases(config.privacy, task.phases)
-  for phase in task.phases:
-    s = settings.get(phase.name)
+  for phase in settings_lib.resolve_phases(config, task.phases):
+    s = phase.privacy
     c_acc, c_apply, opt_shapes, micro, jaxpr_dev = aot.compile_phase(
-        phase, s, config, mesh, chips, param_shapes)
+        phase, config, mesh, chips, param_shapes)
     mem_acc, mem_apply = aot.memory(c_acc), aot.memory(c_apply)
     # Param, optimizer and f32 accumulator bytes per device: real mesh.fsdp
     # minus the simulated one (0 unless fsdp exceeds the simulated devices).

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from dpjax.errors import ConfigError
 from dpjax.data import BAD_REASONS
 from dpjax.data import DataValidationError
 from dpjax.data import pipeline
@@ -89,8 +90,8 @@ def validate_phases(phases: Sequence[tuple[str, Any, Sequence[Any]]], *,
       by reason and says how to fix it.
   """
   if on_bad_record not in ("error", "skip"):
-    raise ValueError(f"config.data.on_bad_record={on_bad_record!r} is "
-                     'invalid: use "error" or "skip"')
+    raise ConfigError(f"config.data.on_bad_record={on_bad_record!r} is "
+                      'invalid: use "error" or "skip"')
   found, problems = {}, []
   for name, source, ts in phases:
     if sources_lib.is_generated(source):

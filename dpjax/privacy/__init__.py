@@ -3,8 +3,10 @@
 Importable alone: depends only on jax, numpy, optax and dp_accounting (no
 Flax, Grain or TFDS). The DP step is
 
-  clipped_sum, aux = clipped_grad(loss_fn, C)(params, batch, mask)
-  updates, opt_state = dpsgd(lr, C, sigma, q * N).update(clipped_sum, ..)
+  sum_fn = clipped_grad(loss_fn, C)      # a BoundedSum: sensitivity C
+  clipped_sum, aux = sum_fn(params, batch, mask)
+  opt = optax.chain(add_noise(sum_fn, sigma, q * N), optimizer)
+  updates, opt_state = opt.update(clipped_sum, opt_state, params)
 
 with batches from ``poisson_sample(secret_seed(), step, ...)`` and the budget
 from ``epsilon`` / ``PrivacyLedger``. The noise key (in the optimizer state)
@@ -25,6 +27,7 @@ from dpjax.privacy.accounting import epsilon
 from dpjax.privacy.accounting import event_epsilon
 from dpjax.privacy.accounting import tan_simulation
 from dpjax.privacy.accounting import total_amount_of_noise
+from dpjax.privacy.clipping import BoundedSum
 from dpjax.privacy.clipping import clip_pytree
 from dpjax.privacy.clipping import clipped_grad
 from dpjax.privacy.clipping import global_norm

@@ -18,6 +18,7 @@ multiply: 0 * NaN is NaN), so it contributes exactly zero; it is counted in
 ``aux["num_nonfinite"]``.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
@@ -27,6 +28,40 @@ PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 _CLIPPING_MODES = ("clip", "normalize")
+# Neighbouring relations a BoundedSum states: add/remove one example, or
+# all the data of one user.
+UNITS = ("example", "user")
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundedSum:
+  """A clipped-sum function together with the sensitivity of its output.
+
+  ``fn(params, batch, mask=None) -> (sum, aux)``. Guarantee stated by the
+  constructor of the object (``clipped_grad``, ``user_level.
+  clipped_delta_sum``): for datasets that differ by adding or removing one
+  privacy ``unit`` ("example", or "user": all of one user's data), the sum
+  moves by at most ``l2_sensitivity`` in L2 norm. ``noise.add_noise`` reads
+  the bound from here, so the noise can never be calibrated to a different
+  norm than the one the sum was clipped to.
+
+  >>> f = clipped_grad(lambda w, x: jnp.sum(w * x), 2.0)
+  >>> f.l2_sensitivity, f.unit
+  (2.0, 'example')
+  """
+  fn: Callable[..., tuple[PyTree, dict]]
+  l2_sensitivity: float
+  unit: str = "example"
+
+  def __post_init__(self):
+    if not self.l2_sensitivity > 0:
+      raise ValueError(f"l2_sensitivity must be > 0, got "
+                       f"{self.l2_sensitivity}.")
+    if self.unit not in UNITS:
+      raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}.")
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
 
 
 def per_example_grads(loss_fn: LossFn) -> Callable[[PyTree, PyTree], PyTree]:
@@ -209,8 +244,9 @@ def clipped_grad(
       matmuls (e.g. jnp.bfloat16); norms and sums stay float32.
 
   Returns:
-    ``fn(params, batch, mask=None) -> (clipped_sum, aux)``; ``clipped_sum`` is
-    a float32 pytree like ``params``; ``aux`` a dict of float32 scalars.
+    A ``BoundedSum`` (sensitivity C per example): ``fn(params, batch,
+    mask=None) -> (clipped_sum, aux)``; ``clipped_sum`` is a float32 pytree
+    like ``params``; ``aux`` a dict of float32 scalars.
 
   Raises:
     ValueError: for an unknown ``clipping`` or a batch size not divisible by
@@ -265,4 +301,4 @@ def clipped_grad(
     total, _ = jax.lax.scan(body, init, xs)
     return total
 
-  return fn
+  return BoundedSum(fn, float(l2_clip_norm), "example")

@@ -116,28 +116,49 @@ def _root_key(seed: Seed) -> jax.Array:
   return jnp.asarray(seed, jnp.uint32)
 
 
-def _init_state(seed: Seed) -> AddNoiseState:
-  return AddNoiseState(count=jnp.zeros([], jnp.int32), rng_key=_root_key(seed))
+def _init_state(seed: Seed, count: int = 0) -> AddNoiseState:
+  return AddNoiseState(count=jnp.asarray(count, jnp.int32),
+                       rng_key=_root_key(seed))
 
 
 def _step_key(state: AddNoiseState) -> jax.Array:
   return jax.random.fold_in(state.rng_key, state.count)
 
 
-def add_noise(l2_clip_norm: float, noise_multiplier: float,
-              expected_batch_size: float,
-              seed: Seed = None) -> optax.GradientTransformation:
+Sensitivity = Union[float, clipping.BoundedSum]
+
+
+def l2_sensitivity(sensitivity: Sensitivity) -> float:
+  """The L2 bound of a ``clipping.BoundedSum`` (or a number, as is).
+
+  >>> l2_sensitivity(clipping.clipped_grad(lambda w, x: w * x, 0.5))
+  0.5
+  """
+  if isinstance(sensitivity, clipping.BoundedSum):
+    return sensitivity.l2_sensitivity
+  if callable(sensitivity):
+    raise TypeError("the sum function states no sensitivity: wrap it in "
+                    "clipping.BoundedSum(fn, l2_sensitivity, unit)")
+  return float(sensitivity)
+
+
+def add_noise(sensitivity: Sensitivity, noise_multiplier: float,
+              expected_batch_size: float, seed: Seed = None,
+              initial_count: int = 0) -> optax.GradientTransformation:
   """Noise + average for a clipped SUM, as an optax transformation.
 
-  Formal guarantees: as ``privatize``, with key ``fold_in(rng_key, count)``
-  where ``rng_key`` lives in the state and ``count`` is the number of
-  previous updates, so no key is reused across steps. With ``seed=None``
-  (the default) every ``init`` call draws a fresh secret root key from OS
-  entropy (call ``init`` outside ``jax.jit``), so re-initialising the
-  optimizer state never replays earlier noise. An int seed is public and
-  reproducible: anyone who knows it can subtract the noise (tests only).
-  The input MUST be a sum of clipped per-example gradients
-  (``clipping.clipped_grad``), not a mean.
+  Formal guarantees: as ``privatize`` with C = the sensitivity, and key
+  ``fold_in(rng_key, count)`` where ``rng_key`` lives in the state and
+  ``count`` is ``initial_count`` plus the number of previous updates, so no
+  key is reused across steps. Pass the sum function itself
+  (``clipping.clipped_grad(...)`` or ``user_level.clipped_delta_sum(...)``,
+  a ``BoundedSum``): the noise then reads the bound the sum was clipped to
+  and cannot be calibrated to another (a number is taken as the bound). With
+  ``seed=None`` (the default) every ``init`` call draws a fresh secret root
+  key from OS entropy (call ``init`` outside ``jax.jit``), so
+  re-initialising the optimizer state never replays earlier noise. An int
+  seed is public and reproducible: anyone who knows it can subtract the
+  noise (tests only). The input MUST be the clipped sum, not a mean.
 
   >>> tx = add_noise(1.0, 1.0, expected_batch_size=10, seed=0)
   >>> state = tx.init({"w": jnp.zeros(2)})
@@ -146,23 +167,27 @@ def add_noise(l2_clip_norm: float, noise_multiplier: float,
   (1, (2,))
 
   Args:
-    l2_clip_norm: clip norm C used for the sum.
-    noise_multiplier: sigma.
+    sensitivity: the ``BoundedSum`` whose output this transform receives,
+      or its L2 bound C (the clip norm of ``clipped_grad``).
+    noise_multiplier: sigma; the noise std is sigma * C.
     expected_batch_size: q * N (public); the sum is divided by it.
     seed: None (secret OS entropy, the default), an int (public,
       reproducible), or a PRNG key.
+    initial_count: the count of the first update (the training loop passes
+      its global step, so keys never repeat across phases of one run).
 
   Returns:
     ``optax.GradientTransformation`` with state ``AddNoiseState``.
   """
+  l2_bound = l2_sensitivity(sensitivity)
 
   def init_fn(params):
     del params
-    return _init_state(seed)
+    return _init_state(seed, initial_count)
 
   def update_fn(updates, state, params=None):
     del params
-    noisy = privatize(updates, _step_key(state), l2_clip_norm,
+    noisy = privatize(updates, _step_key(state), l2_bound,
                       noise_multiplier, expected_batch_size)
     return noisy, state._replace(count=state.count + 1)
 

@@ -166,30 +166,36 @@ def local_training(loss_fn: LocalLossFn,
 
 
 def clipped_delta_sum(local_train: LocalTrainFn,
-                      l2_clip_norm: float | None,
+                      l2_clip_norm: float | None, *,
+                      users_per_unit: int = 1,
                       unit_batch: int = 0) -> Callable[..., Any]:
   """Sum over units of clipped shared-param deltas of local training.
 
   Formal guarantee: each real unit contributes clip(theta - theta_u) with
-  L2 norm <= ``l2_clip_norm``; padding units (mask 0) contribute exactly
+  L2 norm <= ``unit_clip_norm(l2_clip_norm, users_per_unit)``, so adding or
+  removing one user moves the sum by at most ``l2_clip_norm`` (the returned
+  ``BoundedSum``'s sensitivity, unit "user"; see ``unit_clip_norm`` for the
+  grouping it assumes); padding units (mask 0) contribute exactly
   zero and their data cannot influence the output. A real unit whose delta
   is non-finite (a NaN/inf coordinate, detected by a NaN/inf delta norm; a
   norm overflowing float32 counts too) contributes exactly zero (selected
   away with ``where``, also when ``l2_clip_norm`` is None), so the
   sensitivity bound holds and its presence cannot be read from the sum; it
-  is counted in ``aux["num_nonfinite"]``. With one user per unit this bounds
-  one user's effect by the clip norm; for mixed units see
-  ``unit_clip_norm``.
+  is counted in ``aux["num_nonfinite"]``.
 
   Args:
     local_train: see ``local_training``; ``local_train(shared, unit)``.
-    l2_clip_norm: unit clip norm; None disables clipping (NON-private runs).
+    l2_clip_norm: per-USER sensitivity C; None disables clipping
+      (NON-private runs: a plain function is returned).
+    users_per_unit: k, users one unit trains on jointly (k >= 2: units are
+      clipped to C/2).
     unit_batch: 0 vmaps over all units at once; b > 0 runs ``jax.lax.map``
       over groups of b vmapped units (less memory; faster on CPU, where
       batched per-unit convolutions are slow). Same result either way.
 
   Returns:
-    ``fn(shared, units, mask, weights=None) -> (sum, aux)``: ``units`` is a
+    ``fn(shared, units, mask, weights=None) -> (sum, aux)`` (a
+    ``clipping.BoundedSum`` when clipping): ``units`` is a
     pytree with a leading unit axis [U, ...], ``mask`` float [U] (1 real, 0
     padding), ``weights`` float [U] (default ``mask``; e.g. users per unit)
     weighting the aux statistics. ``sum`` is like ``shared`` (float32);
@@ -198,6 +204,9 @@ def clipped_delta_sum(local_train: LocalTrainFn,
     (finite ones), clipped indicator (finite units), the weights, and the
     non-finite indicator (units whose delta was NaN/inf).
   """
+  sensitivity = l2_clip_norm
+  if l2_clip_norm is not None:
+    l2_clip_norm = unit_clip_norm(l2_clip_norm, users_per_unit)
 
   def one(shared, unit):
     end, loss = local_train(shared, unit)
@@ -242,4 +251,6 @@ def clipped_delta_sum(local_train: LocalTrainFn,
     }
     return jax.tree.map(leaf_sum, deltas), aux
 
-  return fn
+  if sensitivity is None:
+    return fn
+  return clipping.BoundedSum(fn, float(sensitivity), "user")

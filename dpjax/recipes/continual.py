@@ -24,13 +24,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from dpjax.errors import ConfigError
 from dpjax import evaluate
 from dpjax.data import sources
 from dpjax.data import splits
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.models import classifier
-from dpjax.recipes import common
+from dpjax.train import settings
 from dpjax.train import task as task_lib
 
 ARMS = ("continual", "private_only", "public_only", "nonprivate")
@@ -112,9 +113,9 @@ def _swap_adam(old, new, mode: str):
   def walk(o, n):
     if isinstance(n, optax.ScaleByAdamState):
       if not isinstance(o, optax.ScaleByAdamState):
-        raise ValueError("config.switch.reset: the public phase has no Adam "
-                         "state at this position; use train.optimizer="
-                         "public.optimizer='adamw' or switch.reset='both'")
+        raise ConfigError("config.switch.reset: the public phase has no Adam "
+                          "state at this position; use train.optimizer="
+                          "public.optimizer='adamw' or switch.reset='both'")
       found.append(True)
       if mode == "m":
         return optax.ScaleByAdamState(count=o.count, mu=n.mu, nu=o.nu)
@@ -128,9 +129,9 @@ def _swap_adam(old, new, mode: str):
 
   out = walk(old, new)
   if not found:
-    raise ValueError(f"config.switch.reset={mode!r} needs AdamW in both "
-                     "phases (public.optimizer = train.optimizer = 'adamw');"
-                     " or use switch.reset='both'")
+    raise ConfigError(f"config.switch.reset={mode!r} needs AdamW in both "
+                      "phases (public.optimizer = train.optimizer = 'adamw');"
+                      " or use switch.reset='both'")
   return out
 
 
@@ -143,8 +144,8 @@ def reset_fn(mode: str):
   schedule always restarts with the DP phase's own schedule.
   """
   if mode not in RESETS:
-    raise ValueError(f"config.switch.reset={mode!r} is invalid: use one of "
-                     f"{RESETS}")
+    raise ConfigError(f"config.switch.reset={mode!r} is invalid: use one of "
+                      f"{RESETS}")
   if mode == "both":
     return None
   return lambda old, new: _swap_adam(old, new, mode)
@@ -162,7 +163,7 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
   """The phases of `config.arm`, all with public.steps + train.steps steps."""
   p, t, arm = config.public, config.train, config.arm
   if arm not in ARMS:
-    raise ValueError(f"config.arm={arm!r} is invalid: use one of {ARMS}")
+    raise ConfigError(f"config.arm={arm!r} is invalid: use one of {ARMS}")
   total = p.steps + t.steps
 
   def public(steps, src, name="public"):
@@ -170,7 +171,7 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
     return task_lib.Phase(
         name=name, private=False, source=src, transforms=transforms,
         loss_fn=loss_fn, steps=steps, batch_size=p.batch_size,
-        optimizer=common.optimizer_from_config(p, steps), monitor=monitor)
+        optimizer=settings.optimizer_from_config(p, steps), monitor=monitor)
 
   def private(steps, reset=None):
     _check_horizon(t, "train", steps)
@@ -179,7 +180,7 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
         name="dp" if on else "train", private=on, source=priv_src,
         transforms=transforms, loss_fn=loss_fn, steps=steps,
         batch_size=t.batch_size,
-        optimizer=common.optimizer_from_config(t, steps),
+        optimizer=settings.optimizer_from_config(t, steps),
         reset_opt_state=reset, num_examples=len(priv_src), monitor=monitor,
         canaries=lambda m, seed: synthetic.noise_canaries(
             m, seed, config.data.image_size,
@@ -195,8 +196,8 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
   if t.steps > 0:
     phases.append(private(t.steps, reset_fn(config.switch.reset)))
   if not phases:
-    raise ValueError("config.public.steps = config.train.steps = 0: nothing "
-                     "to train")
+    raise ConfigError("config.public.steps = config.train.steps = 0: nothing "
+                      "to train")
   return phases
 
 

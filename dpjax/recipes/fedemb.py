@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from dpjax.errors import ConfigError
 from dpjax.data import pipeline
 from dpjax.data import sources
 from dpjax.data import synthetic
@@ -50,6 +51,7 @@ from dpjax.data import transforms as transforms_lib
 from dpjax.evaluate import linear_probe
 from dpjax.evaluate import retrieval
 from dpjax.models import embedder
+from dpjax.privacy import clipping
 from dpjax.privacy import user_level
 from dpjax.recipes import fedemb_data
 from dpjax.train import task as task_lib
@@ -77,14 +79,14 @@ def _heldout_fraction(config, spec: str) -> float:
   d = config.data
   frac = float(d.heldout_user_fraction)
   if not 0.0 <= frac < 1.0:
-    raise ValueError(f"config.data.heldout_user_fraction={frac}: use [0, 1)")
+    raise ConfigError(f"config.data.heldout_user_fraction={frac}: use [0, 1)")
   if frac and spec == "synthetic:identities":
     raise ValueError(
         "config.data.heldout_user_fraction applies to real user-keyed "
         "sources; synthetic identities are held out by construction "
         "(disjoint identity ranges): set it to 0")
   if frac and not d.user_key:
-    raise ValueError("config.data.heldout_user_fraction needs data.user_key")
+    raise ConfigError("config.data.heldout_user_fraction needs data.user_key")
   return frac
 
 
@@ -235,8 +237,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   d, f, p = config.data, config.fedemb, config.public
   phases = [s.strip() for s in config.phases.split(",") if s.strip()]
   if not phases or any(s not in PHASES for s in phases):
-    raise ValueError(f"config.phases={config.phases!r}: use a comma list of "
-                     f"{PHASES} (in that order)")
+    raise ConfigError(f"config.phases={config.phases!r}: use a comma list of "
+                      f"{PHASES} (in that order)")
   mcfg = embedder.embedder_config(config.model.variant)
   if config.model.embed_dim:
     mcfg["embed_dim"] = config.model.embed_dim
@@ -275,13 +277,13 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   if "public" in phases:
     src = public_source(config)
     ts = _transforms(config, _label_field(d.public_source))
-    rate = p.batch_size / len(src)
     out.append(task_lib.Phase(
         name="public", private=False, source=src, transforms=ts,
         loss_fn=public_loss, steps=p.steps, batch_size=p.batch_size,
         optimizer=optax.adam(p.learning_rate),
-        make_batches=lambda **kw: iter(pipeline.PoissonBatches(
-            src, ts, sampling_rate=rate, num_examples=len(src),
+        # Its own microbatch (public.microbatch_size), else the loop's.
+        make_batches=lambda source, **kw: iter(pipeline.PoissonBatches(
+            source, ts, num_examples=len(source),
             **{**kw, "global_microbatch": p.microbatch_size}))))
   if "dp" in phases:
     out.append(_dp_phase(config, local_loss, local_head, mcfg["embed_dim"],
@@ -306,8 +308,8 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
   ts = _transforms(config, _label_field(d.source))
   k = f.users_per_client
   if t.batch_size > src.num_users:
-    raise ValueError(f"config.train.batch_size={t.batch_size} (expected "
-                     f"users per round) exceeds the {src.num_users} users")
+    raise ConfigError(f"config.train.batch_size={t.batch_size} (expected "
+                      f"users per round) exceeds the {src.num_users} users")
   # G and K from public config only (never from N or the data): see the
   # sensitivity argument in fedemb_data.
   num_clients = fedemb_data.num_virtual_clients(t.batch_size, k)
@@ -323,8 +325,8 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
     return {"dense": {"kernel": kernel}}
 
   if f.head_init not in ("glorot", "imprint"):
-    raise ValueError(f"config.fedemb.head_init={f.head_init!r}: use "
-                     "'glorot' (the paper's) or 'imprint'")
+    raise ConfigError(f"config.fedemb.head_init={f.head_init!r}: use "
+                      "'glorot' (the paper's) or 'imprint'")
 
   local_train = user_level.local_training(
       local_loss, imprint_head if f.head_init == "imprint" else init_head,
@@ -335,10 +337,11 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
       batch_size=f.client_batch_size, epochs=f.client_epochs,
       reconst_steps=f.reconst_steps, init_from_data=f.head_init == "imprint")
   private = bool(config.privacy.enabled)
-  clip = (user_level.unit_clip_norm(config.privacy.l2_clip_norm, k)
-          if private else None)
-  core = user_level.clipped_delta_sum(local_train, clip,
-                                      unit_batch=f.unit_batch)
+  # The per-user bound C is the sum's sensitivity (units clipped to C/2
+  # when k >= 2): the loop's noise reads it from the returned BoundedSum.
+  core = user_level.clipped_delta_sum(
+      local_train, config.privacy.l2_clip_norm if private else None,
+      users_per_unit=k, unit_batch=f.unit_batch)
 
   def clipped_sum_fn(params, batch, mask):
     """Sum over real virtual clients of clipped backbone deltas; aux counts
@@ -353,25 +356,28 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
     zeros = jax.tree.map(jnp.zeros_like, params["head"])
     return {"backbone": delta_sum, "head": zeros}, aux
 
+  if private:  # The bounded backbone sum and an exact zero head: same bound.
+    clipped_sum_fn = clipping.BoundedSum(clipped_sum_fn, core.l2_sensitivity,
+                                         core.unit)
+
   label_field = _label_field(d.source)
-  phase = task_lib.Phase(
+  # The loop passes the source it runs (audit canary users appended) and q.
+  make_batches = lambda source, **kw: fedemb_data.virtual_client_batches(
+      source, ts, users_per_client=k,
+      max_examples_per_user=f.max_examples_per_user,
+      num_clients=num_clients, client_capacity=capacity, **kw)
+  return task_lib.Phase(
       name="dp" if private else "federated", private=private, source=src,
       transforms=ts, loss_fn=lambda params, example: local_loss(
           params["backbone"], init_head(jax.random.PRNGKey(0)), example),
       steps=t.steps, batch_size=t.batch_size,
       optimizer=_server_optimizer(config), clipped_sum_fn=clipped_sum_fn,
-      num_examples=src.num_users,
+      num_examples=src.num_users, make_batches=make_batches,
       canaries=lambda m, seed: canary_users(
           m, seed, d.image_size, f.max_examples_per_user, label_field),
       append_canaries=fedemb_data.AppendedUsers,
       canary_scores=lambda params, users: canary_scores(
           embed_fn, params, users, ts, label_field))
-  # Read at call time: config.audit may append canary users to the source.
-  phase.make_batches = lambda **kw: fedemb_data.virtual_client_batches(
-      phase.source, ts, sampling_rate=phase.sampling_rate,
-      users_per_client=k, max_examples_per_user=f.max_examples_per_user,
-      num_clients=num_clients, client_capacity=capacity, **kw)
-  return phase
 
 
 _CANARY_LABEL = 1 << 30  # Canary users' labels: above any real identity.

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpjax.errors import ConfigError
 from dpjax import evaluate
 from dpjax.data import sources
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.models import mae
-from dpjax.recipes import common
+from dpjax.train import settings
 from dpjax.train import task as task_lib
 
 PHASES = ("pretrain", "dp")
@@ -72,14 +73,14 @@ def selected_phases(config: ml_collections.ConfigDict) -> list[str]:
   names = [p.strip() for p in config.phases.split(",") if p.strip()]
   if not names or any(n not in PHASES for n in names) or (
       names != [p for p in PHASES if p in names]):
-    raise ValueError(f"config.phases={config.phases!r} is invalid: use "
-                     "'pretrain,dp', 'pretrain' or 'dp'")
+    raise ConfigError(f"config.phases={config.phases!r} is invalid: use "
+                      "'pretrain,dp', 'pretrain' or 'dp'")
   if config.pretrain.steps <= 0 and "pretrain" in names:
     names.remove("pretrain")
     if not names:
-      raise ValueError("config.pretrain.steps=0 with config.phases="
-                       "'pretrain' leaves nothing to train: set "
-                       "pretrain.steps > 0 or add the 'dp' phase")
+      raise ConfigError("config.pretrain.steps=0 with config.phases="
+                        "'pretrain' leaves nothing to train: set "
+                        "pretrain.steps > 0 or add the 'dp' phase")
   return names
 
 
@@ -98,7 +99,7 @@ def _pretrain_phase(config, loss_fn) -> task_lib.Phase:
       transforms=transforms_lib.image_pipeline(
           d.image_size, augment=p.augment, flip=p.flip),
       loss_fn=loss_fn, steps=p.steps, batch_size=p.batch_size,
-      optimizer=common.optimizer_from_config(p))
+      optimizer=settings.optimizer_from_config(p))
 
 
 def _dp_phase(config, loss_fn) -> task_lib.Phase:
@@ -112,7 +113,7 @@ def _dp_phase(config, loss_fn) -> task_lib.Phase:
       transforms=transforms_lib.image_pipeline(
           d.image_size, augment=d.augment, flip=d.flip),
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
-      optimizer=common.optimizer_from_config(t), num_examples=len(src),
+      optimizer=settings.optimizer_from_config(t), num_examples=len(src),
       canaries=lambda m, seed: synthetic.noise_canaries(m, seed,
                                                         d.image_size))
 
@@ -200,8 +201,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     return model.init(rng, images, keys)["params"]
 
   if e.probe_protocol not in ("mae", "logreg"):
-    raise ValueError(f"config.evals.probe_protocol={e.probe_protocol!r} is "
-                     "invalid: use 'mae' or 'logreg'")
+    raise ConfigError(f"config.evals.probe_protocol={e.probe_protocol!r} is "
+                      "invalid: use 'mae' or 'logreg'")
   features = _feature_fn(model, e)
   label_names = tuple(k.strip() for k in e.probe_labels.split(",")
                       if k.strip())

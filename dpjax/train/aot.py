@@ -50,7 +50,9 @@ def example_structs(phase, micro: int, chips: int, sim: int):
   of one microbatch as the loop's pipeline makes it, with the per-device
   rows of `chips` chips on `sim` simulated devices."""
   if phase.make_batches is not None:  # Its own batches: take one element.
-    el = next(phase.make_batches(seed=0, start_step=0, num_steps=1,
+    el = next(phase.make_batches(source=phase.source,
+                                 sampling_rate=phase.sampling_rate,
+                                 seed=0, start_step=0, num_steps=1,
                                  global_microbatch=micro, process_index=0,
                                  process_count=1, num_workers=0))
     micro = np.shape(el["mask"])[1]  # A phase may use its own size.
@@ -104,12 +106,16 @@ def memory(compiled) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
-def compile_phase(phase, s, config, mesh, chips: int, param_shapes):
-  """AOT-compiles the loop's accumulate and apply of `phase` on `mesh`."""
-  from dpjax.train import loop  # The loop's own sum function.
+def compile_phase(phase, config, mesh, chips: int, param_shapes):
+  """AOT-compiles the loop's accumulate and apply of `phase` (a
+  `train.settings.PhasePlan`: its sum function and step optimizer) on
+  `mesh`."""
   rep = mesh_lib.replicated(mesh)
   params = abstract(param_shapes, mesh_lib.param_shardings(param_shapes, mesh))
-  opt_shapes = jax.eval_shape(phase.optimizer.init, params)
+  key = np.asarray(secrets.run_key(0))
+  opt_shapes = jax.eval_shape(
+      lambda p, k: phase.step_optimizer(k).init(p), params,
+      jax.ShapeDtypeStruct(key.shape, key.dtype))
   opt = abstract(opt_shapes, mesh_lib.param_shardings(opt_shapes, mesh))
   pshard = jax.tree.map(lambda x: x.sharding, params)
   acc_shard = {k: rep for k in step_lib.AUX_KEYS}
@@ -121,23 +127,19 @@ def compile_phase(phase, s, config, mesh, chips: int, param_shapes):
   bspec = lambda x: mesh_lib.batch_sharding(mesh)
   batch = abstract(ex, jax.tree.map(bspec, ex))
   mask = abstract(mask, bspec(mask))
-  sum_fn = loop._sum_fn(phase, s, config)  # pylint: disable=protected-access
+  sum_fn = phase.sum_fn
   accumulate = jax.jit(functools.partial(step_lib.accumulate, sum_fn),
                        donate_argnums=(1,), out_shardings=acc_shard)
   c_acc = accumulate.lower(params, acc, batch, mask).compile()
   # All sim devices' matmul FLOPs, loops (lax.scan) counted in full.
   loop_flops = flops_lib.count(functools.partial(step_lib.accumulate, sum_fn),
                                params, acc, batch, mask)
-  key = np.asarray(secrets.run_key(0))
   ks = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   state = step_lib.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
-      opt_state=opt, noise_key=ks, sampling_key=ks)
+      opt_state=opt, sampling_key=ks)
   apply = jax.jit(functools.partial(
-      step_lib.apply, optimizer=phase.optimizer, private=phase.private,
-      l2_clip_norm=s.l2_clip_norm if s else 0.0,
-      noise_multiplier=phase.noise_multiplier,
-      expected_batch_size=float(phase.batch_size)), donate_argnums=(0,),
+      step_lib.apply, optimizer=phase.step_optimizer()), donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda x: x.sharding, state), rep))
   c_apply = apply.lower(state, acc).compile()
   return c_acc, c_apply, opt_shapes, micro, loop_flops / mesh.size

@@ -19,12 +19,14 @@ sampled canaries do enter the aggregate training metrics logged under
 
 import dataclasses
 import json
+from typing import Any
 
 from etils import epath
 import jax
 import ml_collections
 import numpy as np
 
+from dpjax import errors
 from dpjax import privacy
 from dpjax.data import splits
 from dpjax.data import transforms as transforms_lib
@@ -33,25 +35,32 @@ from dpjax.train import task as task_lib
 _SCORE_TAG = 0x0A0D17  # rng stream of the scoring transforms.
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Inserted:
-  """The canaries of a run: all m records and which were inserted."""
+  """The canaries of a run: all m records, which were inserted, and the
+  canary phase's source with them appended (each one privacy unit)."""
   phase_index: int
   records: list[dict]
   included: np.ndarray  # bool[m]
+  source: Any
+
+  @property
+  def num_inserted(self) -> int:
+    return int(self.included.sum())
 
 
 def _fail(field: str, value, fix: str):
-  raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
+  raise errors.config_error(field, value, fix)
 
 
 def insert(config: ml_collections.ConfigDict,
            phases: list[task_lib.Phase]) -> Inserted | None:
-  """Appends the included canaries to the source of the canary phase.
+  """The canary phase's source with the included canaries appended.
 
   Deterministic in (config.audit.num_canaries, config.audit.seed), so a
-  resumed run rebuilds the same dataset. Must run before the privacy
-  settings are resolved (the canaries change N and q = B/N).
+  resumed run rebuilds the same dataset. The phases are not changed:
+  `train.settings.resolve_phases` reads the new source and N from the
+  result (the canaries change N and q = B/N).
 
   Returns:
     None when config.audit.num_canaries == 0.
@@ -82,9 +91,7 @@ def insert(config: ml_collections.ConfigDict,
   included = privacy.audit.choose_included(m, int(a.seed))
   chosen = [r for r, inc in zip(records, included) if inc]
   append = phase.append_canaries or splits.Appended
-  phase.source = append(phase.source, chosen)
-  phase.num_examples += len(chosen)  # Each canary is one privacy unit.
-  return Inserted(index, records, included)
+  return Inserted(index, records, included, append(phase.source, chosen))
 
 
 def audit(inserted: Inserted, phase: task_lib.Phase, params, *,

@@ -1,11 +1,13 @@
-"""`run(config, workdir)`: the one training loop every recipe plugs into.
+"""`run(task, config, workdir)`: the one training loop every recipe plugs into.
 
 build task -> resolve privacy -> init or resume -> for each phase: Poisson
 batches -> microbatch accumulation of clipped sums -> one noisy update per
 step -> ledger, logs, checkpoints -> evaluate -> results.json. Notebooks,
-tests and launch scripts call this function; `dpjax.main` is a thin wrapper.
+tests and launch scripts reach it through `dpjax.recipes.run`, which builds
+the recipe's task; the loop never imports a recipe.
 """
 
+import contextlib
 import functools
 import json
 import signal
@@ -19,25 +21,37 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpjax.errors import ConfigError
 from dpjax import privacy
-from dpjax import recipes
 from dpjax.data import bad_records
 from dpjax.data import pipeline
-from dpjax.recipes import common
 from dpjax.train import canaries as canaries_lib
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import metrics as metrics_lib
 from dpjax.train import secrets
+from dpjax.train import settings as settings_lib
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
 
 
+class Preempted(Exception):
+  """SIGTERM arrived where the run can stop at once (start-up, the final
+  evaluation): nothing durable is being written there."""
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag checked after every step (all processes)."""
+  """SIGTERM handling for the whole run.
+
+  Inside `critical()` (training steps, checkpoint writes, results.json) it
+  only sets a flag, checked after every step on all processes; elsewhere
+  (start-up, evaluation) it raises `Preempted` at once. Either way the
+  workdir stays resumable.
+  """
 
   def __init__(self):
     self.requested = False
+    self._critical = 0
     self._previous = None
 
   def __enter__(self):
@@ -49,12 +63,25 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM: finishing this step, checkpointing, exiting.")
     self.requested = True
+    if not self._critical:
+      raise Preempted()
+    logging.warning("SIGTERM: finishing this step, checkpointing, exiting.")
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+  @contextlib.contextmanager
+  def critical(self):
+    """A region that must complete (a SIGTERM in it is deferred)."""
+    self._critical += 1
+    try:
+      yield
+    finally:
+      self._critical -= 1
+    if self.requested and not self._critical:
+      raise Preempted()
 
   def agreed(self) -> bool:
     if jax.process_count() == 1:
@@ -64,31 +91,63 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def _init_opt(optimizer, params, mesh):
-  """Optimizer state placed like the params (same shape -> same sharding),
-  so the jitted step never sees a new input sharding (and never
-  recompiles)."""
+def _init_opt(plan: settings_lib.PhasePlan, params, mesh, noise_key,
+              first_step: int):
+  """The state of `plan.step_optimizer`, placed like the params (same shape
+  -> same sharding; keys and counts replicated), so the jitted step never
+  sees a new input sharding. The secret key is an argument of the jitted
+  init, never a constant compiled into it."""
+  init = lambda p, k: plan.step_optimizer(k, first_step).init(p)
   shardings = mesh_lib.param_shardings(
-      jax.eval_shape(optimizer.init, params), mesh)
-  return jax.jit(optimizer.init, out_shardings=shardings)(params)
+      jax.eval_shape(init, params, noise_key), mesh)
+  return jax.jit(init, out_shardings=shardings)(params, noise_key)
 
 
-def _init_state(task, phase, config, mesh):
+def _noise_key(config, mesh, secret: bool = True) -> jax.Array:
+  """Root of a private phase's noise (`secrets.run_key`: OS entropy from
+  process 0 unless config.privacy.noise_seed is set); `secret=False`: a
+  placeholder of the same shape, for a state about to be restored."""
+  key = secrets.run_key(config.privacy.noise_seed, sampling=False)
+  if not secret:
+    key = np.zeros_like(key)
+  return jax.device_put(jnp.asarray(key), mesh_lib.replicated(mesh))
+
+
+def _init_state(run: "_Run", restoring: bool):
+  """Fresh state for phase 0 (keys drawn), or the structure of a saved
+  one (`restoring`: no secret drawn; every leaf is then restored)."""
+  config, mesh, task = run.config, run.mesh, run.task
   shardings = mesh_lib.param_shardings(
       jax.eval_shape(task.init_params, jax.random.PRNGKey(0)), mesh)
   params = jax.jit(task.init_params, out_shardings=shardings)(
       jax.random.PRNGKey(config.seed))
   if config.init_checkpoint:
     params = _load_params(config.init_checkpoint, params)
-  opt_state = _init_opt(phase.optimizer, params, mesh)
-  rep = mesh_lib.replicated(mesh)
-  key = lambda seed, sampling: jax.device_put(
-      jnp.asarray(secrets.run_key(seed, sampling=sampling)), rep)
+  opt_state = _init_opt(run.plans[0], params, mesh,
+                        _noise_key(config, mesh, not restoring), 0)
+  sampling = secrets.run_key(config.privacy.sampling_seed, sampling=True)
+  if restoring:
+    sampling = np.zeros_like(sampling)
   return step_lib.TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-      opt_state=opt_state,
-      noise_key=key(config.privacy.noise_seed, False),
-      sampling_key=key(config.privacy.sampling_seed, True))
+      step=jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh)),
+      params=params, opt_state=opt_state,
+      sampling_key=jax.device_put(jnp.asarray(sampling),
+                                  mesh_lib.replicated(mesh)))
+
+
+def _enter_phase(run: "_Run", index: int, state):
+  """State on entering phase `index` after an earlier one: its optimizer
+  (and, for a private phase, a fresh noise key), keeping what the recipe's
+  `reset_opt_state` keeps of the previous optimizer's state."""
+  plan = run.plans[index]
+  new = _init_opt(plan, state.params, run.mesh,
+                  _noise_key(run.config, run.mesh, plan.private),
+                  int(state.step))
+  if plan.reset_opt_state is not None:
+    inner = plan.reset_opt_state(step_lib.inner_opt_state(state.opt_state),
+                                 step_lib.inner_opt_state(new))
+    new = (new[0], inner)
+  return state._replace(opt_state=new)
 
 
 def _load_params(path: str, params):
@@ -99,8 +158,8 @@ def _load_params(path: str, params):
       return ckpt_lib.load_exported(export, ckpt_lib.abstract_like(params))
   ckpt = ckpt_lib.Checkpointer(path, async_save=False)
   if ckpt.latest_step() is None:
-    raise ValueError(f"config.init_checkpoint={path!r} holds no checkpoint: "
-                     "point it at the workdir of a finished run")
+    raise ConfigError(f"config.init_checkpoint={path!r} holds no checkpoint: "
+                      "point it at the workdir of a finished run")
   restored = ckpt.restore_params(ckpt_lib.abstract_like(params))
   ckpt.close()
   return restored
@@ -109,26 +168,26 @@ def _load_params(path: str, params):
 class _Run:
   """State of one `run` call: config, task, mesh, ledger, writers."""
 
-  def __init__(self, config, workdir: str):
-    self.config, self.workdir = config, workdir
-    self.task: task_lib.Task = recipes.get(config.recipe).build(config)
+  def __init__(self, task: task_lib.Task, config, workdir: str):
+    self.config, self.workdir, self.task = config, workdir, task
     self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    common.validate_train(config.train, jax.device_count())
-    # Before the privacy settings: inserted canaries are part of N.
-    self.canaries = canaries_lib.insert(config, list(self.task.phases))
+    settings_lib.validate_train(config.train, jax.device_count())
+    # Inserted canaries are part of N: the plans read their source.
+    self.canaries = canaries_lib.insert(config, list(task.phases))
+    self.plans = settings_lib.resolve_phases(config, task.phases,
+                                             self.canaries)
     # Small sources are read in full now: bad records fail the run before
     # it starts (or, with data.on_bad_record=skip, become zero rows).
     self.startup_bad = {} if config.eval_only else bad_records.validate_phases(
-        [(p.name, p.source, p.transforms) for p in self.task.phases],
+        [(p.name, p.source, p.transforms) for p in self.plans],
         on_bad_record=config.data.on_bad_record,
         max_records=config.data.validate_max_records)
     # Bad records met in training: in memory and in the checkpoint, never
     # logged per step (that would say when they were drawn); written once
     # at the end (_write_bad_records).
     self.bad = bad_records.BadRecordTally()
-    self.settings = common.resolve_phases(config.privacy, self.task.phases)
-    private = [p for p in self.task.phases if p.private]
-    self.dp = self.settings[private[0].name] if private else None
+    private = [p for p in self.plans if p.private]
+    self.dp = private[0].privacy if private else None
     self.ledger = privacy.PrivacyLedger(
         num_examples=private[0].num_examples if private else 1,
         delta=self.dp.delta if self.dp else None,
@@ -163,17 +222,19 @@ class _Run:
   def describe(self) -> dict:
     """Public facts of the run for logs and results.json."""
     out = dict(recipe=self.config.recipe, total_steps=self.total_steps)
-    for phase in self.task.phases:
+    for phase in self.plans:
       out[f"{phase.name}/private"] = phase.private
       out[f"{phase.name}/steps"] = phase.steps
       out[f"{phase.name}/batch_size"] = phase.batch_size
       out[f"{phase.name}/num_examples"] = phase.num_examples
       if phase.private:
-        s = self.settings[phase.name]
         out[f"{phase.name}/noise_multiplier"] = phase.noise_multiplier
         out[f"{phase.name}/sampling_rate"] = phase.sampling_rate
-        out[f"{phase.name}/l2_clip_norm"] = s.l2_clip_norm
-        out[f"{phase.name}/clipping"] = s.clipping
+        out[f"{phase.name}/l2_clip_norm"] = phase.privacy.l2_clip_norm
+        # The noise's scale: the sum function's bound per privacy unit.
+        out[f"{phase.name}/l2_sensitivity"] = phase.l2_sensitivity
+        out[f"{phase.name}/privacy_unit"] = phase.unit
+        out[f"{phase.name}/clipping"] = phase.privacy.clipping
     if self.dp:
       p = self.config.privacy
       out.update(
@@ -193,23 +254,13 @@ class _Run:
     return out
 
 
-def _sum_fn(phase: task_lib.Phase, s: common.PrivacySettings | None, config):
-  if phase.clipped_sum_fn is not None:
-    return phase.clipped_sum_fn
-  if not phase.private:
-    return step_lib.nonprivate_sum_fn(phase.loss_fn)
-  return step_lib.private_sum_fn(
-      phase.loss_fn, s.l2_clip_norm, clipping=s.clipping,
-      normalize_gamma=s.normalize_gamma,
-      inner_microbatch=config.train.inner_microbatch, method=s.method)
-
-
-def _allowed_steps(run: _Run, phase: task_lib.Phase, done: int) -> int:
+def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
+                   done: int) -> int:
   """Steps of `phase` that keep the ledger within the target epsilon."""
   remaining = phase.steps - done
   if not phase.private or remaining <= 0 or run.dp.is_simulation:
     return remaining
-  target = run.settings[phase.name].target_epsilon
+  target = phase.privacy.target_epsilon
   eps = lambda t: run.ledger.epsilon_after(
       phase.noise_multiplier, phase.sampling_rate, t)
   if eps(remaining) <= target:
@@ -227,20 +278,15 @@ def _allowed_steps(run: _Run, phase: task_lib.Phase, done: int) -> int:
 def _train_phase(run: _Run, index: int, state, phase_step: int,
                  data_state, preempt: _Preemption, writer):
   """Trains phase `index` from `phase_step`; returns (state, done, stopped)."""
-  config, phase = run.config, run.task.phases[index]
-  s = run.settings.get(phase.name)
-  sum_fn = _sum_fn(phase, s, config)
+  config, phase = run.config, run.plans[index]
   pshard = jax.tree.map(lambda x: x.sharding, state.params)
   acc_shard = {k: mesh_lib.replicated(run.mesh) for k in step_lib.AUX_KEYS}
   acc_shard["grad"] = pshard
   zeros = jax.jit(step_lib.zeros_accumulator, out_shardings=acc_shard)
-  accumulate = jax.jit(functools.partial(step_lib.accumulate, sum_fn),
+  accumulate = jax.jit(functools.partial(step_lib.accumulate, phase.sum_fn),
                        donate_argnums=(1,), out_shardings=acc_shard)
   apply = jax.jit(functools.partial(
-      step_lib.apply, optimizer=phase.optimizer, private=phase.private,
-      l2_clip_norm=s.l2_clip_norm if s else 0.0,
-      noise_multiplier=phase.noise_multiplier,
-      expected_batch_size=float(phase.batch_size)), donate_argnums=(0,),
+      step_lib.apply, optimizer=phase.step_optimizer()), donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda x: x.sharding, state),
                      mesh_lib.replicated(run.mesh)))
   allowed = _allowed_steps(run, phase, phase_step)
@@ -250,7 +296,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   seed = (secrets.phase_sampling_seed(
       secrets.host_words(state.sampling_key), index) if phase.private
           else config.seed + 1000 * index)
-  kwargs = dict(seed=seed, start_step=phase_step,
+  kwargs = dict(source=phase.source, sampling_rate=phase.sampling_rate,
+                seed=seed, start_step=phase_step,
                 num_steps=end, global_microbatch=config.train.microbatch_size,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
@@ -259,8 +306,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     iterator = phase.make_batches(**kwargs)
   else:
     iterator = iter(pipeline.PoissonBatches(
-        phase.source, phase.transforms, sampling_rate=phase.sampling_rate,
-        num_examples=phase.num_examples, **kwargs))
+        transforms=phase.transforms, num_examples=phase.num_examples,
+        **kwargs))
   if data_state is not None:
     iterator.set_state(data_state)
   # Training-data metrics: "private/" under DP (computed on private data,
@@ -327,7 +374,7 @@ def _evaluate(run: _Run, params, writer, step: int) -> dict:
 
 def _audit(run: _Run, params, workdir: str) -> dict:
   """config.audit: scores the canaries, writes audit.json, logs the bound."""
-  phase = run.task.phases[run.canaries.phase_index]
+  phase = run.plans[run.canaries.phase_index]
   private = run.dp is not None and phase.private
   delta = run.config.audit.delta
   result, means = canaries_lib.audit(
@@ -369,22 +416,61 @@ def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
                  bad_records.BAD_RECORDS_FILE)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes, or only evaluates) the run described by `config`.
+def _finished(task: task_lib.Task, workdir: str) -> dict | None:
+  """results.json of a run of `task` that already ended (all steps, or
+  stopped at its epsilon budget), else None."""
+  path = epath.Path(workdir) / "results.json"
+  if not path.exists():
+    return None
+  results = json.loads(path.read_text())
+  total = sum(p.steps for p in task.phases)
+  if results.get("step") == total or results.get("stopped_at_budget"):
+    return results
+  return None
+
+
+def run(task: task_lib.Task, config: ml_collections.ConfigDict,
+        workdir: str) -> dict[str, Any]:
+  """Trains (or resumes, or only evaluates) `task` as `config` says.
+
+  `task` is the recipe's (`dpjax.recipes.build(config)`; `recipes.run` does
+  both): the loop itself knows no recipe. SIGTERM at any moment returns
+  {"preempted": True, "step": ...} with a resumable workdir; rerunning
+  resumes, and a run that already ended returns its results.json (only what
+  is missing, e.g. an interrupted final evaluation, is redone).
 
   Returns:
     results: the public facts of the run (privacy parameters, final epsilon,
     evaluation metrics), also written to <workdir>/results.json.
   """
-  r = _Run(config, workdir)
-  phases = r.task.phases
-  state = _init_state(r.task, phases[0], config, r.mesh)
+  if not config.eval_only:
+    done = _finished(task, workdir)
+    if done is not None:
+      logging.info("%s/results.json: this run already ended (step %d); "
+                   "nothing to do", workdir, done["step"])
+      return done
+  with _Preemption() as preempt:
+    try:
+      return _run(task, config, workdir, preempt)
+    except Preempted:
+      step = ckpt_lib.Checkpointer(workdir).latest_step() or 0
+      logging.warning("preempted (last checkpoint: step %d); rerun the same "
+                      "command to resume", step)
+      return dict(preempted=True, step=step)
+
+
+def _run(task, config, workdir, preempt: _Preemption) -> dict[str, Any]:
+  r = _Run(task, config, workdir)
+  phases = r.plans
+  restoring = r.ckpt.latest_step() is not None
+  state = _init_state(r, restoring)
   meta = dict(phase=0, phase_step=0, ledger=None, data=None)
-  if r.ckpt.latest_step() is not None:
+  if restoring:
     rmeta = r.ckpt.restore_meta()
     if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
       state = state._replace(opt_state=_init_opt(
-          phases[rmeta["phase"]].optimizer, state.params, r.mesh))
+          phases[rmeta["phase"]], state.params, r.mesh,
+          _noise_key(config, r.mesh, secret=False), 0))
     restored, meta = r.ckpt.restore(ckpt_lib.abstract_like(state._asdict()))
     state = step_lib.TrainState(**restored)
     saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
@@ -394,7 +480,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       r.ledger = saved
     logging.info("resumed at step %d (phase %s, epsilon %.4g)",
                  int(state.step), phases[meta["phase"]].name, r.epsilon())
-  logging.info("run: %s", json.dumps(r.describe(), indent=1))
+  logging.vlog(1, "run: %s", json.dumps(r.describe(), indent=1))
+  logging.info("%s: %d steps (%s) in %s", config.recipe, r.total_steps,
+               ", ".join(f"{p.name}: {'DP' if p.private else 'public'}"
+                         for p in r.plans), workdir)
   if r.dp is not None:
     for name in ("noise_seed", "sampling_seed"):
       if config.privacy[name] >= 0:
@@ -405,47 +494,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             config.privacy[name], name.split("_")[0])
   writer = metrics_lib.MetricWriter(workdir, r.total_steps, int(state.step))
   stopped = False
-  if not config.eval_only:
-    with _Preemption() as preempt:
+  with preempt.critical():  # Steps and checkpoint writes complete.
+    if not config.eval_only:
       for i in range(meta["phase"], len(phases)):
         first = i == meta["phase"]
         if not first:  # Entering a new phase: its optimizer.
-          new = _init_opt(phases[i].optimizer, state.params, r.mesh)
-          reset = phases[i].reset_opt_state
-          state = state._replace(
-              opt_state=reset(state.opt_state, new) if reset else new)
+          state = _enter_phase(r, i, state)
         state, done, stopped = _train_phase(
             r, i, state, meta["phase_step"] if first else 0,
             meta["data"] if first else None, preempt, writer)
         if stopped:
           break
-  r.ckpt.wait()
-  if stopped and preempt.requested:
-    writer.close()
-    logging.warning("preempted at step %d; rerun the same command to resume",
-                    int(state.step))
-    return dict(preempted=True, step=int(state.step))
-  if not config.eval_only:
-    _write_bad_records(r, workdir, writer, int(state.step))
-  # Params alone, safe to publish; checkpoints/ keeps the secret keys.
-  ckpt_lib.export_params(workdir, state.params)
+    r.ckpt.wait()
+    if stopped and preempt.requested:
+      writer.close()
+      return dict(preempted=True, step=int(state.step))
+    if not config.eval_only:
+      _write_bad_records(r, workdir, writer, int(state.step))
+    # Params alone, safe to publish; checkpoints/ keeps the secret keys.
+    ckpt_lib.export_params(workdir, state.params)
   results = r.describe()
   results.update(step=int(state.step), epsilon=r.epsilon(),
                  stopped_at_budget=stopped)
   results.update(_evaluate(r, state.params, writer, int(state.step)))
   if r.canaries is not None:
     results.update(_audit(r, state.params, workdir))
-  if jax.process_index() == 0:  # epath: local or bucket (gs://) workdirs.
-    out = epath.Path(workdir)
-    (out / "results.json").write_text(
-        json.dumps(results, indent=1, default=float))
-    if r.task.summary is not None:
-      (out / "samples.json").write_text(
-          json.dumps(r.task.summary(state.params), indent=1))
-  writer.close()
-  r.ckpt.close()
+  samples = (r.task.summary(state.params)
+             if r.task.summary is not None and jax.process_index() == 0
+             else None)
+  with preempt.critical():  # results.json last: it marks the run as ended.
+    if jax.process_index() == 0:  # epath: local or bucket (gs://) workdirs.
+      out = epath.Path(workdir)
+      if samples is not None:
+        (out / "samples.json").write_text(json.dumps(samples, indent=1))
+      (out / "results.json").write_text(
+          json.dumps(results, indent=1, default=float))
+    writer.close()
+    r.ckpt.close()
   label = " (TAN SIMULATION: not an epsilon run)" if (
       r.dp and r.dp.is_simulation) else ""
-  logging.info("done: step %d epsilon %.4g delta %.3g%s", results["step"],
-               results["epsilon"], r.dp.delta if r.dp else 0, label)
+  logging.info("done: step %d, epsilon %.4g (delta %.3g)%s; results in "
+               "%s/results.json", results["step"], results["epsilon"],
+               r.dp.delta if r.dp else 0, label, workdir)
   return results

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpjax.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -28,12 +30,14 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
   n = jax.device_count()
   if data == -1:
     if n % fsdp:
-      raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n} devices; "
-                       "set mesh.fsdp to a divisor")
+      raise ConfigError(f"config.mesh.fsdp={fsdp} does not divide the {n} "
+                        "devices; "
+                        "set mesh.fsdp to a divisor")
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} != {n} devices; "
-                     "set mesh.data=-1 to use all devices")
+    raise ConfigError(f"config.mesh.data={data} x mesh.fsdp={fsdp} != {n} "
+                      "devices; "
+                      "set mesh.data=-1 to use all devices")
   devices = np.asarray(jax.devices()).reshape(data, fsdp)
   return Mesh(devices, BATCH_AXES)
 
@@ -49,10 +53,18 @@ def _leaf_spec(shape, fsdp: int) -> P:
 
 
 def param_shardings(params, mesh: Mesh):
-  """NamedSharding per leaf: replicated, or FSDP-split when mesh has fsdp."""
+  """NamedSharding per leaf: replicated, or FSDP-split when mesh has fsdp.
+
+  Integer leaves (the noise transform's PRNG key and step counts in an
+  optimizer state) are always replicated."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp)), params)
+
+  def one(x):
+    floating = np.issubdtype(np.dtype(x.dtype), np.floating) or (
+        str(x.dtype) == "bfloat16")
+    return NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp if floating
+                                          else 1))
+  return jax.tree.map(one, params)
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 1) -> NamedSharding:

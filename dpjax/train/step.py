@@ -3,9 +3,13 @@
 A logical Poisson batch arrives as a variable number of fixed-shape
 microbatches. `accumulate` adds each microbatch's SUM of clipped per-example
 gradients (padding rows contribute exactly zero) into an accumulator; `apply`
-then adds ONE Gaussian draw N(0, (sigma C)^2) per coordinate with the key
-fold_in(noise_key, step), divides by the EXPECTED batch size q*N (never the
-realised size, which would leak it) and takes an optimizer step. Nothing
+then runs `optimizer.update` of `phase_optimizer(...)` =
+`optax.chain(privacy.add_noise(sum_fn, sigma, q*N, key), optimizer)`: ONE
+Gaussian draw N(0, (sigma C)^2) per coordinate, C read from the sum
+function (`privacy.clipping.BoundedSum`), key fold_in(root, global step)
+with the secret root in the optimizer state; division by the EXPECTED batch
+size q*N (never the realised size, which would leak it); then the
+optimizer. This is the library recipe of `dpjax.privacy` verbatim. Nothing
 scales the clipped sum before the noise. Under a mesh the accumulator is the
 globally reduced sum, so the noise is drawn once, not once per device.
 """
@@ -27,8 +31,10 @@ AUX_KEYS = ("loss_sum", "grad_norm_sum", "num_clipped", "count",
 class TrainState(NamedTuple):
   """Everything the step changes; checkpointed as one pytree.
 
-  step: int32 global step (over all phases); keys derive from it.
-  noise_key: uint32[2] secret root of the DP noise (never logged).
+  step: int32 global step (over all phases).
+  opt_state: the state of `phase_optimizer`: (head, optimizer) where the
+    head of a private phase is `privacy.AddNoiseState(count, rng_key)`, the
+    secret root of the DP noise (never logged).
   sampling_key: uint32[2] secret root of Poisson batch selection and
     per-example randomness on private data (read on the host by the loop;
     never logged). Both keys are in the resumable checkpoint only.
@@ -36,7 +42,6 @@ class TrainState(NamedTuple):
   step: jax.Array
   params: Any
   opt_state: Any
-  noise_key: jax.Array
   sampling_key: jax.Array
 
 
@@ -49,13 +54,64 @@ def zeros_accumulator(params) -> dict:
 
 def private_sum_fn(loss_fn, l2_clip_norm: float, *, clipping: str = "clip",
                    normalize_gamma: float = 0.01, inner_microbatch: int = 0,
-                   method: str = "vmap"):
+                   method: str = "vmap") -> privacy.clipping.BoundedSum:
   """Per-example clipped-gradient sum of `loss_fn` (privacy.clipped_grad)."""
-  kwargs = dict(clipping=clipping, normalize_gamma=normalize_gamma,
-                microbatch_size=inner_microbatch or None)
-  if method != "vmap":
-    kwargs["method"] = method
-  return privacy.clipped_grad(loss_fn, l2_clip_norm, **kwargs)
+  return privacy.clipped_grad(
+      loss_fn, l2_clip_norm, clipping=clipping,
+      normalize_gamma=normalize_gamma,
+      microbatch_size=inner_microbatch or None, method=method)
+
+
+def phase_sum_fn(phase, settings, inner_microbatch: int = 0):
+  """The sum function the loop (and `dpjax.plan`) runs for `phase`: its
+  own `clipped_sum_fn`, the per-example clipped sum of private phases, or
+  the plain gradient sum of public ones."""
+  if phase.clipped_sum_fn is not None:
+    return phase.clipped_sum_fn
+  if not phase.private:
+    return nonprivate_sum_fn(phase.loss_fn)
+  return private_sum_fn(
+      phase.loss_fn, settings.l2_clip_norm, clipping=settings.clipping,
+      normalize_gamma=settings.normalize_gamma,
+      inner_microbatch=inner_microbatch, method=settings.method)
+
+
+def mean_of_sum() -> optax.GradientTransformationExtraArgs:
+  """Head of a NON-private phase: the plain gradient sum / realised count
+  (`count=` extra argument; public data, nothing to hide)."""
+
+  def update_fn(updates, state, params=None, *, count=1.0, **extra_args):
+    del params, extra_args
+    denom = jnp.maximum(count, 1.0)
+    return jax.tree.map(lambda g: g / denom, updates), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn)
+
+
+def phase_optimizer(optimizer: optax.GradientTransformation, *,
+                    sum_fn=None, noise_multiplier: float = 0.0,
+                    expected_batch_size: float = 1.0, noise_key=None,
+                    first_step: int = 0) -> optax.GradientTransformation:
+  """`chain(head, optimizer)` of one phase; its state is `TrainState.opt_state`.
+
+  Private phases (`sum_fn` given, a `privacy.clipping.BoundedSum`): head =
+  `privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
+  seed=noise_key, initial_count=first_step)`, so step t's key is
+  fold_in(noise_key, t) for the global step t. Public phases: head =
+  `mean_of_sum()`.
+  """
+  if sum_fn is None:
+    head = mean_of_sum()
+  else:
+    head = privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
+                             seed=noise_key, initial_count=first_step)
+  return optax.chain(head, optimizer)
+
+
+def inner_opt_state(opt_state):
+  """The wrapped optimizer's part of a `phase_optimizer` state."""
+  return opt_state[1]
 
 
 def nonprivate_sum_fn(loss_fn):
@@ -82,30 +138,21 @@ def accumulate(sum_fn, params, acc: dict, batch, mask) -> dict:
   return new
 
 
-def apply(state: TrainState, acc: dict, *, optimizer: optax.GradientTransformation,
-          private: bool, l2_clip_norm: float, noise_multiplier: float,
-          expected_batch_size: float) -> tuple[TrainState, dict]:
-  """Privatises the accumulated sum once and takes one optimizer step.
+def apply(state: TrainState, acc: dict, *,
+          optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One `optimizer.update` (a `phase_optimizer`) of the accumulated sum.
 
-  Formal guarantee (private=True): with Poisson sampling at rate q and every
-  unit's contribution to acc["grad"] bounded by l2_clip_norm, the update is
-  the subsampled Gaussian mechanism with noise multiplier sigma; its privacy
-  is what the ledger accounts. Non-private phases divide the plain sum by the
-  realised count (public data: nothing to hide).
+  Formal guarantee (private phases): with Poisson sampling at rate q and
+  every unit's contribution to acc["grad"] bounded by the sum function's
+  sensitivity C, the update is the subsampled Gaussian mechanism with noise
+  multiplier sigma; its privacy is what the ledger accounts.
 
   Returns:
     The new state and aggregate metrics (computed on the data of the phase:
     for private phases they are NOT differentially private).
   """
-  if private:
-    key = jax.random.fold_in(state.noise_key, state.step)
-    grad = privacy.privatize(acc["grad"], key, l2_clip_norm,
-                             noise_multiplier, expected_batch_size)
-  else:
-    denom = jnp.maximum(acc["count"], 1.0)
-    grad = jax.tree.map(lambda g: g / denom, acc["grad"])
-  grad = jax.tree.map(lambda g, p: g.astype(p.dtype), grad, state.params)
-  updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
+  updates, opt_state = optimizer.update(acc["grad"], state.opt_state,
+                                        state.params, count=acc["count"])
   params = optax.apply_updates(state.params, updates)
   count = jnp.maximum(acc["count"], 1.0)
   metrics = dict(

@@ -4,6 +4,10 @@ A recipe (dpjax/recipes/<name>.py) builds a `Task`; `train.loop.run` trains
 its phases in order with ONE loop. A phase is private (DP-SGD: per-unit
 clipping, one Gaussian draw per step, accounted in the ledger) or non-private
 (public data; spends no budget).
+
+Phases are immutable descriptions: what the loop resolves from the config
+(sigma, q, N after audit canaries, the clipped-sum function and its
+sensitivity) lives in `train.settings.PhasePlan`, never in the phase.
 """
 
 import dataclasses
@@ -16,11 +20,13 @@ Example = Any
 # loss_fn(params, example) -> scalar, for ONE example (no batch axis).
 LossFn = Callable[[Params, Example], Any]
 # clipped_sum_fn(params, batch, mask) -> (sum of clipped per-unit updates,
-# aux dict of aggregate scalars: loss_sum, grad_norm_sum, num_clipped, count).
+# aux dict of aggregate scalars: loss_sum, grad_norm_sum, num_clipped, count,
+# num_nonfinite). For a private phase a privacy.clipping.BoundedSum, which
+# states the L2 sensitivity per privacy unit that the noise is scaled to.
 ClippedSumFn = Callable[[Params, Example, Any], tuple[Params, dict]]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Phase:
   """One stage of training over one data source.
 
@@ -36,17 +42,18 @@ class Phase:
     batch_size: EXPECTED logical batch size q*N (Poisson sampling).
     optimizer: optax transformation applied to the privatised mean gradient.
     clipped_sum_fn: overrides per-example clipping of `loss_fn` (DP-FedEmb
-      clips per-user model deltas); None = privacy.clipped_grad(loss_fn).
+      clips per-user model deltas; a `privacy.clipping.BoundedSum` on a
+      private phase); None = privacy.clipped_grad(loss_fn) with the
+      config's clip norm.
     reset_opt_state: called with (old_opt_state, new_opt_state) on entering
       the phase after an earlier one; returns the state to use (DP continual
       pretraining keeps Adam's second moment). None = fresh optimizer state.
-    noise_multiplier: sigma for private phases (set by the loop's calibration
-      when the config asks for a target epsilon).
     num_examples: N, the private population size (defaults to len(source)).
     make_batches: overrides the per-example Poisson pipeline (DP-FedEmb
-      samples users): called with keyword arguments seed, start_step,
-      num_steps, global_microbatch, process_index, process_count,
-      num_workers; returns a checkpointable iterator whose elements have
+      samples users): called with keyword arguments source (the phase's,
+      audit canaries appended), sampling_rate, seed, start_step, num_steps,
+      global_microbatch, process_index, process_count, num_workers;
+      returns a checkpointable iterator whose elements have
       "example", "mask" [n_micro, M/P] and "batch_size", like
       data.pipeline.PoissonBatches.
     monitor: optional (params, step) -> dict of extra scalars, called at
@@ -74,7 +81,6 @@ class Phase:
   optimizer: optax.GradientTransformation
   clipped_sum_fn: ClippedSumFn | None = None
   reset_opt_state: Callable[[Any, Any], Any] | None = None
-  noise_multiplier: float = 0.0
   num_examples: int = 0
   make_batches: Callable[..., Any] | None = None
   monitor: Callable[[Params, int], Mapping[str, float]] | None = None
@@ -84,11 +90,7 @@ class Phase:
 
   def __post_init__(self):
     if not self.num_examples:
-      self.num_examples = len(self.source)
-
-  @property
-  def sampling_rate(self) -> float:
-    return self.batch_size / self.num_examples
+      object.__setattr__(self, "num_examples", len(self.source))
 
 
 @dataclasses.dataclass

@@ -23,11 +23,12 @@ def _init_local(rng):
   return {"h": jax.random.normal(rng, (D, L))}
 
 
-def _fn(clip, lr=5.0, epochs=2):
+def _fn(clip, lr=5.0, epochs=2, users_per_unit=1):
   train = user_level.local_training(
       _loss, _init_local, shared_optimizer=optax.sgd(lr),
       local_optimizer=optax.sgd(lr), batch_size=4, epochs=epochs)
-  return user_level.clipped_delta_sum(train, clip)
+  return user_level.clipped_delta_sum(train, clip,
+                                      users_per_unit=users_per_unit)
 
 
 def _units(n, seed=0):
@@ -63,7 +64,9 @@ def test_one_users_data_moves_sum_at_most_c(k):
   k = 1 (replace-one = remove + add).
   """
   c = 1.0
-  fn = jax.jit(_fn(user_level.unit_clip_norm(c, k)))
+  bounded = _fn(c, users_per_unit=k)
+  assert (bounded.l2_sensitivity, bounded.unit) == (c, "user")
+  fn = jax.jit(bounded)
   units = _units(3)
   mask = jnp.ones(3)
   base, _ = fn(SHARED, units, mask)

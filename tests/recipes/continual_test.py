@@ -11,9 +11,9 @@ import pytest
 from configs import dp_continual as continual_config
 from dpjax import privacy
 from dpjax.data import splits
-from dpjax.recipes import common
+from dpjax.train import settings
 from dpjax.recipes import continual
-from dpjax.train import loop
+from dpjax import recipes
 from dpjax.train import metrics
 from dpjax.train import step as step_lib
 
@@ -134,23 +134,24 @@ def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
     without, _ = fn(w, xs, mask)
     diff = jax.tree.map(lambda a, b_: a - b_, full, without)
     assert float(privacy.global_norm(diff)) < c
-  # The loop's settings carry C to the noise: std = sigma * C / B.
+  # The loop's sum function carries C to the noise: std = sigma * C / B.
   cfg = small_config(**{"privacy.clipping": "normalize",
                         "privacy.l2_clip_norm": c,
                         "privacy.noise_multiplier": sigma})
-  s = common.privacy_from_config(cfg.privacy, num_examples=900,
+  s = settings.privacy_from_config(cfg.privacy, num_examples=900,
                                  batch_size=48, steps=2)
   assert (s.clipping, s.l2_clip_norm, s.noise_multiplier) == (
       "normalize", c, sigma)
+  sum_fn = step_lib.private_sum_fn(loss, s.l2_clip_norm, clipping=s.clipping)
+  assert (sum_fn.l2_sensitivity, sum_fn.unit) == (c, "example")
+  tx = step_lib.phase_optimizer(
+      optax.sgd(1.0), sum_fn=sum_fn, noise_multiplier=s.noise_multiplier,
+      expected_batch_size=b, noise_key=jax.random.PRNGKey(1))
   params = {"w": jnp.zeros(20_000)}
   state = step_lib.TrainState(jnp.zeros((), jnp.int32), params,
-                              optax.sgd(1.0).init(params),
-                              jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+                              tx.init(params), jax.random.PRNGKey(2))
   acc = step_lib.zeros_accumulator(params)
-  out, _ = step_lib.apply(state, acc, optimizer=optax.sgd(1.0), private=True,
-                          l2_clip_norm=s.l2_clip_norm,
-                          noise_multiplier=s.noise_multiplier,
-                          expected_batch_size=b)
+  out, _ = step_lib.apply(state, acc, optimizer=tx)
   assert float(jnp.std(out.params["w"])) == pytest.approx(sigma * c / b,
                                                           rel=0.03)
 
@@ -158,7 +159,7 @@ def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("continual")
-  return workdir, loop.run(small_config(), str(workdir))
+  return workdir, recipes.run(small_config(), str(workdir))
 
 
 def test_tiny_run_epsilon_counts_only_dp_steps(tiny_run):

@@ -13,7 +13,7 @@ import pytest
 from configs import dpcap as dpcap_config
 from dpjax import privacy
 from dpjax.recipes import dpcap
-from dpjax.train import loop
+from dpjax import recipes
 from dpjax.train import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -35,7 +35,7 @@ def small_config(**overrides):
 
 def test_tiny_run_on_8_devices_reports_the_accountants_epsilon(tmp_path):
   config = small_config()
-  results = loop.run(config, str(tmp_path))
+  results = recipes.run(config, str(tmp_path))
   assert results["step"] == 3
   want = privacy.epsilon(results["dp/noise_multiplier"],
                          results["dp/sampling_rate"], 3, results["delta"])
@@ -68,7 +68,7 @@ def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   config.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
                       aro=False, heldout_loss=False, captions=0)
   config.privacy.noise_seed = 0
-  results = loop.run(config, str(tmp_path))
+  results = recipes.run(config, str(tmp_path))
   assert results["tan_simulation"]
   ref_sigma = results["tan_reference_noise_multiplier"]
   assert ref_sigma == pytest.approx(privacy.calibrate_noise_multiplier(
@@ -96,7 +96,7 @@ def test_tfds_fixture_trains_through_the_pipeline(tmp_path):
       "privacy.target_epsilon": 50.0})
   config.evals.update(linear_probe=False, zero_shot=False, aro=False,
                       captions=0)
-  results = loop.run(config, str(tmp_path))
+  results = recipes.run(config, str(tmp_path))
   assert results["dp/num_examples"] == 6
   assert results["step"] == 2
   assert results["eval/caption/heldout_loss"] > 0
@@ -110,7 +110,7 @@ def test_tfds_fixture_trains_through_the_pipeline(tmp_path):
 ])
 def test_bad_configs_name_field_value_and_fix(tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
-    loop.run(small_config(**override), str(tmp_path))
+    recipes.run(small_config(**override), str(tmp_path))
   assert ":" in str(err.value)  # the message goes on to say what to do.
 
 

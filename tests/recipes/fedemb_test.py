@@ -10,7 +10,7 @@ from dpjax import privacy
 from dpjax.privacy import clipping
 from dpjax.recipes import fedemb
 from dpjax.recipes import fedemb_data
-from dpjax.train import loop
+from dpjax import recipes
 
 
 def small_config(**overrides):
@@ -36,7 +36,9 @@ def _dp_phase(config):
 
 
 def _round(phase, step=0, micro=8):
-  it = phase.make_batches(seed=0, start_step=step, num_steps=step + 1,
+  it = phase.make_batches(source=phase.source,
+                          sampling_rate=phase.batch_size / phase.num_examples,
+                          seed=0, start_step=step, num_steps=step + 1,
                           global_microbatch=micro, process_index=0,
                           process_count=1, num_workers=0)
   return next(it)
@@ -128,7 +130,9 @@ def test_client_count_and_capacity_do_not_depend_on_population():
   states = []
   for n in (200, 199):
     _, phase = _dp_phase(small_config(**{"data.num_users": n}))
-    it = phase.make_batches(seed=2**64 - 1, start_step=0, num_steps=2,
+    it = phase.make_batches(source=phase.source,
+                            sampling_rate=phase.batch_size / phase.num_examples,
+                            seed=2**64 - 1, start_step=0, num_steps=2,
                             global_microbatch=8, process_index=0,
                             process_count=1, num_workers=0)
     states.append(it.get_state())
@@ -190,7 +194,7 @@ def test_tiny_preset_evaluates_on_held_out_identities():
 def test_accounting_counts_rounds_not_examples_and_trains_end_to_end(
     tmp_path):
   config = small_config()
-  results = loop.run(config, str(tmp_path))
+  results = recipes.run(config, str(tmp_path))
   assert results["dp/num_examples"] == 200  # users, not examples.
   assert results["dp/sampling_rate"] == pytest.approx(32 / 200)
   assert results["delta"] == pytest.approx(200 ** -1.1)

@@ -12,7 +12,7 @@ from configs import vip as vip_config
 from dpjax import privacy
 from dpjax.recipes import vip
 from dpjax.train import checkpoint as ckpt_lib
-from dpjax.train import loop
+from dpjax import recipes
 from dpjax.train import metrics
 
 
@@ -46,14 +46,14 @@ def _params(workdir, config):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  return workdir, loop.run(small_config(), str(workdir))
+  return workdir, recipes.run(small_config(), str(workdir))
 
 
 @pytest.fixture(scope="module")
 def syn_run(tmp_path_factory):
   """Phase 1 only: a Syn-ViP checkpoint."""
   workdir = tmp_path_factory.mktemp("syn")
-  return workdir, loop.run(small_config(phases="pretrain"), str(workdir))
+  return workdir, recipes.run(small_config(phases="pretrain"), str(workdir))
 
 
 def test_two_phases_and_only_the_dp_phase_spends_budget(full_run):
@@ -86,7 +86,7 @@ def test_resume_between_phase_1_and_phase_2_matches_one_run(
   assert "dp/private" not in first and "delta" not in first
   tmp_path = tmp_path / "resumed"
   shutil.copytree(syn_run[0], tmp_path)
-  resumed = loop.run(small_config(), str(tmp_path))  # same dir: phase 2.
+  resumed = recipes.run(small_config(), str(tmp_path))  # same dir: phase 2.
   assert resumed["step"] == 4
   assert resumed["epsilon"] == pytest.approx(results["epsilon"], rel=1e-12)
   config = small_config()
@@ -100,7 +100,7 @@ def test_resume_between_phase_1_and_phase_2_matches_one_run(
 def test_phase_2_from_a_phase_1_checkpoint(syn_run, tmp_path):
   syn, syn_results = syn_run
   # Warm start, no training: evaluates exactly the phase-1 params.
-  warm = loop.run(small_config(**{
+  warm = recipes.run(small_config(**{
       "pretrain.steps": 0, "init_checkpoint": str(syn), "eval_only": True}),
                   str(tmp_path / "warm"))
   assert warm["eval/mae/heldout_loss"] == pytest.approx(

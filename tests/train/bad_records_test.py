@@ -27,7 +27,7 @@ from dpjax.data import pipeline
 from dpjax.data import sources
 from dpjax.data import tokenizer
 from dpjax.data import transforms
-from dpjax.train import loop
+from dpjax import recipes
 from dpjax.train import metrics
 from dpjax.train import step as step_lib
 from tests.data import bad_data
@@ -120,11 +120,11 @@ def test_run_finishes_and_reports_bad_records_only_at_the_end(
   caplog.set_level(logging.INFO)
   if kind == "folder":
     # Two steps, then a resumed run to three: the count survives.
-    loop.run(_config(spec, 2, **overrides), workdir)
+    recipes.run(_config(spec, 2, **overrides), workdir)
     first = json.load(open(os.path.join(workdir,
                                         bad_records.BAD_RECORDS_FILE)))
     assert [r["draws"] for r in first["phases"]["dp"]["records"]] == [2] * 4
-  results = loop.run(_config(spec, 3, **overrides), workdir)
+  results = recipes.run(_config(spec, 3, **overrides), workdir)
   assert results["step"] == 3
   assert results["dp/num_examples"] == N  # N (and so epsilon) unchanged.
   assert not [k for k in results if "bad" in k]  # results.json is public.

@@ -11,7 +11,7 @@ from configs import vip as vip_config
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import canaries
-from dpjax.train import loop
+from dpjax.train import settings
 
 
 def _config(num_canaries=20, **overrides):
@@ -32,7 +32,9 @@ def test_included_canaries_are_appended_members_of_the_private_data():
   phases = list(recipes.get("dpcap").build(config).phases)
   base = phases[0].source
   inserted = canaries.insert(config, phases)
-  phase = phases[inserted.phase_index]
+  assert phases[0].source is base  # The recipe's phase is not changed.
+  phase = settings.resolve_phases(config, phases, inserted)[
+      inserted.phase_index]
   inc = inserted.included
   assert inc.dtype == bool and 0 < inc.sum() < 20
   np.testing.assert_array_equal(inc, privacy.audit.choose_included(20, 0))
@@ -68,7 +70,8 @@ def test_no_canaries_by_default_and_clear_errors():
 def test_without_noise_the_audit_finds_the_canaries(tmp_path):
   # 100 examples + ~50 canaries, each seen ~60 times: the captioner
   # memorises the inserted random captions and the audit proves it.
-  results = loop.run(_config(100, **{"privacy.enabled": False}), str(tmp_path))
+  results = recipes.run(_config(100, **{"privacy.enabled": False}),
+                        str(tmp_path))
   saved = json.load(open(tmp_path / "audit.json"))
   assert saved["theoretical_epsilon"] == float("inf")
   assert saved["empirical_epsilon"] == results["audit/empirical_epsilon"] > 2
@@ -78,7 +81,7 @@ def test_without_noise_the_audit_finds_the_canaries(tmp_path):
 
 
 def test_dp_run_audit_stays_below_the_accountant(tmp_path):
-  results = loop.run(_config(100, **{"train.steps": 40}), str(tmp_path))
+  results = recipes.run(_config(100, **{"train.steps": 40}), str(tmp_path))
   saved = json.load(open(tmp_path / "audit.json"))
   assert saved["delta"] == 1e-6
   # The accountant's epsilon at the bound's delta is reported beside it.
@@ -111,7 +114,8 @@ def test_fedemb_canaries_are_whole_users():
   config = _fedemb_config()
   phases = list(recipes.get("dpfedemb").build(config).phases)
   inserted = canaries.insert(config, phases)
-  phase = phases[inserted.phase_index]
+  phase = settings.resolve_phases(config, phases, inserted)[
+      inserted.phase_index]
   n_in = int(inserted.included.sum())
   # One canary = one user of 4 images of two glyph identities, one label.
   assert phase.num_examples == phase.source.num_users == 200 + n_in
@@ -124,7 +128,9 @@ def test_fedemb_canaries_are_whole_users():
     np.testing.assert_array_equal(phase.source[idx[3]]["image"],
                                   rec["images"][3])
   # The loop's rounds sample canary users like any other user.
-  it = phase.make_batches(seed=0, start_step=0, num_steps=10,
+  it = phase.make_batches(source=phase.source,
+                          sampling_rate=phase.sampling_rate,
+                          seed=0, start_step=0, num_steps=10,
                           global_microbatch=8, process_index=0,
                           process_count=1, num_workers=0)
   labels = np.concatenate([
@@ -133,7 +139,7 @@ def test_fedemb_canaries_are_whole_users():
 
 
 def test_fedemb_dp_run_is_audited(tmp_path):
-  results = loop.run(_fedemb_config(), str(tmp_path))
+  results = recipes.run(_fedemb_config(), str(tmp_path))
   saved = json.load(open(tmp_path / "audit.json"))
   assert saved["counts"]["num_canaries"] == 20
   assert results["audit/empirical_epsilon"] == saved["empirical_epsilon"]

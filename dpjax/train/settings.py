@@ -1,18 +1,25 @@
 """Config -> plain objects for the generic loop (so privacy/ never sees configs).
 
-Everything that reads `config.privacy` or `config.train` lives here, and so
-does the validation of those blocks: errors name the field, the value and
-the fix.
+Everything the loop reads from `config.privacy` or `config.train` is resolved
+here, and so is the validation of those blocks (errors name the field, the
+value and the fix): the optimizer and schedule recipes call, and the
+per-phase `PhasePlan` (sigma, q, N after canaries, the clipped-sum function
+and its sensitivity) that the loop and `dpjax.plan` run. A recipe's `Phase`
+is never changed.
 """
 
 import dataclasses
 import math
+from typing import Any, Sequence
 
 from absl import logging
 import ml_collections
 import optax
 
+from dpjax import errors
 from dpjax import privacy
+from dpjax.train import step as step_lib
+from dpjax.train import task as task_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +46,7 @@ class PrivacySettings:
 
 
 def _fail(field: str, value, fix: str):
-  raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
+  raise errors.config_error(field, value, fix)
 
 
 def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
@@ -105,18 +112,95 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       tan_reference_noise_multiplier=float(ref_sigma))
 
 
-def resolve_phases(cfg: ml_collections.ConfigDict, phases
-                   ) -> dict[str, PrivacySettings]:
-  """{phase name: settings} of every private phase; sets each private
-  phase's `noise_multiplier` to its resolved sigma (the loop and
-  `dpjax.plan` resolve privacy through this one function)."""
-  out = {}
-  for phase in phases:
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+  """One phase as the loop runs it: the recipe's `Phase` (unchanged) plus
+  what the loop resolved. Attributes not listed here (name, private, steps,
+  batch_size, transforms, optimizer, ...) are the phase's.
+
+  Attributes:
+    phase: the recipe's phase.
+    source: its records, with any audit canaries appended.
+    num_examples: N, privacy units of `source` (examples, or users).
+    privacy: resolved DP settings (None for a public phase).
+    sum_fn: the clipped-sum function of the step; for a private phase a
+      `privacy.clipping.BoundedSum`, whose sensitivity the noise reads.
+  """
+  phase: task_lib.Phase
+  source: Any
+  num_examples: int
+  privacy: PrivacySettings | None
+  sum_fn: Any
+
+  def __getattr__(self, name: str):
+    if name == "phase":  # Not yet set (e.g. while unpickling).
+      raise AttributeError(name)
+    return getattr(self.phase, name)
+
+  @property
+  def sampling_rate(self) -> float:
+    """q = expected batch / N."""
+    return self.phase.batch_size / self.num_examples
+
+  @property
+  def noise_multiplier(self) -> float:
+    return self.privacy.noise_multiplier if self.privacy else 0.0
+
+  @property
+  def l2_sensitivity(self) -> float:
+    """L2 bound of one privacy unit on the step's sum (0: public phase)."""
+    return self.sum_fn.l2_sensitivity if self.privacy else 0.0
+
+  @property
+  def unit(self) -> str:
+    """The privacy unit: "example" or "user" ("" for a public phase)."""
+    return self.sum_fn.unit if self.privacy else ""
+
+  def step_optimizer(self, noise_key=None, first_step: int = 0):
+    """`train.step.phase_optimizer` of this phase: the noise (private
+    phases; sigma, q*N and the sum function's bound from this plan) chained
+    with the phase's optimizer. `noise_key` and `first_step` only matter to
+    `init` (the noise's root key and the count of its first update)."""
+    if not self.privacy:
+      return step_lib.phase_optimizer(self.phase.optimizer)
+    return step_lib.phase_optimizer(
+        self.phase.optimizer, sum_fn=self.sum_fn,
+        noise_multiplier=self.noise_multiplier,
+        expected_batch_size=float(self.phase.batch_size),
+        noise_key=noise_key, first_step=first_step)
+
+
+def resolve_phases(config: ml_collections.ConfigDict,
+                   phases: Sequence[task_lib.Phase],
+                   canaries: Any = None) -> list[PhasePlan]:
+  """The `PhasePlan` of every phase (the loop and `dpjax.plan` both call this).
+
+  Args:
+    config: the run config (reads `privacy`, `train.inner_microbatch`).
+    phases: the recipe's phases.
+    canaries: None, or what `train.canaries.insert` returned: its
+      `phase_index` phase reads `canaries.source` (the canaries appended),
+      with `canaries.num_inserted` more privacy units.
+
+  Raises:
+    ValueError: a private phase's own `clipped_sum_fn` states no
+      sensitivity (it must be a `privacy.clipping.BoundedSum`).
+  """
+  out = []
+  for i, phase in enumerate(phases):
+    source, n = phase.source, phase.num_examples
+    if canaries is not None and canaries.phase_index == i:
+      source, n = canaries.source, n + canaries.num_inserted
+    s = None
     if phase.private:
-      s = privacy_from_config(cfg, num_examples=phase.num_examples,
+      s = privacy_from_config(config.privacy, num_examples=n,
                               batch_size=phase.batch_size, steps=phase.steps)
-      phase.noise_multiplier = s.noise_multiplier
-      out[phase.name] = s
+    sum_fn = step_lib.phase_sum_fn(phase, s, config.train.inner_microbatch)
+    if phase.private and not isinstance(sum_fn, privacy.clipping.BoundedSum):
+      raise ValueError(
+          f"phase {phase.name}: its clipped_sum_fn states no sensitivity; "
+          "return a privacy.clipping.BoundedSum(fn, l2_sensitivity, unit)")
+    out.append(PhasePlan(phase, source, n, s, sum_fn))
   return out
 
 
