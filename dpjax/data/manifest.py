@@ -18,6 +18,8 @@
     one user contiguous), "label_file" (int32[N] labels, .npy) or null,
     "examples_per_user" {min, median, max}}.
   command: the command line that made it.
+  options: what the records depend on (a rerun with equal options is a
+    no-op); format_version: this layout's version.
 
 Everything in it is computed from the private data (counts of duplicates
 and drops, user ranges): treat it as private (PRIVACY.md).

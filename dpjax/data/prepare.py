@@ -209,7 +209,7 @@ def prepare(input_spec: str, fmt: str, out: str,
     outputs.append(prepare_stage.OutputShard(
         f"data-{j:05d}-of-{len(bounds):05d}.arrayrecord",
         tuple(names[k] for k in used), local.astype(np.int32),
-        position[a:b]))
+        position[a:b], opts.fingerprint()))
   write = functools.partial(prepare_stage.write_shard, work_dir=work,
                             out_dir=out)
   run_units(write, outputs, runner, num_workers, beam_options, "write")

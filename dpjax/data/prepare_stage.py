@@ -132,6 +132,17 @@ def load_hashes(work_dir: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     return z["exact"], z["near"]
 
 
+def _stamp(shard: readers.InputShard) -> list[int]:
+  """Size and mtime of the shard's file (a folder: its index), so a changed
+  input is staged again."""
+  path = shard.path
+  if shard.format == "folder":
+    path = next(p for p in (os.path.join(path, n) for n in (
+        "captions.jsonl", "captions.csv")) if os.path.exists(p))
+  st = os.stat(path)
+  return [st.st_size, st.st_mtime_ns, shard.start, shard.stop]
+
+
 def stage_shard(shard: readers.InputShard, opts: Options,
                 work_dir: str) -> str:
   """Stages one input shard (skipped if already done with these options).
@@ -139,8 +150,10 @@ def stage_shard(shard: readers.InputShard, opts: Options,
   Returns:
     The shard's name (its summary: ``load_summary(work_dir, name)``).
   """
+  stamp = _stamp(shard)
   done = load_summary(work_dir, shard.name)
-  if done is not None and done["options"] == opts.fingerprint():
+  if done is not None and (done["options"], done["stamp"]) == (
+      opts.fingerprint(), stamp):
     return shard.name
   paths = _paths(work_dir, shard.name)
   kept, exact, near, dropped = [], [], [], []
@@ -161,7 +174,8 @@ def stage_shard(shard: readers.InputShard, opts: Options,
     np.savez(f, exact=np.asarray(exact, np.uint8).reshape(
         -1, dedup.HASH_BYTES), near=np.asarray(near, np.uint64))
   os.replace(paths["npz"] + ".tmp", paths["npz"])
-  summary = {"options": opts.fingerprint(), "input": shard.path,
+  summary = {"options": opts.fingerprint(), "stamp": stamp,
+             "input": shard.path,
              "num_read": len(kept) + len(dropped), "dropped": dropped,
              "keys": [r["key"] for r in kept],
              "users": [r["user"] for r in kept] if opts.user_key else None,
@@ -175,17 +189,19 @@ def stage_shard(shard: readers.InputShard, opts: Options,
 @dataclasses.dataclass(frozen=True)
 class OutputShard:
   """Output shard ``file``: row r is staged record ``positions[r]`` of
-  staged shard ``names[shards[r]]`` (compact: plans hold N of these rows)."""
+  staged shard ``names[shards[r]]`` (compact: plans hold N of these rows),
+  staged with ``options`` (``Options.fingerprint``)."""
   file: str
   names: tuple[str, ...]
   shards: np.ndarray  # int32[rows]
   positions: np.ndarray  # int64[rows]
+  options: str
 
   def __len__(self) -> int:
     return len(self.positions)
 
   def fingerprint(self) -> str:
-    h = hashlib.sha256(json.dumps(self.names).encode())
+    h = hashlib.sha256(json.dumps([self.options, self.names]).encode())
     h.update(np.asarray(self.shards, np.int32).tobytes())
     h.update(np.asarray(self.positions, np.int64).tobytes())
     return h.hexdigest()

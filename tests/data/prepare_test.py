@@ -73,14 +73,21 @@ def test_webdataset_drops_and_global_exact_dedup(tmp_path):
       ("10000", {"png": png[0], "txt": b"copy"}),
       ("10001", {"png": again, "txt": b"re-encoded"}),
       ("10002", {"png": png[3], "txt": b"cap 3"})])
+  # Third shard: cut short inside its second sample (a failed download).
+  _tar(tmp_path / "00002.tar", [(f"2000{i}", {"png": _encode(_pixels(9 + i)),
+                                               "txt": b"late"})
+                                for i in range(2)])
+  with tarfile.open(tmp_path / "00002.tar") as tar:
+    cut = tar.getmember("20001.png").offset_data + 10
+  os.truncate(tmp_path / "00002.tar", cut)
   m = _run(tmp_path, "webdataset", tmp_path / "out")
-  assert m["num_examples"] == 4 and m["source"]["records_read"] == 8
+  assert m["num_examples"] == 5 and m["source"]["records_read"] == 10
   assert m["dropped"] == {"corrupt_image": 1, "exact_duplicate": 2,
-                          "missing_caption": 1}
+                          "missing_caption": 1, "unreadable_input": 1}
   src = sources.make_source(f"arrayrecord:{tmp_path / 'out'}")
   # Dense indices over the kept records, in input order.
   assert [src[i]["caption"] for i in range(len(src))] == [
-      "cap 0", "cap 1", "cap 2", "cap 3"]
+      "cap 0", "cap 1", "cap 2", "cap 3", "late"]
   assert sorted(src[0]) == sorted(m["fields"]) == ["caption", "image", "key"]
   assert transforms.decode_image(src[0]["image"]).shape == (24, 32, 3)
   with open(tmp_path / "out" / "dropped.jsonl") as f:
