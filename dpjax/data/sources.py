@@ -13,6 +13,9 @@
 * ``arrayrecord:<glob>``: ArrayRecord files whose records are msgpack maps
   ``{field: bytes | str | int | float | list}`` with encoded images (PNG or
   JPEG bytes) under "image" (write them with ``write_arrayrecord``).
+* ``arrayrecord:<dir>`` where ``<dir>/manifest.json`` exists (the output of
+  ``python -m dpjax.data.prepare``): N, shards and fields come from the
+  manifest; a config N that differs is an error (``prepared_source``).
 * ``folder:<dir>``: image files plus ``captions.jsonl`` (one
   ``{"file": "a.png", "caption": "...", "label": 3}`` per line, label
   optional) or ``captions.csv`` (header ``file,caption[,label]``).
@@ -28,15 +31,15 @@ validation (``bad_records.validate_phases``) lists every such record. The
 record still counts in ``len(source)`` (N): keeping N is conservative.
 """
 
-import csv
 import glob as glob_lib
-import json
 import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from dpjax.data import BadRecord
+from dpjax.data import manifest as manifest_lib
+from dpjax.data import readers
 from dpjax.data import synthetic
 
 _SYNTHETIC = {
@@ -173,11 +176,20 @@ def tfds_source(name: str, *, split: str, data_dir: str | None = None,
 
 
 class MsgpackArrayRecordSource:
-  """ArrayRecord files of msgpack-encoded dicts (see ``write_arrayrecord``)."""
+  """ArrayRecord files of msgpack-encoded dicts (see ``write_arrayrecord``).
 
-  def __init__(self, paths: list[str]):
+  Args:
+    paths: the files, in index order; "path[a:b]" reads records [a, b) of
+      a file without opening it to count them.
+    directory: the prepared directory whose ``manifest`` this is, if any.
+    manifest: its parsed ``manifest.json`` (``dpjax.data.manifest``).
+  """
+
+  def __init__(self, paths: list[str], directory: str | None = None,
+               manifest: Mapping[str, Any] | None = None):
     import grain  # pylint: disable=g-import-not-at-top
     self.paths = list(paths)
+    self.directory, self.manifest = directory, manifest
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
 
   def __len__(self) -> int:
@@ -197,7 +209,40 @@ class MsgpackArrayRecordSource:
                       f"{e}") from e
 
   def __repr__(self) -> str:
+    if self.directory:
+      return f"MsgpackArrayRecordSource({self.directory!r}, N={len(self)})"
     return f"MsgpackArrayRecordSource({self.paths})"
+
+
+def prepared_source(directory: str, *, fields: Mapping[str, str] | None,
+                    num_examples: int | None = None,
+                    num_examples_field: str = "data.num_examples"
+                    ) -> FieldMapSource:
+  """A ``dpjax.data.prepare`` output directory, read via its manifest.
+
+  Shards, their order and N come from ``manifest.json`` (no file is opened
+  to count records). ``num_examples``, when given, must equal the
+  manifest's N: N sets the sampling rate and delta.
+
+  Raises:
+    ValueError: a mismatch (naming ``num_examples_field``, both values and
+      the fix) or an unreadable manifest.
+    FileNotFoundError: a shard the manifest lists is missing.
+  """
+  m = manifest_lib.read(directory)
+  manifest_lib.check_num_examples(directory, m, num_examples,
+                                  num_examples_field)
+  paths = []
+  for shard in m["shards"]:
+    path = os.path.join(directory, shard["file"])
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"data.source='arrayrecord:{directory}': {path} is listed in "
+          "manifest.json but missing: copy the whole directory, or rerun "
+          "`python -m dpjax.data.prepare` (it resumes).")
+    paths.append(f"{path}[0:{int(shard['num_examples'])}]")
+  return FieldMapSource(MsgpackArrayRecordSource(paths, directory, m),
+                        fields)
 
 
 def encode_image(image: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -218,18 +263,29 @@ def write_arrayrecord(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   Returns:
     The number of records written.
   """
+  return write_packed(path, (pack_record(r) for r in records))
+
+
+def pack_record(record: Mapping[str, Any]) -> bytes:
+  """One record as the msgpack map ``arrayrecord:`` sources read."""
   import msgpack  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top,g-multiple-import
+  rec = dict(record)
+  if isinstance(rec.get("image"), np.ndarray):
+    rec["image"] = encode_image(rec["image"])
+  rec = {k: (v.item() if isinstance(v, np.generic) else v)
+         for k, v in rec.items()}
+  return msgpack.packb(rec, use_bin_type=True)
+
+
+def write_packed(path: str, payloads: Iterable[bytes]) -> int:
+  """Writes already-packed records into one ArrayRecord file (group size 1:
+  each record is read alone, as random access needs). Returns the count."""
+  # pylint: disable-next=g-import-not-at-top
   from array_record.python import array_record_module
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
   n = 0
-  for rec in records:
-    rec = dict(rec)
-    if isinstance(rec.get("image"), np.ndarray):
-      rec["image"] = encode_image(rec["image"])
-    rec = {k: (v.item() if isinstance(v, np.generic) else v)
-           for k, v in rec.items()}
-    writer.write(msgpack.packb(rec, use_bin_type=True))
+  for data in payloads:
+    writer.write(data)
     n += 1
   writer.close()
   return n
@@ -249,22 +305,7 @@ class FolderSource:
 
   def __init__(self, directory: str):
     self.directory = directory
-    jsonl = os.path.join(directory, "captions.jsonl")
-    csv_path = os.path.join(directory, "captions.csv")
-    if os.path.exists(jsonl):
-      with open(jsonl, encoding="utf-8") as f:
-        rows = [_parse_jsonl(line, n)
-                for n, line in enumerate(f, 1) if line.strip()]
-    elif os.path.exists(csv_path):
-      with open(csv_path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    else:
-      raise FileNotFoundError(
-          f"data.source='folder:{directory}' has no captions.jsonl or "
-          "captions.csv: add one mapping each image file to its caption "
-          '(JSONL lines {"file": "a.png", "caption": "...", "label": 0} or '
-          "CSV with header file,caption[,label]).")
-    self.rows = rows
+    self.rows = readers.read_index(directory)
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -274,8 +315,8 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     r = self.rows[int(index)]
-    if _BAD_ROW in r:
-      raise BadRecord("read", r[_BAD_ROW])
+    if readers.BAD_ROW in r:
+      raise BadRecord("read", r[readers.BAD_ROW])
     if not r.get("file"):
       raise BadRecord("missing_field", f"index row {index} has no 'file'")
     path = os.path.join(self.directory, str(r["file"]))
@@ -301,22 +342,12 @@ class FolderSource:
     return f"FolderSource({self.directory!r}, {len(self)} files)"
 
 
-_BAD_ROW = "_unparsed"  # An index line that is not a JSON object.
-
-
-def _parse_jsonl(line: str, number: int) -> dict[str, Any]:
-  try:
-    row = json.loads(line)
-  except ValueError as e:
-    return {_BAD_ROW: f"captions.jsonl line {number} is not JSON: {e}"}
-  if not isinstance(row, dict):
-    return {_BAD_ROW: f"captions.jsonl line {number} is not a JSON object"}
-  return row
-
-
 def make_source(spec: str, *, split: str = "train",
                 data_dir: str | None = None,
-                fields: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+                fields: Mapping[str, str] | None = None,
+                expect_num_examples: int | None = None,
+                num_examples_field: str = "data.num_examples",
+                **kwargs: Any) -> Any:
   """Resolves a ``data.source`` string to a random-access source.
 
   Args:
@@ -325,6 +356,10 @@ def make_source(spec: str, *, split: str = "train",
       split names a disjoint random stream.
     data_dir: TFDS data directory (tfds: only).
     fields: field renames {our_name: source_path} (tfds/arrayrecord/folder).
+    expect_num_examples: the config's N; for ``arrayrecord:<dir>`` with a
+      manifest, a different manifest N is an error naming
+      ``num_examples_field`` (other sources ignore it).
+    num_examples_field: the config field ``expect_num_examples`` came from.
     **kwargs: constructor arguments of synthetic sources.
 
   Returns:
@@ -343,6 +378,10 @@ def make_source(spec: str, *, split: str = "train",
     if not rest:
       raise ValueError(f"data.source={spec!r}: use 'tfds:<name>[:<version>]'.")
     return tfds_source(rest, split=split, data_dir=data_dir, fields=fields)
+  if kind == "arrayrecord" and manifest_lib.exists(rest):
+    return prepared_source(rest, fields=fields,
+                           num_examples=expect_num_examples,
+                           num_examples_field=num_examples_field)
   if kind == "arrayrecord":
     paths = sorted(glob_lib.glob(rest))
     if not paths:

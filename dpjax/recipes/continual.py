@@ -60,13 +60,20 @@ def make_loss_fn(model: classifier.Classifier) -> Callable[..., jax.Array]:
 
 def make_source(spec: str, *, split: str, num_examples: int, image_size: int,
                 seed: int, data_dir: str = "", image_key: str = "image",
-                label_key: str = "label"):
-  """A labelled image source (records with "image" and "label")."""
+                label_key: str = "label", num_examples_field: str = ""):
+  """A labelled image source (records with "image" and "label").
+
+  With ``num_examples_field`` (the config field ``num_examples`` came
+  from), a prepared directory whose manifest N differs is an error.
+  """
   if spec.startswith("synthetic:"):
     return sources.make_source(spec, split=split, num_examples=num_examples,
                                image_size=image_size, seed=seed)
-  return sources.make_source(spec, split=split, data_dir=data_dir or None,
-                             fields={"image": image_key, "label": label_key})
+  return sources.make_source(
+      spec, split=split, data_dir=data_dir or None,
+      fields={"image": image_key, "label": label_key},
+      expect_num_examples=num_examples if num_examples_field else None,
+      num_examples_field=num_examples_field)
 
 
 def public_private_sources(config: ml_collections.ConfigDict
@@ -82,7 +89,8 @@ def public_private_sources(config: ml_collections.ConfigDict
   full = make_source(d.source, split=d.split, num_examples=d.num_examples,
                      image_size=d.image_size, seed=config.seed,
                      data_dir=d.data_dir, image_key=d.image_key,
-                     label_key=d.label_key)
+                     label_key=d.label_key,
+                     num_examples_field="config.data.num_examples")
   if not p.source:
     return splits.public_private_split(full, d.public_fraction, d.split_seed)
   pub = make_source(p.source, split=p.split, num_examples=p.num_examples,

@@ -52,6 +52,8 @@ def train_source(config: ml_collections.ConfigDict):
     fields = {"image": d.image_key, "caption": d.caption_key}
   return sources.make_source(d.source, split=d.split,
                              data_dir=d.data_dir or None, fields=fields,
+                             expect_num_examples=d.num_examples,
+                             num_examples_field="config.data.num_examples",
                              **kwargs)
 
 

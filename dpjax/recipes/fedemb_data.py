@@ -79,6 +79,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpjax.data import BadRecord
+from dpjax.data import manifest
 from dpjax.data import pipeline
 from dpjax.data import transforms as transforms_lib
 
@@ -162,8 +163,51 @@ def user_keys(source: Any) -> np.ndarray:
   return np.asarray(keys() if callable(keys) else keys, np.uint64)
 
 
+def _scan(source: Any, user_key: str, label_key: str, label_range,
+          keep_user) -> dict[Any, list[int]]:
+  """{user id: record indices} from one pass over the records."""
+  users: dict[Any, list[int]] = {}
+  for i in range(len(source)):
+    try:
+      rec = source[i]
+    except BadRecord:  # Unreadable (e.g. a missing file): its user is
+      continue  # unknown; it joins no user, like a data-preparation skip.
+    if label_range is not None and not (
+        label_range[0] <= int(rec[label_key]) < label_range[1]):
+      continue
+    u = rec[user_key]
+    u = u.item() if hasattr(u, "item") else u
+    if keep_user is not None and not keep_user(u):
+      continue
+    users.setdefault(u, []).append(i)
+  return users
+
+
+def _from_ranges(ids: Sequence[Any], index: Sequence[np.ndarray],
+                 labels: np.ndarray | None, label_range,
+                 keep_user) -> dict[Any, np.ndarray]:
+  """`_scan`'s result from a prepared directory's user ranges."""
+  if label_range is not None and labels is None:
+    raise ValueError("a label range needs the labels: prepare the directory "
+                     "with --label_key (it then writes labels.npy)")
+  users = {}
+  for u, idx in zip(ids, index):
+    if keep_user is not None and not keep_user(u):
+      continue
+    if label_range is not None:
+      idx = idx[(labels[idx] >= label_range[0])
+                & (labels[idx] < label_range[1])]
+    if idx.size:
+      users[u] = idx
+  return users
+
+
 class UserKeyedSource:
-  """A record source indexed by a user field (one pass over the source).
+  """A record source indexed by a user field.
+
+  A user-keyed ``dpjax.data.prepare`` directory (``arrayrecord:<dir>``)
+  gives each user's contiguous records (and the labels) from its manifest
+  without reading a record; any other source is scanned once.
 
   Args:
     source: random-access source of dicts.
@@ -179,20 +223,10 @@ class UserKeyedSource:
                label_range: Sequence[int] | None = None,
                keep_user: Callable[[Any], bool] | None = None):
     self.source = source
-    users: dict[Any, list[int]] = {}
-    for i in range(len(source)):
-      try:
-        rec = source[i]
-      except BadRecord:  # Unreadable (e.g. a missing file): its user is
-        continue  # unknown; it joins no user, like a data-preparation skip.
-      if label_range is not None and not (
-          label_range[0] <= int(rec[label_key]) < label_range[1]):
-        continue
-      u = rec[user_key]
-      u = u.item() if hasattr(u, "item") else u
-      if keep_user is not None and not keep_user(u):
-        continue
-      users.setdefault(u, []).append(i)
+    indexed = manifest.user_index(source, user_key, label_key)
+    users = (_scan(source, user_key, label_key, label_range, keep_user)
+             if indexed is None else
+             _from_ranges(*indexed, label_range, keep_user))
     items = sorted(users.items(), key=lambda kv: str(kv[0]))
     self._ids = [u for u, _ in items]
     self._index = [np.asarray(v, np.int64) for _, v in items]

@@ -59,13 +59,21 @@ def make_loss_fn(model: mae.MAE):
 
 
 def image_source(spec: str, *, split: str, num_examples: int, image_size: int,
-                 seed: int, data_dir: str = "", image_key: str = "image"):
-  """A record source with an "image" field (synthetic or real)."""
+                 seed: int, data_dir: str = "", image_key: str = "image",
+                 num_examples_field: str = ""):
+  """A record source with an "image" field (synthetic or real).
+
+  With ``num_examples_field`` (the config field ``num_examples`` came
+  from), a prepared directory whose manifest N differs is an error.
+  """
   if spec.startswith("synthetic:"):
     return sources.make_source(spec, split=split, num_examples=num_examples,
                                image_size=image_size, seed=seed)
-  return sources.make_source(spec, split=split, data_dir=data_dir or None,
-                             fields={"image": image_key})
+  return sources.make_source(
+      spec, split=split, data_dir=data_dir or None,
+      fields={"image": image_key},
+      expect_num_examples=num_examples if num_examples_field else None,
+      num_examples_field=num_examples_field)
 
 
 def selected_phases(config: ml_collections.ConfigDict) -> list[str]:
@@ -106,7 +114,8 @@ def _dp_phase(config, loss_fn) -> task_lib.Phase:
   d, t = config.data, config.train
   src = image_source(d.source, split=d.split, num_examples=d.num_examples,
                      image_size=d.image_size, seed=config.seed,
-                     data_dir=d.data_dir, image_key=d.image_key)
+                     data_dir=d.data_dir, image_key=d.image_key,
+                     num_examples_field="config.data.num_examples")
   private = config.privacy.enabled
   return task_lib.Phase(
       name="dp" if private else "train", private=private, source=src,

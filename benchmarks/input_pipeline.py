@@ -1,0 +1,136 @@
+r"""Input pipeline throughput over a prepared ArrayRecord directory.
+
+Measures records/s of the project's real Poisson pipeline
+(``pipeline.poisson_batches`` + ``transforms.image_pipeline(S, augment=
+True)``: read, JPEG decode, random-resized crop, flip, normalise, stack) on
+an ``arrayrecord:<dir>`` written by ``python -m dpjax.data.prepare``, next
+to reading alone, and compares it with what a DP step consumes (examples/s
+of the DP step, e.g. from RESULTS.md's dp_overhead table on the same
+machine). Without ``--dir`` it first makes one: ``--num_images`` smooth
+random JPEGs as img2dataset-style tar shards, prepared with the default
+exact dedup and ``--prepare_size`` (its records/s is printed too).
+
+Run (by hand, not in the test suite):
+  /work/main/.venv/bin/python benchmarks/input_pipeline.py
+  ... --dir=/data/laion-ar --batch=256 --steps=10 --workers=0,2
+"""
+
+import argparse
+import io
+import os
+import statistics
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from dpjax.data import pipeline
+from dpjax.data import prepare
+from dpjax.data import prepare_stage
+from dpjax.data import sources
+from dpjax.data import transforms
+
+
+def _jpeg(rng: np.random.Generator, size: int) -> bytes:
+  grid = rng.integers(0, 256, (8, 8, 3), np.uint8)
+  img = np.asarray(Image.fromarray(grid).resize(
+      (size * 5 // 4, size), Image.Resampling.BICUBIC)).astype(np.int16)
+  img += rng.integers(-12, 13, img.shape, np.int16)  # Texture: real-ish size.
+  buf = io.BytesIO()
+  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+      buf, "JPEG", quality=90)
+  return buf.getvalue()
+
+
+def make_dir(root: str, num_images: int, source_size: int,
+             prepare_size: int, per_tar: int = 500) -> tuple[str, float]:
+  """Writes tar shards and prepares them; returns (dir, prepare records/s)."""
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(root, "tars"))
+  for s in range(0, num_images, per_tar):
+    with tarfile.open(os.path.join(root, "tars", f"{s:08d}.tar"), "w") as t:
+      for i in range(s, min(s + per_tar, num_images)):
+        for ext, data in (("jpg", _jpeg(rng, source_size)),
+                          ("txt", f"a picture number {i}".encode())):
+          info = tarfile.TarInfo(f"{i:09d}.{ext}")
+          info.size = len(data)
+          t.addfile(info, io.BytesIO(data))
+  out = os.path.join(root, "prepared")
+  start = time.perf_counter()
+  prepare.prepare(os.path.join(root, "tars"), "webdataset", out,
+                  prepare_stage.Options(image_size=prepare_size),
+                  num_workers=os.cpu_count() or 1, records_per_shard=1000)
+  return out, num_images / (time.perf_counter() - start)
+
+
+def _rate(it, steps: int) -> float:
+  """Records/s over ALL steps, start-up included: grain prefetches steps in
+  threads (and workers), so timing only later steps would time a buffer."""
+  n, start = 0, time.perf_counter()
+  for _ in range(steps):
+    n += int(next(it)["batch_size"])
+  rate = n / (time.perf_counter() - start)
+  it.close()
+  return rate
+
+
+def read_rate(src, n: int) -> float:
+  idx = np.random.default_rng(0).choice(len(src), min(n, len(src)), False)
+  start = time.perf_counter()
+  for i in idx:
+    src[int(i)]
+  return len(idx) / (time.perf_counter() - start)
+
+
+def pipeline_rate(src, batch: int, steps: int, size: int,
+                  workers: int) -> float:
+  it = pipeline.poisson_batches(
+      src, sampling_rate=batch / len(src), global_microbatch=batch, seed=0,
+      num_steps=steps, process_index=0, process_count=1,
+      num_workers=workers,
+      transforms=transforms.image_pipeline(size, augment=True))
+  return _rate(it, steps)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--dir", default="", help="prepared directory ('' = make)")
+  ap.add_argument("--num_images", type=int, default=2000)
+  ap.add_argument("--source_size", type=int, default=320)
+  ap.add_argument("--prepare_size", type=int, default=256)
+  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--batch", type=int, default=256)
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--workers", default="0,2")
+  ap.add_argument("--reps", type=int, default=2)
+  ap.add_argument("--dp_step_examples_per_s", type=float, default=43.2,
+                  help="what the DP step consumes (RESULTS.md: vit_paper "
+                  "ghost, batch 256, this CPU)")
+  args = ap.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    directory, prep = args.dir, None
+    if not directory:
+      directory, prep = make_dir(tmp, args.num_images, args.source_size,
+                                 args.prepare_size)
+      print(f"prepare: {prep:.0f} records/s ({os.cpu_count()} workers)")
+    src = sources.make_source(f"arrayrecord:{directory}")
+    print(f"N={len(src)} from {directory}")
+    rows = [("read only (random access)", "-", statistics.median(
+        read_rate(src, 2000) for _ in range(args.reps)))]
+    for w in (int(x) for x in args.workers.split(",")):
+      rows.append((f"Poisson pipeline, S={args.image_size}, augment",
+                   str(w), statistics.median(
+                       pipeline_rate(src, args.batch, args.steps,
+                                     args.image_size, w)
+                       for _ in range(args.reps))))
+  print("| stage | grain workers | records/s | / DP step consumption |")
+  print("|---|---|---|---|")
+  for name, w, r in rows:
+    print(f"| {name} | {w} | {r:.0f} | "
+          f"{r / args.dp_step_examples_per_s:.1f}x |")
+
+
+if __name__ == "__main__":
+  main()
