@@ -39,7 +39,7 @@ def find_bad_records(source: Any, transforms: Sequence[Any] = (), *,
   Threads (``num_threads``, default min(8, CPUs)): Pillow decodes and
   resizes without the GIL. The randomness used here is not the run's.
   """
-  rows = pipeline._RowLoader(source, tuple(transforms), 0)
+  rows = pipeline.RowLoader(source, tuple(transforms), 0)
 
   def check(i):
     rec, code, err = rows.try_load(i, 0)

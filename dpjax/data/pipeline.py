@@ -65,7 +65,6 @@ from dpjax.data import transforms as transforms_lib
 from dpjax.privacy import sampling
 
 METADATA_KEYS = ("step", "batch_size")
-_USER_SUBSET_TAG = 0x05E125
 # One record's data problem (BadRecord) or I/O failure (OSError, which
 # includes Pillow's unidentified / truncated image errors).
 _LOAD_ERRORS = (BadRecord, OSError)
@@ -73,7 +72,7 @@ _LOAD_ERRORS = (BadRecord, OSError)
 _TEMPLATE_TRIES = 64
 
 
-def _stack(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def stack_records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   out = {}
   for k in records[0]:
     vals = [r[k] for r in records]
@@ -87,7 +86,7 @@ def _stack(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 @dataclasses.dataclass
-class _RowLoader:
+class RowLoader:
   """Loads and transforms one example (row) of a batch."""
   source: Any
   transforms: Sequence[Any]
@@ -122,7 +121,7 @@ def _describe_error(error: Exception) -> str:
   return f"{type(error).__name__}: {error}"
 
 
-def template_record(rows: _RowLoader, num_examples: int) -> dict[str, Any]:
+def template_record(rows: RowLoader, num_examples: int) -> dict[str, Any]:
   """The padding record: the first of records 0, 1, ... that loads (at step
   0). Its rows always have mask 0, so which record it is does not matter.
 
@@ -145,7 +144,7 @@ def template_record(rows: _RowLoader, num_examples: int) -> dict[str, Any]:
       "/ caption keys.")
 
 
-def load_rows(rows: _RowLoader, indices: Sequence[int], step: int,
+def load_rows(rows: RowLoader, indices: Sequence[int], step: int,
               template: dict[str, Any], real: Sequence[bool] | None = None,
               quiet: bool = True) -> tuple[list[dict[str, Any]], np.ndarray]:
   """Loads rows ``indices`` at ``step``; bad records become ``template``.
@@ -176,7 +175,7 @@ def load_rows(rows: _RowLoader, indices: Sequence[int], step: int,
   return records, codes
 
 
-def _process_slots(size: int, micro: int, process_index: int,
+def process_slots(size: int, micro: int, process_index: int,
                    process_count: int) -> tuple[int, np.ndarray]:
   """(n_micro, int64[n_micro, M/P] global slot ids kept by this process)."""
   n_micro = max(1, math.ceil(size / micro))
@@ -206,13 +205,13 @@ class StepLoader:
   def __post_init__(self):
     if self.num_examples is None:
       self.num_examples = len(self.source)
-    _check_division(self.global_microbatch, self.process_count)
+    check_division(self.global_microbatch, self.process_count)
 
   def template(self) -> dict[str, Any]:
     """The padding record: record 0 (else the first that loads) at step 0."""
     if self._template is None:
       self._template = template_record(
-          _RowLoader(self.source, self.transforms, self.seed),
+          RowLoader(self.source, self.transforms, self.seed),
           self.num_examples)
     return self._template
 
@@ -223,18 +222,18 @@ class StepLoader:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
     idx = self.indices(step)
-    n_micro, slots = _process_slots(idx.size, self.global_microbatch,
+    n_micro, slots = process_slots(idx.size, self.global_microbatch,
                                     self.process_index, self.process_count)
     real = slots < idx.size
     flat_idx = np.where(real, idx[np.minimum(slots, max(idx.size - 1, 0))]
                         if idx.size else 0, 0).reshape(-1)
-    rows = _RowLoader(self.source, self.transforms, self.seed)
+    rows = RowLoader(self.source, self.transforms, self.seed)
     flat_real = real.reshape(-1)
     records, codes = load_rows(rows, flat_idx, step, self.template(),
                                flat_real)
     ok = flat_real & (codes == 0)  # A bad record is a padding row.
     example = {k: v.reshape(slots.shape + v.shape[1:])
-               for k, v in _stack(records).items()}
+               for k, v in stack_records(records).items()}
     if self.add_rng:
       keys = transforms_lib.example_keys(self.seed, step, flat_idx)
       keys[~ok] = 0
@@ -247,7 +246,7 @@ class StepLoader:
             "step": np.int64(step), "batch_size": np.int64(idx.size)}
 
 
-def _check_division(micro: int, process_count: int) -> None:
+def check_division(micro: int, process_count: int) -> None:
   if micro < 1 or micro % process_count:
     raise ValueError(
         f"data.global_microbatch={micro} must be a positive multiple of the "
@@ -397,9 +396,9 @@ class _EvalLoader:
     per = self.batch_size // self.process_count
     ids = k * self.batch_size + self.process_index * per + np.arange(per)
     real = ids < len(self.source)
-    rows = _RowLoader(self.source, self.transforms, 0)
+    rows = RowLoader(self.source, self.transforms, 0)
     recs = [rows.load(int(i) if r else 0, 0) for i, r in zip(ids, real)]
-    return {"example": _stack(recs), "mask": real.astype(np.float32)}
+    return {"example": stack_records(recs), "mask": real.astype(np.float32)}
 
 
 def eval_batches(source: Any, batch_size: int, transforms: Sequence[Any] = (),
@@ -415,161 +414,7 @@ def eval_batches(source: Any, batch_size: int, transforms: Sequence[Any] = (),
   transforms only are meaningful (RandomMaps get a fixed generator).
   """
   p, n_proc = _process_info(process_index, process_count)
-  _check_division(batch_size, n_proc)
+  check_division(batch_size, n_proc)
   n_batches = math.ceil(len(source) / batch_size)
   return StepIterator(_EvalLoader(source, tuple(transforms), batch_size, p,
                                   n_proc), 0, n_batches, num_workers)
-
-
-@dataclasses.dataclass
-class UserStepLoader:
-  """step -> this process's share of Poisson-sampled users (DP-FedEmb).
-
-  ``source`` must expose ``num_users`` and ``user_indices(u)``. Each
-  sampled user contributes up to ``max_examples_per_user`` examples (a
-  uniformly random subset, from (seed, step, user), if it has more).
-  Layout: {"example": {field: [n_chunks, U/P, E, ...], "rng": uint32[...,
-  E, 2]}, "mask": float32[n_chunks, U/P] (user is real), "example_mask":
-  float32[n_chunks, U/P, E], "user": int64[n_chunks, U/P] (-1 = padding),
-  "bad_index", "bad_reason": [n_chunks, U/P, E] (see the module doc),
-  "step", "batch_size" (= number of sampled users)}.
-  A bad record is a padding example (example_mask 0); a sampled user none
-  of whose records loads gets mask 0, so it contributes exactly zero (the
-  number of sampled users, and the accounting, are unchanged).
-  """
-  source: Any
-  transforms: Sequence[Any]
-  sampling_rate: float
-  users_per_chunk: int
-  max_examples_per_user: int
-  seed: int
-  process_index: int = 0
-  process_count: int = 1
-  _template: dict[str, Any] | None = dataclasses.field(default=None,
-                                                       repr=False)
-
-  def __post_init__(self):
-    _check_division(self.users_per_chunk, self.process_count)
-
-  def _user_rows(self, user: int, step: int) -> np.ndarray:
-    idx = np.asarray(self.source.user_indices(user), np.int64)
-    e = self.max_examples_per_user
-    if idx.size > e:
-      rng = transforms_lib.example_generator(self.seed, step, user,
-                                            tag=_USER_SUBSET_TAG)
-      idx = np.sort(rng.choice(idx, size=e, replace=False))
-    return idx
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    step = int(step)
-    users = sampling.sample_indices(self.seed, step, self.source.num_users,
-                                    self.sampling_rate)
-    n_chunks, slots = _process_slots(users.size, self.users_per_chunk,
-                                     self.process_index, self.process_count)
-    e = self.max_examples_per_user
-    rows = _RowLoader(self.source, self.transforms, self.seed)
-    if self._template is None:
-      self._template = template_record(rows, len(self.source))
-    template = self._template
-    per_user, user_ids, ex_mask, keys, bad_i, bad_r = [], [], [], [], [], []
-    user_mask = (slots < users.size).astype(np.float32).reshape(-1)
-    for j, s in enumerate(slots.reshape(-1)):
-      u = int(users[s]) if s < users.size else -1
-      idx = self._user_rows(u, step) if u >= 0 else np.zeros((0,), np.int64)
-      recs, codes = load_rows(rows, idx, step, template)
-      recs += [template] * (e - len(recs))
-      per_user.append(_stack(recs))
-      ok = codes == 0
-      m = np.zeros((e,), np.float32)
-      m[:idx.size] = ok
-      ex_mask.append(m)
-      if idx.size and not ok.any():  # Nothing of this user loads.
-        user_mask[j] = 0.0
-      bi = np.full((e,), -1, np.int64)
-      bi[:idx.size] = np.where(ok, -1, idx)
-      br = np.zeros((e,), np.int8)
-      br[:idx.size] = codes
-      bad_i.append(bi)
-      bad_r.append(br)
-      k = np.zeros((e, 2), np.uint32)
-      k[:idx.size] = transforms_lib.example_keys(self.seed, step, idx)
-      k[:idx.size][~ok] = 0
-      keys.append(k)
-      user_ids.append(u)
-    lead = slots.shape
-    example = {k: np.stack([b[k] for b in per_user]).reshape(
-        lead + per_user[0][k].shape) for k in per_user[0]}
-    example["rng"] = np.stack(keys).reshape(lead + (e, 2))
-    return {"example": example,
-            "mask": user_mask.reshape(lead),
-            "example_mask": np.stack(ex_mask).reshape(lead + (e,)),
-            "user": np.asarray(user_ids, np.int64).reshape(lead),
-            "bad_index": np.stack(bad_i).reshape(lead + (e,)),
-            "bad_reason": np.stack(bad_r).reshape(lead + (e,)),
-            "step": np.int64(step), "batch_size": np.int64(users.size)}
-
-
-def sample_users(source: Any, *, sampling_rate: float, users_per_chunk: int,
-                 max_examples_per_user: int, seed: int, num_steps: int,
-                 start_step: int = 0, transforms: Sequence[Any] = (),
-                 process_index: int | None = None,
-                 process_count: int | None = None,
-                 num_workers: int = 0) -> StepIterator:
-  """User-level Poisson sampling (DP-FedEmb): iterator of UserStepLoader
-  batches for steps (rounds) [start_step, num_steps).
-
-  Formal property: round t's users are exactly ``sampling.sample_indices(
-  seed, t, source.num_users, sampling_rate)`` (each user independently with
-  probability q), padded to n_chunks * users_per_chunk user slots.
-  """
-  p, n_proc = _process_info(process_index, process_count)
-  loader = UserStepLoader(source, tuple(transforms), sampling_rate,
-                          users_per_chunk, max_examples_per_user, seed, p,
-                          n_proc)
-  fingerprint = {"seed": int(seed), "sampling_rate": float(sampling_rate),
-                 "num_users": int(source.num_users)}
-  return StepIterator(loader, start_step, num_steps, num_workers,
-                      fingerprint=fingerprint)
-
-
-# --- Bad records: start-up validation and the end-of-run tally. -----------
-
-def to_global_array(local: Any, mesh: Any, partition_spec: Any = None,
-                    batch_axis: int | None = None) -> Any:
-  """This process's numpy share (any pytree) -> global jax.Arrays.
-
-  Each leaf with ndim > batch_axis becomes an array whose ``batch_axis``
-  is process_count times longer (the processes' shares concatenated in
-  process order), sharded by ``NamedSharding(mesh, partition_spec)``.
-  Default spec ``P("data")``; default ``batch_axis`` is the position of the
-  spec's first non-None entry (so one microbatch ``element["example"]``
-  sliced at m, leaves [M/P, ...], with ``P("data")``; or a whole element's
-  [n_micro, M/P, ...] leaves with ``P(None, "data")``). Lower-rank leaves
-  (0-d metadata "step", "batch_size") pass through as Python scalars.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from jax.sharding import NamedSharding, PartitionSpec
-  spec = (partition_spec if partition_spec is not None
-          else PartitionSpec("data"))
-  if batch_axis is None:
-    batch_axis = next((i for i, a in enumerate(spec) if a is not None), 0)
-  sharding = NamedSharding(mesh, spec)
-
-  def convert(v):
-    v = np.asarray(v)
-    if v.ndim <= batch_axis:
-      return v.item() if v.ndim == 0 else v
-    shape = list(v.shape)
-    shape[batch_axis] *= jax.process_count()
-    return jax.make_array_from_process_local_data(sharding, v, tuple(shape))
-
-  return jax.tree.map(convert, local)
-
-
-def iterate(it: Iterator[dict[str, np.ndarray]], mesh: Any,
-            partition_spec: Any = None,
-            batch_axis: int | None = None) -> Iterator[dict[str, Any]]:
-  """Convenience: maps ``to_global_array`` over a batch iterator."""
-  for batch in it:
-    yield to_global_array(batch, mesh, partition_spec, batch_axis)

@@ -28,7 +28,7 @@ _RNG_TAG = 0xA11CE  # per-example "rng" leaf
 _AUG_TAG = 0xB0B  # augmentation Generator
 
 
-def _mix(*keys: np.ndarray) -> np.ndarray:
+def mix(*keys: np.ndarray) -> np.ndarray:
   """SplitMix64-style hash of uint64 arrays (broadcast) -> uint64."""
   with np.errstate(over="ignore"):
     h = np.uint64(0x9E3779B97F4A7C15)
@@ -47,7 +47,7 @@ def example_keys(seed: int, step: int, indices: np.ndarray) -> np.ndarray:
   an old-style uint32[2] key). Distinct (seed, step, index) give
   independent-looking keys; no jax needed.
   """
-  h = _mix(np.uint64(_RNG_TAG), np.uint64(seed), np.uint64(step),
+  h = mix(np.uint64(_RNG_TAG), np.uint64(seed), np.uint64(step),
            np.asarray(indices, np.int64).astype(np.uint64))
   out = np.empty(h.shape + (2,), np.uint32)
   out[..., 0] = (h >> np.uint64(32)).astype(np.uint32)
@@ -58,7 +58,7 @@ def example_keys(seed: int, step: int, indices: np.ndarray) -> np.ndarray:
 def example_generator(seed: int, step: int, index: int,
                       tag: int = _AUG_TAG) -> np.random.Generator:
   """numpy Generator for augmenting example ``index`` at ``step``."""
-  k = _mix(np.uint64(tag), np.uint64(seed), np.uint64(step),
+  k = mix(np.uint64(tag), np.uint64(seed), np.uint64(step),
            np.uint64(int(index) & 0xFFFFFFFFFFFFFFFF))
   return np.random.Generator(np.random.Philox(key=int(k)))
 

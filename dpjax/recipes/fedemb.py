@@ -8,7 +8,7 @@ Phases (config.phases):
     Each round Poisson-samples USERS (each independently w.p. q) and hashes
     each sampled user into one of G = ceil(train.batch_size / k) virtual
     clients of at most fedemb.client_capacity users (keyed by the secret
-    sampling seed, the round and the user: `fedemb_data`, whose docstring
+    sampling seed, the round and the user: `data.clients`, whose docstring
     has the sensitivity argument); each virtual client initialises a fresh
     local head (key from (seed, round, client)), trains it alone for the
     first fedemb.reconst_steps local steps, then backbone + local head on
@@ -31,7 +31,7 @@ Evaluation: exact all-pairs recall at FAR 1e-3 / 0.1 and recall@1 of
 L2-normalised embeddings of held-out identities (evaluate.retrieval), from
 users never trained on: synthetic sources use disjoint identity ranges; real
 user-keyed sources hold out whole users by a public hash of the user id
-(data.heldout_user_fraction, `fedemb_data.is_heldout_user`): the private
+(data.heldout_user_fraction, `data.users.is_heldout_user`): the private
 source drops them and the evaluation keeps only them.
 """
 
@@ -43,17 +43,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpjax.errors import ConfigError
+from dpjax.data import clients
 from dpjax.data import pipeline
 from dpjax.data import sources
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
+from dpjax.data import users as users_lib
+from dpjax.errors import ConfigError
 from dpjax.evaluate import linear_probe
 from dpjax.evaluate import retrieval
 from dpjax.models import embedder
 from dpjax.privacy import clipping
 from dpjax.privacy import user_level
-from dpjax.recipes import fedemb_data
 from dpjax.train import task as task_lib
 
 PHASES = ("public", "dp")
@@ -94,17 +95,17 @@ def private_source(config: ml_collections.ConfigDict):
   """The user-partitioned private source (num_users, user_indices).
 
   Real sources: users (values of data.user_key) held out for evaluation by
-  `fedemb_data.is_heldout_user(user, data.heldout_user_fraction)` are left
+  `data.users.is_heldout_user(user, data.heldout_user_fraction)` are left
   out entirely: never sampled, never trained on.
   """
   d = config.data
   frac = _heldout_fraction(config, d.source)
   src = _source(d.source, d.split, config, num_identities=d.num_users)
   if not hasattr(src, "num_users"):
-    src = fedemb_data.UserKeyedSource(
+    src = users_lib.UserKeyedSource(
         src, "user", "label",
         tuple(d.train_label_range) if d.train_label_range else None,
-        keep_user=(lambda u: not fedemb_data.is_heldout_user(u, frac))
+        keep_user=(lambda u: not users_lib.is_heldout_user(u, frac))
         if frac else None)
   return src
 
@@ -141,7 +142,7 @@ def eval_indices(config: ml_collections.ConfigDict, src) -> list[int]:
 
   Records with a label in data.eval_label_range and, for real user-keyed
   sources with data.heldout_user_fraction > 0, only those of held-out users
-  (`fedemb_data.is_heldout_user`), the users `private_source` drops: the
+  (`data.users.is_heldout_user`), the users `private_source` drops: the
   evaluation never sees a trained-on user. At most data.eval_num_examples,
   in source order.
   """
@@ -156,7 +157,7 @@ def eval_indices(config: ml_collections.ConfigDict, src) -> list[int]:
     rec = src[i]
     if not lo <= int(rec[label_field]) < hi:
       continue
-    if frac and not fedemb_data.is_heldout_user(rec["user"], frac):
+    if frac and not users_lib.is_heldout_user(rec["user"], frac):
       continue
     out.append(i)
   return out
@@ -311,9 +312,9 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
     raise ConfigError(f"config.train.batch_size={t.batch_size} (expected "
                       f"users per round) exceeds the {src.num_users} users")
   # G and K from public config only (never from N or the data): see the
-  # sensitivity argument in fedemb_data.
-  num_clients = fedemb_data.num_virtual_clients(t.batch_size, k)
-  capacity = fedemb_data.client_capacity(f.client_capacity, k)
+  # sensitivity argument in users_lib.
+  num_clients = clients.num_virtual_clients(t.batch_size, k)
+  capacity = clients.client_capacity(f.client_capacity, k)
 
   def init_head(rng):
     return local_head.init(rng, jnp.zeros((1, embed_dim)))["params"]
@@ -362,7 +363,7 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
 
   label_field = _label_field(d.source)
   # The loop passes the source it runs (audit canary users appended) and q.
-  make_batches = lambda source, **kw: fedemb_data.virtual_client_batches(
+  make_batches = lambda source, **kw: clients.virtual_client_batches(
       source, ts, users_per_client=k,
       max_examples_per_user=f.max_examples_per_user,
       num_clients=num_clients, client_capacity=capacity, **kw)
@@ -375,7 +376,7 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
       num_examples=src.num_users, make_batches=make_batches,
       canaries=lambda m, seed: canary_users(
           m, seed, d.image_size, f.max_examples_per_user, label_field),
-      append_canaries=fedemb_data.AppendedUsers,
+      append_canaries=users_lib.AppendedUsers,
       canary_scores=lambda params, users: canary_scores(
           embed_fn, params, users, ts, label_field))
 

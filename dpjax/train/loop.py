@@ -321,8 +321,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     acc = zeros(state.params)
     for m in range(element["mask"].shape[0]):
       micro = jax.tree.map(lambda x: x[m], element["example"])
-      batch = pipeline.to_global_array(micro, run.mesh, sharding.spec)
-      mask = pipeline.to_global_array(element["mask"][m], run.mesh,
+      batch = mesh_lib.to_global_array(micro, run.mesh, sharding.spec)
+      mask = mesh_lib.to_global_array(element["mask"][m], run.mesh,
                                       sharding.spec)
       acc = accumulate(state.params, acc, batch, mask)
     state, metrics = apply(state, acc)

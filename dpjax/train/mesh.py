@@ -2,11 +2,14 @@
 
 Parameters are replicated by default; with mesh.fsdp > 1 each parameter is
 split along its largest dimension divisible by the fsdp axis (FSDP-style).
-Batches are split over both axes. The noise draw needs no special care here:
+Batches are split over both axes; `to_global_array` places a process's
+numpy share of a batch on the mesh. The noise draw needs no special care here:
 `privacy.privatize` runs on the reduced gradient inside jit and jax's
 partitionable threefry gives each coordinate exactly one draw whatever the
 sharding.
 """
+
+from typing import Any
 
 import jax
 import numpy as np
@@ -74,3 +77,32 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 1) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def to_global_array(local: Any, mesh: Any, partition_spec: Any = None,
+                    batch_axis: int | None = None) -> Any:
+  """This process's numpy share (any pytree) -> global jax.Arrays.
+
+  Each leaf with ndim > batch_axis becomes an array whose ``batch_axis``
+  is process_count times longer (the processes' shares concatenated in
+  process order), sharded by ``NamedSharding(mesh, partition_spec)``.
+  Default spec ``P("data")``; default ``batch_axis`` is the position of the
+  spec's first non-None entry (so one microbatch ``element["example"]``
+  sliced at m, leaves [M/P, ...], with ``P("data")``; or a whole element's
+  [n_micro, M/P, ...] leaves with ``P(None, "data")``). Lower-rank leaves
+  (0-d metadata "step", "batch_size") pass through as Python scalars.
+  """
+  spec = partition_spec if partition_spec is not None else P("data")
+  if batch_axis is None:
+    batch_axis = next((i for i, a in enumerate(spec) if a is not None), 0)
+  sharding = NamedSharding(mesh, spec)
+
+  def convert(v):
+    v = np.asarray(v)
+    if v.ndim <= batch_axis:
+      return v.item() if v.ndim == 0 else v
+    shape = list(v.shape)
+    shape[batch_axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+
+  return jax.tree.map(convert, local)

@@ -84,7 +84,7 @@ def test_bad_rows_are_padding_rows_and_reported_in_the_element(kind,
   it = pipeline.poisson_batches(src, sampling_rate=1.0, global_microbatch=8,
                                 seed=3, num_steps=2, transforms=ts,
                                 process_index=0, process_count=1)
-  rows = pipeline._RowLoader(src, tuple(ts), 3)
+  rows = pipeline.RowLoader(src, tuple(ts), 3)
   for el in it:
     assert el["batch_size"] == 12  # the realised size (and N) unchanged.
     assert el["mask"].shape == el["bad_index"].shape == (2, 8)
@@ -179,45 +179,6 @@ def test_programming_errors_propagate_and_warnings_are_silenced():
     el = next(it)
   assert 4 in calls and not caught  # when it was drawn is not shown.
   assert el["mask"].sum() == 10
-
-
-class _Users:
-  """6 users x 3 records; user 2's records all fail, user 4's second one."""
-
-  num_users = 6
-
-  def __len__(self):
-    return 18
-
-  def __getitem__(self, i):
-    if i // 3 == 2 or i == 13:
-      raise data.BadRecord("read", f"record {i} is unreadable")
-    return {"x": np.float32(i)}
-
-  def user_indices(self, u):
-    return np.arange(3 * u, 3 * u + 3)
-
-
-def test_user_loader_a_user_with_no_loadable_record_contributes_nothing():
-  loader = pipeline.UserStepLoader(_Users(), (), sampling_rate=1.0,
-                                   users_per_chunk=8, max_examples_per_user=4,
-                                   seed=0)
-  el = loader(0)
-  users = el["user"][0]
-  assert el["batch_size"] == 6
-  for slot, u in enumerate(users):
-    em, bad = el["example_mask"][0, slot], el["bad_index"][0, slot]
-    if u == 2:
-      assert el["mask"][0, slot] == 0 and not em.any()
-      assert bad.tolist() == [6, 7, 8, -1]
-    elif u == 4:
-      assert el["mask"][0, slot] == 1
-      assert em.tolist() == [1, 0, 1, 0] and bad.tolist() == [-1, 13, -1, -1]
-    elif u >= 0:
-      assert el["mask"][0, slot] == 1 and (bad == -1).all()
-  tally = bad_records.BadRecordTally()
-  tally.add("dp", el)
-  assert sorted(tally.phases["dp"]) == [6, 7, 8, 13]
 
 
 def test_tally_state_merge_and_report(tmp_path):

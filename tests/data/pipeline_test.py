@@ -14,6 +14,7 @@ from dpjax.data import pipeline
 from dpjax.data import synthetic
 from dpjax.data import transforms
 from dpjax.privacy import sampling
+from dpjax.train import mesh as mesh_lib
 
 
 class IndexSource:
@@ -152,7 +153,7 @@ def test_worker_processes_match_in_process():
 def test_to_global_array_on_8_devices():
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   b = next(iter(_batches(micro=16)))
-  g = pipeline.to_global_array(b, mesh, jax.sharding.PartitionSpec(None,
+  g = mesh_lib.to_global_array(b, mesh, jax.sharding.PartitionSpec(None,
                                                                   "data"))
   g["x"] = g["example"]["x"]
   g["v"] = g["example"]["v"]
@@ -165,13 +166,13 @@ def test_to_global_array_on_8_devices():
   assert g["step"] == 0 and isinstance(g["batch_size"], int)
   ev = next(iter(pipeline.eval_batches(IndexSource(20), 8,
                                        process_index=0, process_count=1)))
-  ge = pipeline.to_global_array(ev, mesh)
+  ge = mesh_lib.to_global_array(ev, mesh)
   assert ge["mask"].shape == (8,) and len(ge["mask"].addressable_shards) == 8
   # As the training loop uses it: one microbatch at a time, P("data").
   micro = jax.tree.map(lambda x: x[0], b["example"])
-  gm = pipeline.to_global_array(micro, mesh)
+  gm = mesh_lib.to_global_array(micro, mesh)
   assert gm["v"].shape == (16, 2) and len(gm["v"].addressable_shards) == 8
-  gmask = pipeline.to_global_array(b["mask"][0], mesh)
+  gmask = mesh_lib.to_global_array(b["mask"][0], mesh)
   np.testing.assert_array_equal(np.asarray(gmask), b["mask"][0])
   # PoissonBatches (iterable form) gives the same elements.
   pb = pipeline.PoissonBatches(IndexSource(1000), (), sampling_rate=0.05,
@@ -192,28 +193,3 @@ def test_eval_batches_cover_everything_once():
   np.testing.assert_array_equal(
       np.concatenate([halves[0][1]["example"]["x"],
                       halves[1][1]["example"]["x"]]), ev[1]["example"]["x"])
-
-
-def test_sample_users():
-  src = synthetic.Identities(50, 7, image_size=8)
-  it = pipeline.sample_users(
-      src, sampling_rate=0.2, users_per_chunk=4, max_examples_per_user=5,
-      seed=0, num_steps=2, transforms=[transforms.Keep(["image", "user"])],
-      process_index=0, process_count=1)
-  for b in it:
-    users = sampling.sample_indices(0, int(b["step"]), 50, 0.2)
-    n_chunks = max(1, -(-users.size // 4))
-    assert b["example"]["image"].shape == (n_chunks, 4, 5, 8, 8, 3)
-    assert b["example_mask"].shape == (n_chunks, 4, 5)
-    real = b["mask"].reshape(-1) == 1
-    np.testing.assert_array_equal(b["user"].reshape(-1)[real], users)
-    ex = b["example_mask"].reshape(-1, 5)
-    assert np.all(ex[real] == 1) and np.all(ex[~real] == 0)
-    u = b["user"].reshape(-1, 1)[real]
-    assert np.all(b["user"].reshape(-1)[real][:, None] == u)
-    # Every kept example belongs to its user.
-    assert b["example"]["rng"].shape == (n_chunks, 4, 5, 2)
-    got = b["example"]["image"].reshape(-1, 5, 8, 8, 3)[real]
-    assert got.shape[0] == users.size
-    ids = {int(src[int(i)]["user"]) for i in src.user_indices(int(users[0]))}
-    assert ids == {int(users[0])}

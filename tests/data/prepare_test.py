@@ -15,7 +15,7 @@ from dpjax.data import prepare_stage
 from dpjax.data import readers
 from dpjax.data import sources
 from dpjax.data import transforms
-from dpjax.recipes import fedemb_data
+from dpjax.data import users as users_lib
 
 
 def _pixels(seed: int, size=(24, 32)) -> np.ndarray:
@@ -194,11 +194,11 @@ def test_user_keyed_ranges_match_a_scan(tmp_path, monkeypatch):
   src = sources.make_source(f"arrayrecord:{out}", fields=fields)
   assert [src[i]["user"] for i in range(7)] == sorted(writers)
   kw = dict(label_range=(0, 2), keep_user=lambda u: u != "w3")
-  scanned = fedemb_data.UserKeyedSource(  # A glob: no manifest, a scan.
+  scanned = users_lib.UserKeyedSource(  # A glob: no manifest, a scan.
       sources.make_source(f"arrayrecord:{out}/*.arrayrecord",
                           fields=fields), "user", "label", **kw)
-  monkeypatch.setattr(fedemb_data, "_scan", None)  # Must not scan.
-  ranged = fedemb_data.UserKeyedSource(src, "user", "label", **kw)
+  monkeypatch.setattr(users_lib, "_scan", None)  # Must not scan.
+  ranged = users_lib.UserKeyedSource(src, "user", "label", **kw)
   assert ranged.num_users == scanned.num_users == 2
   for u in range(2):
     assert ranged.user_id(u) == scanned.user_id(u)

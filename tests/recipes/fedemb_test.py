@@ -9,7 +9,8 @@ from configs import dpfedemb as fedemb_config
 from dpjax import privacy
 from dpjax.privacy import clipping
 from dpjax.recipes import fedemb
-from dpjax.recipes import fedemb_data
+from dpjax.data import clients
+from dpjax.data import users as users_lib
 from dpjax import recipes
 
 
@@ -103,10 +104,10 @@ def test_rounds_hash_poisson_sampled_users_into_g_clients():
   src = fedemb.private_source(config)
   k, q, e = config.fedemb.users_per_client, 32 / 200, 4
   g = 32 // k  # G = expected users / k, from the config alone.
-  keys = fedemb_data.user_keys(src)  # synthetic: the user index.
+  keys = users_lib.user_keys(src)  # synthetic: the user index.
   sizes = []
   for step in range(40):
-    rc = fedemb_data.round_clients(keys, 0, step, q, k, g, 2 * k)
+    rc = clients.round_clients(keys, 0, step, q, k, g, 2 * k)
     flat = np.concatenate(rc.members)
     assert np.unique(flat).size == flat.size  # each user in one client.
     assert rc.num_users == rc.num_sampled or max(
@@ -117,7 +118,7 @@ def test_rounds_hash_poisson_sampled_users_into_g_clients():
   el = _round(phase, step=5)
   real = el["mask"].reshape(-1) > 0
   assert int(el["batch_size"]) == int(el["example"]["num_users"].sum())
-  rc = fedemb_data.round_clients(keys, 0, 5, q, k, g, 2 * k)
+  rc = clients.round_clients(keys, 0, 5, q, k, g, 2 * k)
   assert el["user"].reshape(-1)[real].tolist() == rc.ids.tolist()
   assert el["example"]["label"].shape[-1] == 2 * k * e  # capacity 2k.
   labels = el["example"]["label"].reshape(-1, 2 * k * e)[real]

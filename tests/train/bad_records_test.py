@@ -23,10 +23,12 @@ import pytest
 from configs import dpcap as dpcap_config
 from dpjax import data as data_lib
 from dpjax.data import bad_records
+from dpjax.data import clients
 from dpjax.data import pipeline
 from dpjax.data import sources
 from dpjax.data import tokenizer
 from dpjax.data import transforms
+from dpjax.data import users as users_lib
 from dpjax import recipes
 from dpjax.train import metrics
 from dpjax.train import step as step_lib
@@ -68,7 +70,7 @@ def test_bad_rows_contribute_exactly_zero_to_the_clipped_sum(tmp_path):
   with_bad, count = clipped_sum(el["example"], el["mask"])
   assert count == N - len(reasons)
   # The same step without the bad records: only the good rows, all real.
-  rows = pipeline._RowLoader(src, tuple(ts), 1)
+  rows = pipeline.RowLoader(src, tuple(ts), 1)
   good = [rows.load(i, 0) for i in range(N) if i not in reasons]
   good += [good[0]] * (48 - len(good))
   stacked = {k: np.stack([r[k] for r in good]).reshape(3, 16, -1)
@@ -182,7 +184,6 @@ def test_command_line_lists_every_problem_and_exits_2(tmp_path):
 def test_dp_fedemb_a_user_whose_records_all_fail_contributes_zero():
   import optax  # pylint: disable=g-import-not-at-top
   from dpjax.privacy import user_level  # pylint: disable=g-import-not-at-top
-  from dpjax.recipes import fedemb_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   recs = []
   for u in range(6):  # user 102: both images corrupt; user 104: one.
@@ -193,11 +194,11 @@ def test_dp_fedemb_a_user_whose_records_all_fail_contributes_zero():
                    "user": 100 + u})
   # A record that cannot even be read when users are indexed joins no
   # user (like a record the data preparation skipped): not in N.
-  src = fedemb_data.UserKeyedSource(_Unreadable(recs), "user")
+  src = users_lib.UserKeyedSource(_Unreadable(recs), "user")
   assert src.num_users == 6
   ts = (transforms.DecodeImage(), transforms.Normalize(),
         transforms.Keep(["image", "label"]))
-  el = fedemb_data.VirtualClientLoader(
+  el = clients.VirtualClientLoader(
       src, ts, sampling_rate=1.0, users_per_client=1,
       max_examples_per_user=2, clients_per_chunk=8, seed=3)(0)
   bad = el["bad_index"][0]

@@ -1,11 +1,9 @@
-"""User-partitioned data for DP-FedEmb: user-keyed sources, virtual clients.
+"""User-level sampling into virtual clients (DP-FedEmb): one round's batch.
 
-`UserKeyedSource` gives any record source (TFDS, ArrayRecord, ...) the
-`num_users` / `user_indices(u)` interface of `synthetic.Identities`, from a
-user field (e.g. an EMNIST writer id), plus a stable 64-bit key per user
-(`user_keys`) and an optional public hold-out rule (`is_heldout_user`).
-`VirtualClientLoader` produces one round's batch of virtual clients for the
-training loop.
+`VirtualClientLoader` / `virtual_client_batches` produce, for each round,
+the virtual clients of the Poisson-sampled users of a user-keyed source
+(`data.users`: `num_users`, `user_indices(u)`, stable `user_keys`). With
+one user per client this is plain user-level Poisson sampling.
 
 Sampling (the accounted mechanism). Round t, secret sampling seed s, public
 sampling rate q, public number of virtual clients G, public capacity K:
@@ -13,7 +11,7 @@ sampling rate q, public number of virtual clients G, public capacity K:
      H(SAMPLE, s, t, key_u) < q (a keyed hash read as a uniform in [0, 1),
      rounded so that the probability is <= q): Poisson sampling of USERS,
      each independently with probability q, expected q*N users -- the same
-     distribution as `pipeline.sample_users` / `sampling.sample_indices`,
+     distribution as `sampling.sample_indices`,
      but drawn per user so that one user's presence moves no other draw.
   2. Assignment (k >= 2): a sampled user joins virtual client
      H(CLIENT, s, t, key_u) mod G. G = ceil(expected users / k) is computed
@@ -72,239 +70,20 @@ rows in priority order, then padding.
 """
 
 import dataclasses
-import hashlib
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from dpjax.data import BadRecord
-from dpjax.data import manifest
 from dpjax.data import pipeline
 from dpjax.data import transforms as transforms_lib
+from dpjax.data import users as users_lib
 
 _SAMPLE_TAG = 0xFEDE10
 _CLIENT_TAG = 0xFEDE11
 _SUBSET_TAG = 0xFEDE12
 _UNIT_TAG = 0xFEDE13
 _PRIORITY_TAG = 0xFEDE14
-_CANARY_KEY_TAG = 0xFEDE15
-_KEY_PERSON = b"dpjax-user-key"  # blake2b personalisations (public).
-_HELDOUT_PERSON = b"dpjax-heldout"
-_U64 = 0xFFFFFFFFFFFFFFFF
-# The data pipeline's helpers (same package), shared with UserStepLoader.
-# pylint: disable=protected-access
-_check_division = pipeline._check_division
-_process_slots = pipeline._process_slots
-_RowLoader = pipeline._RowLoader
-_stack = pipeline._stack
-_mix = transforms_lib._mix
-# pylint: enable=protected-access
-
-
-def _u64(x: Any) -> np.uint64:
-  """A Python/numpy integer in [0, 2**64) as np.uint64 (seeds, steps)."""
-  x = int(x)
-  if not 0 <= x <= _U64:
-    raise ValueError(f"expected an integer in [0, 2**64), got {x}")
-  return np.uint64(x)
-
-
-def _hash(tag: int, seed: int, step: int, keys: np.ndarray) -> np.ndarray:
-  """uint64 keyed hash of (tag, seed, step, key) for each key."""
-  return _mix(np.uint64(tag), _u64(seed), _u64(step),
-              np.asarray(keys, np.uint64))
-
-
-def _id_bytes(user_id: Any) -> bytes:
-  """Canonical bytes of a user id (str / bytes / int; numpy scalars too)."""
-  if isinstance(user_id, np.generic):
-    user_id = user_id.item()
-  if isinstance(user_id, (bytes, bytearray)):
-    return bytes(user_id)
-  if isinstance(user_id, str):
-    return user_id.encode("utf-8")
-  return repr(user_id).encode("utf-8")
-
-
-def _id_hash(user_id: Any, person: bytes) -> int:
-  return int.from_bytes(hashlib.blake2b(
-      _id_bytes(user_id), digest_size=8, person=person).digest(), "little")
-
-
-def stable_user_key(user_id: Any) -> int:
-  """Public 64-bit key of a user id; the same in every run and process."""
-  return _id_hash(user_id, _KEY_PERSON)
-
-
-def is_heldout_user(user_id: Any, fraction: float) -> bool:
-  """Public, deterministic hold-out rule: True for ~`fraction` of user ids.
-
-  A fixed hash of the id alone (no seed, no data), so train and evaluation
-  sources agree on it and every run holds out the same users.
-  """
-  if fraction <= 0:
-    return False
-  return _id_hash(user_id, _HELDOUT_PERSON) < fraction * 2.0**64
-
-
-def _check_distinct(keys: np.ndarray) -> np.ndarray:
-  if np.unique(keys).size != keys.size:
-    raise ValueError("two users share a 64-bit user key (hash collision or "
-                     "duplicate user ids); the sampling needs distinct keys")
-  return keys
-
-
-def user_keys(source: Any) -> np.ndarray:
-  """uint64[N]: the source's stable user keys (default: the user index)."""
-  keys = getattr(source, "user_keys", None)
-  if keys is None:
-    return np.arange(source.num_users, dtype=np.uint64)
-  return np.asarray(keys() if callable(keys) else keys, np.uint64)
-
-
-def _scan(source: Any, user_key: str, label_key: str, label_range,
-          keep_user) -> dict[Any, list[int]]:
-  """{user id: record indices} from one pass over the records."""
-  users: dict[Any, list[int]] = {}
-  for i in range(len(source)):
-    try:
-      rec = source[i]
-    except BadRecord:  # Unreadable (e.g. a missing file): its user is
-      continue  # unknown; it joins no user, like a data-preparation skip.
-    if label_range is not None and not (
-        label_range[0] <= int(rec[label_key]) < label_range[1]):
-      continue
-    u = rec[user_key]
-    u = u.item() if hasattr(u, "item") else u
-    if keep_user is not None and not keep_user(u):
-      continue
-    users.setdefault(u, []).append(i)
-  return users
-
-
-def _from_ranges(ids: Sequence[Any], index: Sequence[np.ndarray],
-                 labels: np.ndarray | None, label_range,
-                 keep_user) -> dict[Any, np.ndarray]:
-  """`_scan`'s result from a prepared directory's user ranges."""
-  if label_range is not None and labels is None:
-    raise ValueError("a label range needs the labels: prepare the directory "
-                     "with --label_key (it then writes labels.npy)")
-  users = {}
-  for u, idx in zip(ids, index):
-    if keep_user is not None and not keep_user(u):
-      continue
-    if label_range is not None:
-      idx = idx[(labels[idx] >= label_range[0])
-                & (labels[idx] < label_range[1])]
-    if idx.size:
-      users[u] = idx
-  return users
-
-
-class UserKeyedSource:
-  """A record source indexed by a user field.
-
-  A user-keyed ``dpjax.data.prepare`` directory (``arrayrecord:<dir>``)
-  gives each user's contiguous records (and the labels) from its manifest
-  without reading a record; any other source is scanned once.
-
-  Args:
-    source: random-access source of dicts.
-    user_key: field holding the user id (str, bytes or int).
-    label_key: field holding the class / identity label (for filtering).
-    label_range: keep only records with label in [lo, hi) (e.g. EMNIST
-      trains on classes 0-35); None keeps all.
-    keep_user: optional predicate on the raw user id; users for which it is
-      False are left out entirely (e.g. held-out evaluation writers).
-  """
-
-  def __init__(self, source: Any, user_key: str, label_key: str = "label",
-               label_range: Sequence[int] | None = None,
-               keep_user: Callable[[Any], bool] | None = None):
-    self.source = source
-    indexed = manifest.user_index(source, user_key, label_key)
-    users = (_scan(source, user_key, label_key, label_range, keep_user)
-             if indexed is None else
-             _from_ranges(*indexed, label_range, keep_user))
-    items = sorted(users.items(), key=lambda kv: str(kv[0]))
-    self._ids = [u for u, _ in items]
-    self._index = [np.asarray(v, np.int64) for _, v in items]
-    self._keys = _check_distinct(np.array(
-        [stable_user_key(u) for u in self._ids], np.uint64))
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.source[int(index)]
-
-  @property
-  def num_users(self) -> int:
-    return len(self._index)
-
-  def user_indices(self, user: int) -> np.ndarray:
-    return self._index[int(user)]
-
-  def user_id(self, user: int) -> Any:
-    """The raw id (user field value) of user index ``user``."""
-    return self._ids[int(user)]
-
-  @property
-  def user_keys(self) -> np.ndarray:
-    """uint64[N] stable keys (a public hash of each user id)."""
-    return self._keys
-
-
-class AppendedUsers:
-  """A user source followed by extra users (e.g. audit canary users).
-
-  ``users[j]`` is a dict with "images" (a sequence of E images) and any
-  other fields shared by that user's records (e.g. its label). User
-  ``num_users_of(source) + j`` owns E new records appended after the
-  source's; each is an ordinary user: sampled, clipped, noised, counted.
-  Its stable key is a public hash of j (distinct from the source's keys).
-  """
-
-  def __init__(self, source: Any, users: Sequence[dict[str, Any]]):
-    self.source, self._base_len = source, len(source)
-    self._base_users = source.num_users
-    self._records, self._index = [], []
-    for user in users:
-      start = self._base_len + len(self._records)
-      shared = {k: v for k, v in user.items() if k != "images"}
-      self._records += [dict(shared, image=im) for im in user["images"]]
-      self._index.append(np.arange(start, self._base_len + len(self._records)))
-    extra = _mix(np.uint64(_CANARY_KEY_TAG),
-                 np.arange(len(self._index), dtype=np.uint64))
-    self._keys = _check_distinct(
-        np.concatenate([user_keys(source), extra]).astype(np.uint64))
-
-  def __len__(self) -> int:
-    return self._base_len + len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range [0, {len(self)})")
-    if index < self._base_len:
-      return self.source[index]
-    return self._records[index - self._base_len]
-
-  @property
-  def num_users(self) -> int:
-    return self._base_users + len(self._index)
-
-  def user_indices(self, user: int) -> np.ndarray:
-    user = int(user)
-    if user < self._base_users:
-      return self.source.user_indices(user)
-    return self._index[user - self._base_users]
-
-  @property
-  def user_keys(self) -> np.ndarray:
-    return self._keys
-
 
 def num_virtual_clients(expected_users: float, users_per_client: int) -> int:
   """G = ceil(expected users per round / k): public config only, never N."""
@@ -332,7 +111,7 @@ def sampled_users(keys: np.ndarray, seed: int, step: int,
   """
   if not 0.0 <= sampling_rate <= 1.0:
     raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}")
-  h = _hash(_SAMPLE_TAG, seed, step, keys)
+  h = users_lib.keyed_hash(_SAMPLE_TAG, seed, step, keys)
   threshold = np.uint64(math.floor(sampling_rate * 2.0**53))
   return np.flatnonzero((h >> np.uint64(11)) < threshold).astype(np.int64)
 
@@ -365,7 +144,7 @@ def round_clients(keys: np.ndarray, seed: int, step: int,
   """Round ``step``'s virtual clients (see the module docstring).
 
   Args:
-    keys: uint64[N] distinct stable user keys (`user_keys(source)`).
+    keys: uint64[N] distinct stable user keys (`users_lib.user_keys(source)`).
     seed: secret sampling seed in [0, 2**64).
     step: round.
     sampling_rate: q, each user's inclusion probability.
@@ -382,9 +161,9 @@ def round_clients(keys: np.ndarray, seed: int, step: int,
   if num_clients < 1 or capacity < 1:
     raise ValueError(f"need num_clients >= 1 and capacity >= 1 for k >= 2, "
                      f"got {num_clients}, {capacity}")
-  client = (_hash(_CLIENT_TAG, seed, step, keys[users])
+  client = (users_lib.keyed_hash(_CLIENT_TAG, seed, step, keys[users])
             % np.uint64(num_clients)).astype(np.int64)
-  priority = _hash(_PRIORITY_TAG, seed, step, keys[users])
+  priority = users_lib.keyed_hash(_PRIORITY_TAG, seed, step, keys[users])
   order = np.lexsort((priority, client))  # by client, then priority.
   client, users = client[order], users[order]
   ids, starts = np.unique(client, return_index=True)
@@ -417,8 +196,8 @@ class VirtualClientLoader:
   _keys: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
-    _u64(self.seed)
-    _check_division(self.clients_per_chunk, self.process_count)
+    users_lib.check_u64(self.seed)
+    pipeline.check_division(self.clients_per_chunk, self.process_count)
     self.capacity = client_capacity(self.client_capacity,
                                     self.users_per_client)
     if self.users_per_client > 1 and self.num_clients < 1:
@@ -427,7 +206,7 @@ class VirtualClientLoader:
 
   def clients(self, step: int) -> RoundClients:
     if self._keys is None:
-      self._keys = user_keys(self.source)
+      self._keys = users_lib.user_keys(self.source)
     return round_clients(self._keys, self.seed, int(step),
                          self.sampling_rate, self.users_per_client,
                          self.num_clients, self.capacity)
@@ -445,10 +224,10 @@ class VirtualClientLoader:
     step = int(step)
     rc = self.clients(step)
     n = rc.ids.size
-    _, slots = _process_slots(n, self.clients_per_chunk, self.process_index,
-                              self.process_count)
+    _, slots = pipeline.process_slots(n, self.clients_per_chunk,
+                                      self.process_index, self.process_count)
     rows_per_client = self.capacity * self.max_examples_per_user
-    rows = _RowLoader(self.source, self.transforms, self.seed)
+    rows = pipeline.RowLoader(self.source, self.transforms, self.seed)
     if self._template is None:
       self._template = pipeline.template_record(rows, len(self.source))
     per_client, ex_mask, ex_keys, sizes, ids, unit_keys = [], [], [], [], [], []
@@ -462,7 +241,7 @@ class VirtualClientLoader:
       # contributes nothing; a client with no loadable row has delta 0.
       recs, codes = pipeline.load_rows(rows, idx, step, self._template)
       recs += [self._template] * (rows_per_client - len(recs))
-      per_client.append(_stack(recs))
+      per_client.append(pipeline.stack_records(recs))
       m = np.zeros((rows_per_client,), np.float32)
       m[:idx.size] = codes == 0
       ex_mask.append(m)
@@ -483,7 +262,8 @@ class VirtualClientLoader:
     example["example_mask"] = np.stack(ex_mask).reshape(
         lead + (rows_per_client,))
     example["num_users"] = np.asarray(sizes, np.float32).reshape(lead)
-    h = _hash(_UNIT_TAG, self.seed, step, np.asarray(unit_keys, np.uint64))
+    h = users_lib.keyed_hash(_UNIT_TAG, self.seed, step,
+                             np.asarray(unit_keys, np.uint64))
     unit = np.stack([(h >> np.uint64(32)).astype(np.uint32),
                      (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)], -1)
     unit[np.asarray(ids) < 0] = 0
