@@ -3,7 +3,8 @@
 ``make_source(spec, split=..., data_dir=...)`` understands:
 
 * ``synthetic:shapes`` | ``synthetic:classes`` | ``synthetic:textures`` |
-  ``synthetic:identities``: embedded procedural data (``synthetic/``, one module per generator);
+  ``synthetic:identities``: embedded procedural data (``synthetic/``, a
+  module per generator);
   keyword args go to the constructor (``num_examples``, ``image_size``,
   ``seed``; ``num_identities``, ``images_per_identity``, ``first_identity``).
 * ``tfds:<name>[:<version>]``: a *prepared* TFDS dataset in ArrayRecord
