@@ -7,21 +7,16 @@ tests and launch scripts reach it through `dpjax.recipes.run`, which builds
 the recipe's task; the loop never imports a recipe.
 """
 
-import contextlib
 import functools
 import json
-import signal
 import time
 from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from dpjax.errors import ConfigError
 from dpjax import privacy
 from dpjax.data import bad_records
 from dpjax.data import pipeline
@@ -29,140 +24,12 @@ from dpjax.train import canaries as canaries_lib
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import metrics as metrics_lib
+from dpjax.train import preemption as preemption_lib
 from dpjax.train import secrets
 from dpjax.train import settings as settings_lib
+from dpjax.train import state as state_lib
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
-
-
-class Preempted(Exception):
-  """SIGTERM arrived where the run can stop at once (start-up, the final
-  evaluation): nothing durable is being written there."""
-
-
-class _Preemption:
-  """SIGTERM handling for the whole run.
-
-  Inside `critical()` (training steps, checkpoint writes, results.json) it
-  only sets a flag, checked after every step on all processes; elsewhere
-  (start-up, evaluation) it raises `Preempted` at once. Either way the
-  workdir stays resumable.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._critical = 0
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. inside a notebook thread).
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-    if not self._critical:
-      raise Preempted()
-    logging.warning("SIGTERM: finishing this step, checkpointing, exiting.")
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  @contextlib.contextmanager
-  def critical(self):
-    """A region that must complete (a SIGTERM in it is deferred)."""
-    self._critical += 1
-    try:
-      yield
-    finally:
-      self._critical -= 1
-    if self.requested and not self._critical:
-      raise Preempted()
-
-  def agreed(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
-    return bool(np.any(flags))
-
-
-def _init_opt(plan: settings_lib.PhasePlan, params, mesh, noise_key,
-              first_step: int):
-  """The state of `plan.step_optimizer`, placed like the params (same shape
-  -> same sharding; keys and counts replicated), so the jitted step never
-  sees a new input sharding. The secret key is an argument of the jitted
-  init, never a constant compiled into it."""
-  init = lambda p, k: plan.step_optimizer(k, first_step).init(p)
-  shardings = mesh_lib.param_shardings(
-      jax.eval_shape(init, params, noise_key), mesh)
-  return jax.jit(init, out_shardings=shardings)(params, noise_key)
-
-
-def _noise_key(config, mesh, secret: bool = True) -> jax.Array:
-  """Root of a private phase's noise (`secrets.run_key`: OS entropy from
-  process 0 unless config.privacy.noise_seed is set); `secret=False`: a
-  placeholder of the same shape, for a state about to be restored."""
-  key = secrets.run_key(config.privacy.noise_seed, sampling=False)
-  if not secret:
-    key = np.zeros_like(key)
-  return jax.device_put(jnp.asarray(key), mesh_lib.replicated(mesh))
-
-
-def _init_state(run: "_Run", restoring: bool):
-  """Fresh state for phase 0 (keys drawn), or the structure of a saved
-  one (`restoring`: no secret drawn; every leaf is then restored)."""
-  config, mesh, task = run.config, run.mesh, run.task
-  shardings = mesh_lib.param_shardings(
-      jax.eval_shape(task.init_params, jax.random.PRNGKey(0)), mesh)
-  params = jax.jit(task.init_params, out_shardings=shardings)(
-      jax.random.PRNGKey(config.seed))
-  if config.init_checkpoint:
-    params = _load_params(config.init_checkpoint, params)
-  opt_state = _init_opt(run.plans[0], params, mesh,
-                        _noise_key(config, mesh, not restoring), 0)
-  sampling = secrets.run_key(config.privacy.sampling_seed, sampling=True)
-  if restoring:
-    sampling = np.zeros_like(sampling)
-  return step_lib.TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh)),
-      params=params, opt_state=opt_state,
-      sampling_key=jax.device_put(jnp.asarray(sampling),
-                                  mesh_lib.replicated(mesh)))
-
-
-def _enter_phase(run: "_Run", index: int, state):
-  """State on entering phase `index` after an earlier one: its optimizer
-  (and, for a private phase, a fresh noise key), keeping what the recipe's
-  `reset_opt_state` keeps of the previous optimizer's state."""
-  plan = run.plans[index]
-  new = _init_opt(plan, state.params, run.mesh,
-                  _noise_key(run.config, run.mesh, plan.private),
-                  int(state.step))
-  if plan.reset_opt_state is not None:
-    inner = plan.reset_opt_state(step_lib.inner_opt_state(state.opt_state),
-                                 step_lib.inner_opt_state(new))
-    new = (new[0], inner)
-  return state._replace(opt_state=new)
-
-
-def _load_params(path: str, params):
-  """Warm start: another run's exported params (<path>/export/params, or
-  `path` itself if it is an export dir), else its latest checkpoint."""
-  for export in (path, ckpt_lib.export_dir(path)):
-    if (epath.Path(export) / "_CHECKPOINT_METADATA").exists():
-      return ckpt_lib.load_exported(export, ckpt_lib.abstract_like(params))
-  ckpt = ckpt_lib.Checkpointer(path, async_save=False)
-  if ckpt.latest_step() is None:
-    raise ConfigError(f"config.init_checkpoint={path!r} holds no checkpoint: "
-                      "point it at the workdir of a finished run")
-  restored = ckpt.restore_params(ckpt_lib.abstract_like(params))
-  ckpt.close()
-  return restored
 
 
 class _Run:
@@ -276,7 +143,7 @@ def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
 
 
 def _train_phase(run: _Run, index: int, state, phase_step: int,
-                 data_state, preempt: _Preemption, writer):
+                 data_state, preempt: preemption_lib.Preemption, writer):
   """Trains phase `index` from `phase_step`; returns (state, done, stopped)."""
   config, phase = run.config, run.plans[index]
   pshard = jax.tree.map(lambda x: x.sharding, state.params)
@@ -449,28 +316,29 @@ def run(task: task_lib.Task, config: ml_collections.ConfigDict,
       logging.info("%s/results.json: this run already ended (step %d); "
                    "nothing to do", workdir, done["step"])
       return done
-  with _Preemption() as preempt:
+  with preemption_lib.Preemption() as preempt:
     try:
       return _run(task, config, workdir, preempt)
-    except Preempted:
+    except preemption_lib.Preempted:
       step = ckpt_lib.Checkpointer(workdir).latest_step() or 0
       logging.warning("preempted (last checkpoint: step %d); rerun the same "
                       "command to resume", step)
       return dict(preempted=True, step=step)
 
 
-def _run(task, config, workdir, preempt: _Preemption) -> dict[str, Any]:
+def _run(task, config, workdir,
+         preempt: preemption_lib.Preemption) -> dict[str, Any]:
   r = _Run(task, config, workdir)
   phases = r.plans
   restoring = r.ckpt.latest_step() is not None
-  state = _init_state(r, restoring)
+  state = state_lib.init_state(task, r.plans[0], config, r.mesh, restoring)
   meta = dict(phase=0, phase_step=0, ledger=None, data=None)
   if restoring:
     rmeta = r.ckpt.restore_meta()
     if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
-      state = state._replace(opt_state=_init_opt(
+      state = state._replace(opt_state=state_lib.init_opt(
           phases[rmeta["phase"]], state.params, r.mesh,
-          _noise_key(config, r.mesh, secret=False), 0))
+          state_lib.noise_key(config, r.mesh, secret=False), 0))
     restored, meta = r.ckpt.restore(ckpt_lib.abstract_like(state._asdict()))
     state = step_lib.TrainState(**restored)
     saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
@@ -499,7 +367,7 @@ def _run(task, config, workdir, preempt: _Preemption) -> dict[str, Any]:
       for i in range(meta["phase"], len(phases)):
         first = i == meta["phase"]
         if not first:  # Entering a new phase: its optimizer.
-          state = _enter_phase(r, i, state)
+          state = state_lib.enter_phase(phases[i], state, config, r.mesh)
         state, done, stopped = _train_phase(
             r, i, state, meta["phase_step"] if first else 0,
             meta["data"] if first else None, preempt, writer)
