@@ -314,14 +314,21 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   return state, phase_step, stopped
 
 
-def _evaluate(run: _Run, params, writer, step: int) -> dict:
+def _evaluate(run: _Run, params, writer, step: int,
+              periodic: bool = False) -> dict:
+  """Runs the task's evaluators (held-out PUBLIC data; they read params
+  only, so training and its randomness are unchanged) and logs them under
+  "eval/": every one at the end, only the due ones with `periodic`."""
   out = {}
-  for name, evaluator in run.task.evaluators().items():
+  for name, evaluator in run.task.evaluators.items():
+    if periodic and not evaluator.due(step):
+      continue
     t0 = time.time()
     res = evaluator.run(params)
     out.update({f"eval/{k}": float(v) for k, v in res.items()})
     logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
-  writer.write(step, out)
+  if out:
+    writer.write(step, out)
   return out
 
 

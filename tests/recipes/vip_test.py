@@ -25,8 +25,8 @@ def small_config(**overrides):
                     num_examples=1000)
   c.train.update(steps=2, batch_size=24, microbatch_size=16, log_every=1,
                  warmup_steps=1, checkpoint_every=1)
-  c.data.update(num_examples=2000, eval_num_examples=48)
-  c.evals.update(probe_train_examples=96)
+  c.data.update(num_examples=2000, eval_num_examples=48,
+                probe_train_examples=96)
   # Reproducible (not secret) keys: two runs must take the same batches.
   c.privacy.noise_seed = 0
   c.privacy.sampling_seed = 0
@@ -145,7 +145,7 @@ def test_per_example_gradients_are_independent_across_examples():
     ({"phases": "dp,pretrain"}, "config.phases='dp,pretrain'"),
     ({"phases": "pretrain", "pretrain.steps": 0}, "config.pretrain.steps=0"),
     ({"pretrain.warmup_steps": 5}, "config.pretrain.warmup_steps=5"),
-    ({"evals.probe_protocol": "knn"}, "config.evals.probe_protocol='knn'"),
+    ({"evals.linear_probe.type": "knn"}, "config.evals.linear_probe.type='knn'"),
 ])
 def test_bad_configs_name_field_value_and_fix(override, message):
   with pytest.raises(ValueError, match=message) as err:

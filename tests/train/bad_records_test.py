@@ -17,6 +17,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -98,9 +99,7 @@ def _config(source: str, steps: int, **overrides):
                 eval_num_examples=16)
   c.train.update(steps=steps, batch_size=N, microbatch_size=32,
                  warmup_steps=0, log_every=1, checkpoint_every=2)
-  c.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
-                 aro=False, heldout_loss=False, token_accuracy=False,
-                 captions=0)
+  c.evals = ml_collections.ConfigDict()  # no evaluation.
   c.privacy.update(noise_seed=0, sampling_seed=0, noise_multiplier=1.0)
   c.update_from_flattened_dict(overrides)
   return c
