@@ -300,6 +300,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
                               "ref_eps" if run.is_simulation else "eps": m_eps,
                               "ex/s": m["examples_per_sec"]})
       t0, since = time.time(), 0
+    if not (last and (stopped or index == len(run.task.phases) - 1)):
+      _evaluate(run, state.params, writer, gstep, periodic=True)  # End: all.
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         ledger=run.ledger.to_dict(),
                         data=iterator.get_state(),

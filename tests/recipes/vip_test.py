@@ -78,6 +78,22 @@ def test_two_phases_and_only_the_dp_phase_spends_budget(full_run):
     assert key in results and math.isfinite(results[key])
 
 
+def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(
+    full_run, tmp_path):
+  """log_steps=2: eval rows at step 2 (mid-run, end of the public phase)
+  and 4 (the end, once); the params are those of the end-only run."""
+  workdir, results = full_run
+  config = small_config(**{"evals.heldout_loss.log_steps": 2,
+                           "evals.linear_probe.log_steps": -1})  # off.
+  periodic = loop.run(config, str(tmp_path))
+  logged = metrics.read_csv(str(tmp_path))
+  assert [s for s, _ in logged["eval/mae/heldout_loss"]] == [2, 4]
+  assert "eval/linear_probe/shape_acc" not in logged
+  assert periodic["eval/mae/heldout_loss"] == results["eval/mae/heldout_loss"]
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, config),
+               _params(tmp_path, config))
+
+
 def test_resume_between_phase_1_and_phase_2_matches_one_run(
     full_run, syn_run, tmp_path):
   workdir, results = full_run
