@@ -89,7 +89,6 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
       log_every=10,  # steps between log lines (loss, epsilon, examples/s).
       checkpoint_every=50,  # steps between Orbax checkpoints.
       keep_checkpoints=2,
-      eval_every=0,  # 0: evaluate at the end only.
       dtype="float32",  # activation dtype: "float32" | "bfloat16".
       num_workers=0,  # Grain worker processes for decoding/augmentation.
   ))

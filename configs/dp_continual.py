@@ -88,6 +88,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="tfds:imagenet21k",
       eval_split="validation",
       eval_num_examples=10_000,
+      # Downstream labelled data of the probe and fine-tuning evaluators.
+      probe_source="tfds:cifar100",
+      probe_data_dir="",
+      probe_train_split="train[:10000]",
+      probe_test_split="test",
+      probe_labels="label",  # comma-separated label fields.
+      probe_train_examples=10_000,
+      probe_test_examples=10_000,
       # Records that cannot be used (missing or undecodable file, empty
       # caption): "error" | "skip". Sources of at most validate_max_records
       # records (and, with "error", every folder: source) are read in full
@@ -157,26 +165,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       trace_every=100,  # steps between tr(H) estimates (at log steps).
   ))
 
+  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
+  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
+  # 0: at the end only; < 0: off), prefix of its metrics (default: the
+  # name), then the type's own fields}. The recipe's functions: logits,
+  # features; its data: test (data.eval_source), probe_train, probe_test
+  # (image and the data.probe_labels fields).
   c.evals = ml_collections.ConfigDict(dict(
-      classifier=True,  # head top-1/top-5 + CE on data.eval_source.
-      linear_probe=True,  # downstream logistic regression on frozen features.
-      probe_source="tfds:cifar100",
-      probe_data_dir="",
-      probe_train_split="train[:10000]",
-      probe_test_split="test",
-      probe_labels="label",  # comma-separated label fields.
-      probe_train_examples=10_000,
-      probe_test_examples=10_000,
-      # Non-private full fine-tuning of backbone + a new zero linear head on
-      # the probe data, first probe label (Bu et al. Table 4, standard
-      # fine-tuning) [verify: steps, B, lr, wd].
-      fine_tune=True,
-      fine_tune_steps=2000,  # AdamW steps (5% warm-up, then cosine to 0).
-      fine_tune_batch_size=256,  # examples per step (shuffled epochs).
-      fine_tune_lr=1e-4,  # peak AdamW learning rate of the backbone.
-      fine_tune_head_only_steps=500,  # LP-FT: head alone first.
-      fine_tune_head_lr=1e-3,  # constant AdamW lr of the new head.
-      fine_tune_weight_decay=0.05,  # decoupled, on >= 2-d params only.
+      # Head top-1/top-5 + CE on data.eval_source.
+      classifier=dict(type="classifier_accuracy", log_steps=0),
+      # Downstream logistic regression on frozen features.
+      linear_probe=dict(type="linear_probe", log_steps=0, labels="label",
+                        train_data="probe_train", test_data="probe_test"),
+      # Non-private full fine-tuning of backbone + a new zero linear head
+      # (Bu et al. Table 4, standard fine-tuning) [verify: steps, B, lr, wd]:
+      # AdamW, 5% warm-up then cosine to 0; LP-FT: the head alone for
+      # head_only_steps at a constant head_learning_rate; decoupled weight
+      # decay on >= 2-d params only.
+      fine_tune=dict(
+          type="fine_tune", log_steps=0, label="label",
+          train_data="probe_train", test_data="probe_test", steps=2000,
+          batch_size=256, learning_rate=1e-4, head_only_steps=500,
+          head_learning_rate=1e-3, weight_decay=0.05),
   ))
 
   if arg.preset == "tiny":
@@ -199,13 +209,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every=100, log_every=10, num_workers=0))
     c.monitor.update(dict(split="monitor", num_examples=128, probes=2,
                           trace_every=50))
-    c.evals.update(dict(
+    c.data.update(dict(
         probe_source="synthetic:classes", probe_train_split="probe",
         probe_test_split="test", probe_labels="label",
-        probe_train_examples=2000, probe_test_examples=2000,
-        fine_tune_steps=300, fine_tune_batch_size=64, fine_tune_lr=1e-3,
-        fine_tune_head_only_steps=100, fine_tune_head_lr=1e-2,
-        fine_tune_weight_decay=0.005))
+        probe_train_examples=2000, probe_test_examples=2000))
+    c.evals.fine_tune.update(dict(
+        steps=300, batch_size=64, learning_rate=1e-3, head_only_steps=100,
+        head_learning_rate=1e-2, weight_decay=0.005))
   elif arg.preset != "paper":
     raise ValueError(f"configs/dp_continual.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")

@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="synthetic:shapes",
       eval_split="test",
       eval_num_examples=2000,
+      # Labelled images the probes train on (eval_source's "probe" split).
+      probe_train_examples=10_000,
       # Records that cannot be used (missing or undecodable file, empty
       # caption): "error" | "skip". Sources of at most validate_max_records
       # records (and, with "error", every folder: source) are read in full
@@ -81,11 +83,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.decoder_lr_scale = 1.0
   c.mesh = common.mesh_block()
   c.audit = common.audit_block()
+  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
+  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
+  # 0: at the end only; < 0: off), prefix of its metrics (default: the
+  # name), then the type's own fields}. The recipe's functions: features,
+  # loglik, caption_logits, caption_loss, decode, detokenize; its data:
+  # test, probe, test_1shape / probe_1shape (single-shape images: the
+  # labels are the caption subject's, ambiguous with two shapes), aro (the
+  # two-shape test images), shape_prompts, word_categories.
   c.evals = ml_collections.ConfigDict(dict(
-      linear_probe=True, few_shot=True, zero_shot=True, aro=True,
-      heldout_loss=True, token_accuracy=True,  # next-word acc. by word kind.
-      captions=8,  # number of greedy captions to write.
-      probe_train_examples=10_000,
+      linear_probe=dict(type="linear_probe", log_steps=0,
+                        labels="shape,color"),
+      linear_probe_1shape=dict(
+          type="linear_probe", log_steps=0, labels="shape,color",
+          train_data="probe_1shape", test_data="test_1shape"),
+      # Colour is the attribute a random encoder's features already
+      # separate linearly given enough examples, so the few-shot regime is
+      # where learned colour shows.
+      few_shot_shape=dict(
+          type="few_shot", log_steps=0, label="shape", shots=(1, 5, 10),
+          seeds=3, train_data="probe_1shape", test_data="test_1shape",
+          prefix="few_shot_1shape_shape"),
+      few_shot_color=dict(
+          type="few_shot", log_steps=0, label="color", shots=(1, 5, 10),
+          seeds=3, train_data="probe_1shape", test_data="test_1shape",
+          prefix="few_shot_1shape_color"),
+      # Prompts: every "a {size} {colour} {shape}" of a shape class.
+      zero_shot=dict(type="zero_shot", log_steps=0, label="shape",
+                     prompts="shape_prompts"),
+      aro=dict(type="aro", log_steps=0,
+               kinds=("swap_color", "swap_order", "swap_relation")),
+      # Next-word accuracy by word kind (size, colour, shape, relation).
+      token_accuracy=dict(type="token_accuracy", log_steps=0,
+                          categories="word_categories", prefix="caption"),
+      heldout_loss=dict(type="heldout_caption_loss", log_steps=0,
+                        prefix="caption"),
+      # Greedy captions of the first test images (also to samples.json).
+      captioning=dict(type="captioning", log_steps=0, num_examples=8),
   ))
 
   # The paper's delta, 1/N (following data.num_examples): looser than
@@ -119,8 +153,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # learns which word goes with which shape (colour binding, ARO) too
     # slowly; the encoder's probes do not suffer (README, DP-Cap).
     c.train.decoder_lr_scale = 2.0
-    c.evals.probe_train_examples = 4000
-    c.evals.captions = 4
+    c.data.probe_train_examples = 4000
+    c.evals.captioning.num_examples = 4
   elif arg.preset != "paper":
     raise ValueError(f"configs/dpcap.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")

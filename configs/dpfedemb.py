@@ -155,9 +155,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=20, log_every=5)
   c.mesh = common.mesh_block()
   c.audit = common.audit_block()
+  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
+  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
+  # 0: at the end only; < 0: off), prefix of its metrics (default: the
+  # name), then the type's own fields}. The recipe's function: embed; its
+  # data: test (image, identity of the held-out users).
   c.evals = ml_collections.ConfigDict(dict(
-      fars=(1e-3, 0.1),  # false accept rates of the recall metrics.
-      batch_size=256,  # images per embedding call.
+      # Exact all-pairs recall at the false accept rates `fars` and
+      # recall@1; batch_size images per embedding call.
+      retrieval=dict(type="retrieval", log_steps=0, fars=(1e-3, 0.1),
+                     batch_size=256),
   ))
 
   if arg.preset == "tiny":

@@ -104,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="synthetic:shapes",
       eval_split="test",
       eval_num_examples=2000,
+      probe_labels="shape,color",  # label fields read from eval_source.
+      # Labelled images the probes train on (eval_source's "probe" split).
+      probe_train_examples=10_000,
       # Records that cannot be used (missing or undecodable file, empty
       # caption): "error" | "skip". Sources of at most validate_max_records
       # records (and, with "error", every folder: source) are read in full
@@ -137,21 +140,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = common.mesh_block()
   c.audit = common.audit_block()
 
+  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
+  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
+  # 0: at the end only; < 0: off), prefix of its metrics (default: the
+  # name), then the type's own fields}. The recipe's functions: features
+  # (pred_kw last_k=k: the MAE protocol's last k blocks), mae_loss; its
+  # data: test, probe (image, rng, the data.probe_labels fields).
   c.evals = ml_collections.ConfigDict(dict(
-      linear_probe=True,
-      # "mae": pooled tokens of the last `probe_last_k` blocks, concatenated,
+      # protocol "mae": pooled tokens of the last k blocks, concatenated,
       # standardised, optax-trained linear head (ViP's main_linprobe.py);
       # "logreg": pooled final tokens, centred + L2-normalised, sklearn
       # logistic regression (DP-Cap's protocol).
-      probe_protocol="mae",
-      probe_last_k=12,  # "mae": number of final blocks concatenated.
-      probe_labels="shape,color",  # label fields of the eval source.
-      probe_train_examples=10_000,  # from the eval source's "probe" split.
-      probe_epochs=90,  # "mae" head: epochs, batch, base lr, optimizer.
-      probe_batch_size=16_384,
-      probe_base_lr=0.1,
-      probe_optimizer="lars",  # "sgd" | "lars" | "adam".
-      heldout_loss=True,  # MAE loss on the held-out images (fixed masks).
+      linear_probe=dict(
+          type="linear_probe", log_steps=0, labels="shape,color",
+          protocol="mae", pred_kw=dict(last_k=12), mae_epochs=90,
+          mae_batch_size=16_384, mae_base_lr=0.1, mae_optimizer="lars"),
+      # MAE loss on the held-out images (fixed masks).
+      heldout_loss=dict(type="heldout_mae_loss", log_steps=0, prefix="mae"),
   ))
 
   if arg.preset == "tiny":
@@ -173,10 +178,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=200, batch_size=512, microbatch_size=256, warmup_steps=20,
         checkpoint_every=100, log_every=20, num_workers=0))
     c.train.base_learning_rate = 1e-3  # lr = 2e-3 at B=512.
-    c.evals.update(dict(
-        probe_protocol="logreg", probe_last_k=3, probe_train_examples=2000,
-        probe_epochs=90, probe_batch_size=256, probe_base_lr=0.1,
-        probe_optimizer="sgd"))
+    c.data.probe_train_examples = 2000
+    c.evals.linear_probe = dict(type="linear_probe", log_steps=0,
+                                labels="shape,color", protocol="logreg")
   elif arg.preset != "paper":
     raise ValueError(f"configs/vip.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")

@@ -73,9 +73,9 @@ from ml_collections import config_flags
 
 from dpjax import privacy
 from dpjax import recipes
-from dpjax.train import settings as settings_lib
 from dpjax.train import aot
 from dpjax.train import hardware
+from dpjax.train import settings as settings_lib
 from dpjax.train import stand_in
 
 GiB = hardware.GiB

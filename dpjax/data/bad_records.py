@@ -19,11 +19,11 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from dpjax.errors import ConfigError
 from dpjax.data import BAD_REASONS
 from dpjax.data import DataValidationError
 from dpjax.data import pipeline
 from dpjax.data import sources as sources_lib
+from dpjax.errors import ConfigError
 
 
 _MAX_LISTED = 1000  # records named in one validation error.

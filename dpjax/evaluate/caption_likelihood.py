@@ -225,7 +225,10 @@ class AROScore:
   def run(self, params: Any) -> dict[str, float]:
     """Returns {prefix/acc, prefix/chance = 1/(P+1)} (true beats all P) and,
     with kinds, {prefix/<kind>_acc} (true beats that one; chance 1/2) and
-    their mean prefix/pairwise_acc. Ties count as wrong."""
+    their mean prefix/pairwise_acc. Ties count as wrong. No images (e.g.
+    none with two shapes among a few held-out ones): no metrics."""
+    if not len(self.images):
+      return {}
     ll = candidate_logliks(self.loglik_fn, params, self.images,
                            self.candidates, self.batch_size, shared=False)
     out = {f"{self.prefix}/acc": float(np.mean(ll[:, 0] > ll[:, 1:].max(1))),

@@ -11,9 +11,10 @@ per-example softmax cross-entropy is trained in up to two phases:
     `config.switch.reset` (`reset_opt_state`).
 `config.arm` selects the arm of the paper's comparison at equal total steps
 (and equal epsilon for the private arms). Diagnostics (`Monitor`):
-held-out loss decrease per step and a Hutchinson tr(H) estimate. Evaluators:
-classifier-head accuracy on held-out data, a linear probe and (non-private)
-full fine-tuning on the downstream probe data.
+held-out loss decrease per step and a Hutchinson tr(H) estimate. Evaluation
+functions (config.evals): "logits" (classifier-head accuracy on held-out
+data) and "features" (linear probe, non-private full fine-tuning) on the
+downstream probe data.
 """
 
 from typing import Any, Callable
@@ -24,12 +25,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpjax.errors import ConfigError
 from dpjax import evaluate
+from dpjax.data import arrays
 from dpjax.data import sources
 from dpjax.data import splits
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
+from dpjax.errors import ConfigError
 from dpjax.models import classifier
 from dpjax.train import settings
 from dpjax.train import task as task_lib
@@ -218,31 +220,9 @@ def eval_arrays(spec: str, config, *, split: str, num: int,
                     image_size=d.image_size, seed=config.seed,
                     data_dir=data_dir, image_key=d.image_key,
                     label_key=d.label_key)
-  num = min(num, len(src))
   ts = transforms_lib.image_pipeline(d.image_size, keep=("image",) + labels)
-  rows = [transforms_lib.apply(ts, dict(src[i]), np.random.default_rng(i))
-          for i in range(num)]
-  return {k: np.stack([r[k] for r in rows]) for k in ("image",) + labels}
-
-
-class ClassifierAccuracy:
-  """Top-1 / top-5 accuracy and mean CE of the trained head."""
-
-  def __init__(self, logits_fn, images: np.ndarray, labels: np.ndarray,
-               batch_size: int = 256):
-    self.logits_fn, self.images, self.labels = logits_fn, images, labels
-    self.batch_size = batch_size
-
-  def run(self, params) -> dict[str, float]:
-    logits = evaluate.linear_probe.batched_apply(
-        self.logits_fn, params, self.images, self.batch_size)
-    y = self.labels.astype(np.int64)
-    top5 = np.argsort(-logits, axis=1)[:, :5]
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        jnp.asarray(logits), jnp.asarray(y))
-    return {"classifier/top1": float(np.mean(top5[:, 0] == y)),
-            "classifier/top5": float(np.mean((top5 == y[:, None]).any(1))),
-            "classifier/ce": float(jnp.mean(ce))}
+  return arrays.materialise(src, ts, range(min(num, len(src))),
+                            keep=("image",) + labels)
 
 
 class Monitor:
@@ -308,7 +288,7 @@ class Monitor:
 
 def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   """The DP continual pretraining task for `train.loop.run`."""
-  d, e, mon = config.data, config.evals, config.monitor
+  d, mon = config.data, config.monitor
   model = build_model(config)
   loss_fn = make_loss_fn(model)
   pub_src, priv_src = public_private_sources(config)
@@ -331,36 +311,17 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   logits = lambda params, x: model.apply({"params": params}, x)
   features = lambda params, x: model.apply(
       {"params": params}, x, method=classifier.Classifier.features)
-  probe_labels = tuple(k.strip() for k in e.probe_labels.split(",")
-                       if k.strip())
-
-  def evaluators() -> dict[str, Any]:
-    out = {}
-    if e.classifier:
-      test = eval_arrays(d.eval_source, config, split=d.eval_split,
-                         num=d.eval_num_examples)
-      out["classifier"] = ClassifierAccuracy(logits, test["image"],
-                                             test["label"])
-    if e.linear_probe or e.fine_tune:
-      kw = dict(labels=probe_labels, data_dir=e.probe_data_dir)
-      tr = eval_arrays(e.probe_source, config, split=e.probe_train_split,
-                       num=e.probe_train_examples, **kw)
-      te = eval_arrays(e.probe_source, config, split=e.probe_test_split,
-                       num=e.probe_test_examples, **kw)
-    if e.linear_probe:
-      out["linear_probe"] = evaluate.linear_probe.LinearProbe(
-          features, tr["image"], {k: tr[k] for k in probe_labels},
-          te["image"], {k: te[k] for k in probe_labels})
-    if e.fine_tune:  # Non-private full fine-tuning on the first label set.
-      label = probe_labels[0]
-      out["fine_tune"] = evaluate.fine_tune.FineTune(
-          features, tr["image"], tr[label], te["image"], te[label],
-          steps=e.fine_tune_steps, batch_size=e.fine_tune_batch_size,
-          learning_rate=e.fine_tune_lr,
-          head_only_steps=e.fine_tune_head_only_steps,
-          head_learning_rate=e.fine_tune_head_lr,
-          weight_decay=e.fine_tune_weight_decay, seed=config.seed)
-    return out
-
+  labels = tuple(k.strip() for k in d.probe_labels.split(",") if k.strip())
+  probe = lambda split, num: eval_arrays(
+      d.probe_source, config, split=split, num=num, labels=labels,
+      data_dir=d.probe_data_dir)
+  context = evaluate.Context("dp_continual", fns=dict(
+      logits=logits, features=features), data=dict(
+          test=lambda: eval_arrays(d.eval_source, config, split=d.eval_split,
+                                   num=d.eval_num_examples),
+          probe_train=lambda: probe(d.probe_train_split,
+                                    d.probe_train_examples),
+          probe_test=lambda: probe(d.probe_test_split,
+                                   d.probe_test_examples)))
   return task_lib.Task(init_params=init_params, phases=phases,
-                       evaluators=evaluators)
+                       evaluators=evaluate.from_config(config.evals, context))

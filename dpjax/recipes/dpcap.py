@@ -7,6 +7,8 @@ colour labels, few-shot, zero-shot by caption likelihood, ARO-style
 compositionality, held-out caption loss, greedy captions).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +16,7 @@ import numpy as np
 import optax
 
 from dpjax import evaluate
+from dpjax.data import arrays
 from dpjax.data import sources
 from dpjax.data import synthetic
 from dpjax.data import tokenizer as tokenizer_lib
@@ -57,28 +60,43 @@ def train_source(config: ml_collections.ConfigDict):
                              **kwargs)
 
 
-def _eval_arrays(config, tok, num: int, split: str) -> dict:
-  """Public held-out shapes data as arrays (images, tokens, labels, ARO)."""
+def _eval_source(config, split: str, num: int):
   d = config.data
-  src = sources.make_source(d.eval_source, split=split, num_examples=num,
-                            image_size=d.image_size, seed=config.seed)
+  return sources.make_source(d.eval_source, split=split, num_examples=num,
+                             image_size=d.image_size, seed=config.seed)
+
+
+def eval_arrays(config, tok, num: int, split: str) -> dict[str, np.ndarray]:
+  """Held-out public shapes: "image" float32[num, S, S, 3], "tokens"
+  int32[num, L], "shape" / "color" / "num_shapes" int[num], "caption"."""
+  d = config.data
   ts = transforms_lib.image_pipeline(d.image_size, tokenizer=tok,
                                      max_len=d.max_caption_len)
-  records = [src[i] for i in range(num)]
-  examples = [transforms_lib.apply(ts, dict(r), np.random.default_rng(i))
-              for i, r in enumerate(records)]
-  out = {k: np.stack([e[k] for e in examples]) for k in ("image", "tokens")}
-  for k in ("shape", "color", "num_shapes"):
-    out[k] = np.array([r[k] for r in records])
-  out["captions"] = [r["caption"] for r in records]
-  two = [i for i, r in enumerate(records) if r["num_shapes"] == 2]
-  out["aro_index"] = np.array(two)
-  out["aro_tokens"] = np.array([
-      [tok.encode_fixed(synthetic.perturbed_captions(records[i])[k],
-                        d.max_caption_len) for k in ARO_KINDS]
-      for i in two], np.int32).reshape(len(two), len(ARO_KINDS),
-                                       d.max_caption_len)
+  return arrays.materialise(
+      _eval_source(config, split, num), ts, range(num),
+      keep=("image", "tokens"), raw=("shape", "color", "num_shapes",
+                                     "caption"))
+
+
+def _aro_arrays(config, tok, test: dict) -> dict[str, np.ndarray]:
+  """The two-shape test images, their "tokens" and, per ARO kind,
+  int32[n, L] tokens of the caption with that perturbation."""
+  d = config.data
+  two = np.flatnonzero(test["num_shapes"] == 2)
+  src = _eval_source(config, d.eval_split, d.eval_num_examples)
+  perturbed = [synthetic.perturbed_captions(src[i]) for i in two]
+  out = {"image": test["image"][two], "tokens": test["tokens"][two]}
+  for kind in ARO_KINDS:
+    out[kind] = np.array(
+        [tok.encode_fixed(p[kind], d.max_caption_len) for p in perturbed],
+        np.int32).reshape(len(two), d.max_caption_len)
   return out
+
+
+def _one_shape(a: dict) -> dict:
+  """Single-shape images only: the labels are the caption subject's, and in
+  two-shape images which shape is the subject is a coin flip."""
+  return {k: v[a["num_shapes"] == 1] for k, v in a.items()}
 
 
 def _shape_prompts(shape: str) -> list[str]:
@@ -144,11 +162,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
       canaries=lambda m, seed: synthetic.noise_canaries(
           m, seed, d.image_size, caption_words=d.max_caption_len - 2))
 
-  def apply_fn(method):
-    return lambda params, *args: model.apply({"params": params}, *args,
-                                             method=method)
-
-  features = apply_fn(captioner.Captioner.features)
+  def features(params, images):  # [B, D] pooled encoder features.
+    return model.apply({"params": params}, images,
+                       method=captioner.Captioner.features)
 
   def logits(params, images, tokens):  # [B, L-1, V] for tokens[:, 1:].
     return model.apply({"params": params}, images, tokens)
@@ -165,66 +181,33 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     return captioner.greedy_decode(model, {"params": params}, images,
                                    d.max_caption_len, tok.bos_id, tok.eos_id)
 
-  def evaluators():
-    e = config.evals
-    test = _eval_arrays(config, tok, d.eval_num_examples, d.eval_split)
-    out = {}
-    if e.linear_probe or e.few_shot:
-      train = _eval_arrays(config, tok, e.probe_train_examples, "probe")
-      labels = lambda a: {"shape": a["shape"], "color": a["color"]}
-      # The labels are the caption subject's; in two-shape images which
-      # shape is the subject is a coin flip, so single-shape images give
-      # the unambiguous probes.
-      one_tr, one_te = train["num_shapes"] == 1, test["num_shapes"] == 1
-    if e.linear_probe:
-      out["linear_probe"] = evaluate.linear_probe.LinearProbe(
-          features, train["image"], labels(train), test["image"], labels(test))
-      one = lambda a, m: {k: v[m] for k, v in labels(a).items()}
-      out["linear_probe_1shape"] = evaluate.linear_probe.LinearProbe(
-          features, train["image"][one_tr], one(train, one_tr),
-          test["image"][one_te], one(test, one_te),
-          prefix="linear_probe_1shape")
-    if e.few_shot:
-      # Colour is the attribute a random encoder's features already
-      # separate linearly given enough examples, so the few-shot regime is
-      # where learned colour shows.
-      for attr in ("shape", "color"):
-        out[f"few_shot_{attr}"] = evaluate.few_shot.FewShot(
-            features, train["image"][one_tr], train[attr][one_tr],
-            test["image"][one_te], test[attr][one_te], shots=(1, 5, 10),
-            seeds=3, prefix=f"few_shot_1shape_{attr}")
-    if e.zero_shot:
-      prompts = np.stack([[tok.encode_fixed(p, d.max_caption_len)
-                           for p in _shape_prompts(shape)]
-                          for shape in synthetic.SHAPES])
-      out["zero_shot"] = evaluate.caption_likelihood.ZeroShot(
-          loglik, test["image"], test["shape"], prompts)
-    if e.aro and len(test["aro_index"]):
-      idx = test["aro_index"]
-      out["aro"] = evaluate.caption_likelihood.AROScore(
-          loglik, test["image"][idx], test["tokens"][idx], test["aro_tokens"],
-          kinds=ARO_KINDS)
-    if e.token_accuracy:
-      out["token_accuracy"] = evaluate.caption_likelihood.TokenAccuracy(
-          logits, test["image"], test["tokens"], _word_categories(tok))
-    if e.heldout_loss:
-      out["heldout_loss"] = evaluate.caption_likelihood.HeldOutCaptionLoss(
-          per_example_loss, test["image"], test["tokens"])
-    if e.captions:
-      n = e.captions
-      out["captioning"] = evaluate.caption_likelihood.Captioning(
-          decode, test["image"][:n], test["captions"][:n], tok.decode_fixed)
-    return out
+  test = functools.cache(lambda: eval_arrays(
+      config, tok, d.eval_num_examples, d.eval_split))
+  probe = functools.cache(lambda: eval_arrays(
+      config, tok, d.probe_train_examples, "probe"))
+  prompts = lambda: {"tokens": np.stack([
+      [tok.encode_fixed(p, d.max_caption_len) for p in _shape_prompts(shape)]
+      for shape in synthetic.SHAPES])}
+  context = evaluate.Context("dpcap", fns=dict(
+      features=features, loglik=loglik,
+      caption_logits=logits, caption_loss=per_example_loss, decode=decode,
+      detokenize=tok.decode_fixed), data=dict(
+          test=test, probe=probe, test_1shape=lambda: _one_shape(test()),
+          probe_1shape=lambda: _one_shape(probe()),
+          aro=lambda: _aro_arrays(config, tok, test()),
+          shape_prompts=prompts,
+          word_categories=lambda: _word_categories(tok)))
+  evals = evaluate.from_config(config.evals, context)
 
   def summary(params):
-    n = config.evals.captions
-    if not n:
-      return {}
-    test = _eval_arrays(config, tok, n, d.eval_split)
-    tokens = np.asarray(jax.device_get(decode(params, jnp.asarray(test["image"]))))
-    return {"captions": [
-        {"reference": ref, "generated": tok.decode_fixed(g)}
-        for ref, g in zip(test["captions"], tokens)]}
+    """Greedy captions of the images "captioning" evaluators score."""
+    out = []
+    for s in evals.values():
+      if s.type == "captioning":
+        e = s.evaluator()
+        out += [{"reference": ref, "generated": gen}
+                for ref, gen in zip(e.references, e.captions(params))]
+    return {"captions": out} if out else {}
 
   return task_lib.Task(init_params=init_params, phases=[phase],
-                       evaluators=evaluators, summary=summary)
+                       evaluators=evals, summary=summary)

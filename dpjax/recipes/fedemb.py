@@ -43,6 +43,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from dpjax import evaluate
+from dpjax.data import arrays
 from dpjax.data import clients
 from dpjax.data import pipeline
 from dpjax.data import sources
@@ -51,7 +53,6 @@ from dpjax.data import transforms as transforms_lib
 from dpjax.data import users as users_lib
 from dpjax.errors import ConfigError
 from dpjax.evaluate import linear_probe
-from dpjax.evaluate import retrieval
 from dpjax.models import embedder
 from dpjax.privacy import clipping
 from dpjax.privacy import user_level
@@ -163,8 +164,8 @@ def eval_indices(config: ml_collections.ConfigDict, src) -> list[int]:
   return out
 
 
-def eval_arrays(config: ml_collections.ConfigDict) -> dict:
-  """Held-out (open-set) images and identities as numpy arrays."""
+def eval_arrays(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Held-out (open-set) "image" float32[n, S, S, 3] and "identity" int[n]."""
   d = config.data
   src = eval_source(config)
   ts = _transforms(config, _label_field(d.eval_source))
@@ -172,12 +173,8 @@ def eval_arrays(config: ml_collections.ConfigDict) -> dict:
   if not idx:
     raise ValueError(f"no evaluation records in {d.eval_source!r} (check "
                      "data.eval_label_range / data.heldout_user_fraction)")
-  images, labels = [], []
-  for i in idx:
-    r = transforms_lib.apply(ts, dict(src[i]), np.random.default_rng(i))
-    images.append(r["image"])
-    labels.append(int(r["label"]))
-  return {"image": np.stack(images), "identity": np.asarray(labels)}
+  out = arrays.materialise(src, ts, idx, keep=("image", "label"))
+  return {"image": out["image"], "identity": out["label"].astype(np.int64)}
 
 
 def local_labels(labels: jax.Array, mask: jax.Array,
@@ -290,15 +287,11 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     out.append(_dp_phase(config, local_loss, local_head, mcfg["embed_dim"],
                          lambda params, x: embed(params["backbone"], x)))
 
-  def evaluators():
-    e = eval_arrays(config)
-    return {"retrieval": retrieval.Retrieval(
-        embed_fn=lambda params, x: embed(params["backbone"], x),
-        images=e["image"], identities=e["identity"],
-        fars=tuple(config.evals.fars), batch_size=config.evals.batch_size)}
-
+  context = evaluate.Context(
+      "dpfedemb", fns={"embed": lambda params, x: embed(params["backbone"], x)},
+      data={"test": lambda: eval_arrays(config)})
   return task_lib.Task(init_params=init_params, phases=out,
-                       evaluators=evaluators)
+                       evaluators=evaluate.from_config(config.evals, context))
 
 
 def _dp_phase(config, local_loss, local_head, embed_dim,

@@ -8,23 +8,23 @@ Glue only. The task has up to two phases over one MAE (`models/mae.py`):
     per-example clipping and noise). Each example's random mask comes from
     its own `example["rng"]` key, so the per-example loss -- and hence the
     per-example gradient that is clipped -- depends on that example only.
-Evaluators: linear probe on frozen features of held-out public labelled
-images (DP-Cap's `LinearProbe`; logistic regression or the MAE protocol)
-and the held-out MAE loss with fixed masks.
+Evaluation functions (config.evals): "features" for linear probes on
+frozen features of held-out public labelled images (logistic regression,
+or the MAE protocol with pred_kw last_k) and "mae_loss" for the held-out
+MAE loss with fixed masks.
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpjax.errors import ConfigError
 from dpjax import evaluate
+from dpjax.data import arrays
 from dpjax.data import sources
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
+from dpjax.errors import ConfigError
 from dpjax.models import mae
 from dpjax.train import settings
 from dpjax.train import task as task_lib
@@ -130,34 +130,14 @@ def _dp_phase(config, loss_fn) -> task_lib.Phase:
 def eval_arrays(config: ml_collections.ConfigDict, num: int, split: str,
                 labels: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """Held-out PUBLIC images float32[num, S, S, 3] in [-1, 1], fixed mask
-  keys uint32[num, 2], and the requested integer label fields [num]."""
+  keys "rng" uint32[num, 2], and the requested integer label fields [num]."""
   d = config.data
   src = image_source(d.eval_source, split=split, num_examples=num,
                      image_size=d.image_size, seed=config.seed)
-  ts = transforms_lib.image_pipeline(d.image_size)
-  records = [src[i] for i in range(num)]
-  images = [transforms_lib.apply(ts, dict(r), np.random.default_rng(i))
-            ["image"] for i, r in enumerate(records)]
-  out = {"image": np.stack(images),
-         "rng": transforms_lib.example_keys(config.seed, 0, np.arange(num))}
-  for k in labels:
-    out[k] = np.array([r[k] for r in records])
+  out = arrays.materialise(src, transforms_lib.image_pipeline(d.image_size),
+                           range(num), keep=("image",), raw=labels)
+  out["rng"] = transforms_lib.example_keys(config.seed, 0, np.arange(num))
   return out
-
-
-class HeldOutMAELoss:
-  """Mean masked-patch MSE on held-out images with fixed per-image masks."""
-
-  def __init__(self, loss_fn, images: np.ndarray, keys: np.ndarray,
-               batch_size: int = 256):
-    """loss_fn: (params, images[B,S,S,3], keys uint32[B,2]) -> [B]."""
-    self.loss_fn, self.images, self.keys = loss_fn, images, keys
-    self.batch_size = batch_size
-
-  def run(self, params) -> dict[str, float]:
-    losses = evaluate.linear_probe.batched_apply(
-        self.loss_fn, params, (self.images, self.keys), self.batch_size)
-    return {"mae/heldout_loss": float(np.mean(losses))}
 
 
 def reconstruct(model: mae.MAE, params, images: jax.Array,
@@ -186,19 +166,9 @@ def reconstruct(model: mae.MAE, params, images: jax.Array,
           for k, v in out.items()}
 
 
-def _feature_fn(model: mae.MAE, e: ml_collections.ConfigDict):
-  last_k = e.probe_last_k if e.probe_protocol == "mae" else None
-  if last_k is not None and not 1 <= last_k <= model.encoder["depth"]:
-    raise ValueError(
-        f"config.evals.probe_last_k={last_k} is invalid: use 1..encoder "
-        f"depth={model.encoder['depth']}")
-  return lambda params, images: model.apply(
-      {"params": params}, images, last_k, method=mae.MAE.features)
-
-
 def build(config: ml_collections.ConfigDict) -> task_lib.Task:
   """The ViP task for `train.loop.run`."""
-  d, e = config.data, config.evals
+  d = config.data
   model = build_model(config)
   loss_fn = make_loss_fn(model)
   builders = {"pretrain": _pretrain_phase, "dp": _dp_phase}
@@ -209,33 +179,26 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     keys = jnp.zeros((1, 2), jnp.uint32)
     return model.init(rng, images, keys)["params"]
 
-  if e.probe_protocol not in ("mae", "logreg"):
-    raise ConfigError(f"config.evals.probe_protocol={e.probe_protocol!r} is "
-                      "invalid: use 'mae' or 'logreg'")
-  features = _feature_fn(model, e)
-  label_names = tuple(k.strip() for k in e.probe_labels.split(",")
-                      if k.strip())
+  depth = model.encoder["depth"]
 
-  def batch_loss(params, images, keys):
+  def features(params, images, last_k: int | None = None):
+    """[B, D] pooled final tokens; with last_k (the MAE protocol, set by an
+    evaluator's pred_kw) [B, k * D], the last k blocks' concatenated."""
+    if last_k is not None and not 1 <= last_k <= depth:
+      raise ValueError(f"config.evals.*.pred_kw.last_k={last_k} is "
+                       f"invalid: use 1..encoder depth={depth}")
+    return model.apply({"params": params}, images, last_k,
+                       method=mae.MAE.features)
+
+  def mae_loss(params, images, keys):
     return model.apply({"params": params}, images, keys, method=mae.MAE.loss)
 
-  def evaluators() -> dict[str, Any]:
-    out = {}
-    test = eval_arrays(config, d.eval_num_examples, d.eval_split,
-                       label_names)
-    if e.linear_probe:
-      train = eval_arrays(config, e.probe_train_examples, "probe",
-                          label_names)
-      out["linear_probe"] = evaluate.linear_probe.LinearProbe(
-          features, train["image"], {k: train[k] for k in label_names},
-          test["image"], {k: test[k] for k in label_names},
-          protocol=e.probe_protocol, mae_epochs=e.probe_epochs,
-          mae_batch_size=e.probe_batch_size, mae_base_lr=e.probe_base_lr,
-          mae_optimizer=e.probe_optimizer)
-    if e.heldout_loss:
-      out["heldout_loss"] = HeldOutMAELoss(batch_loss, test["image"],
-                                           test["rng"])
-    return out
-
+  labels = tuple(k.strip() for k in d.probe_labels.split(",") if k.strip())
+  context = evaluate.Context("vip", fns=dict(
+      features=features, mae_loss=mae_loss), data=dict(
+          test=lambda: eval_arrays(config, d.eval_num_examples, d.eval_split,
+                                   labels),
+          probe=lambda: eval_arrays(config, d.probe_train_examples, "probe",
+                                    labels)))
   return task_lib.Task(init_params=init_params, phases=phases,
-                       evaluators=evaluators)
+                       evaluators=evaluate.from_config(config.evals, context))

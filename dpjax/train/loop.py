@@ -214,6 +214,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
                               "ref_eps" if run.is_simulation else "eps": m_eps,
                               "ex/s": m["examples_per_sec"]})
       t0, since = time.time(), 0
+    if not (last and (stopped or index == len(run.task.phases) - 1)):
+      _evaluate(run, state.params, writer, gstep, periodic=True)  # End: all.
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         ledger=run.ledger.to_dict(),
                         data=iterator.get_state(),
@@ -228,14 +230,21 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   return state, phase_step, stopped
 
 
-def _evaluate(run: _Run, params, writer, step: int) -> dict:
+def _evaluate(run: _Run, params, writer, step: int,
+              periodic: bool = False) -> dict:
+  """Runs the task's evaluators (held-out PUBLIC data; they read params
+  only, so training and its randomness are unchanged) and logs them under
+  "eval/": every one at the end, only the due ones with `periodic`."""
   out = {}
-  for name, evaluator in run.task.evaluators().items():
+  for name, evaluator in run.task.evaluators.items():
+    if periodic and not evaluator.due(step):
+      continue
     t0 = time.time()
     res = evaluator.run(params)
     out.update({f"eval/{k}": float(v) for k, v in res.items()})
     logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
-  writer.write(step, out)
+  if out:
+    writer.write(step, out)
   return out
 
 

@@ -100,11 +100,17 @@ class Task:
   Attributes:
     init_params: rng -> params pytree (float32).
     phases: trained in order by the loop.
-    evaluators: zero-arg factory -> {name: evaluator with run(params)->dict}.
+    evaluators: {name: scheduled evaluator}, as `evaluate.from_config`
+      builds them from config.evals and the recipe's functions and data
+      (`evaluate.Context`). Each has `log_steps` and `due(step) -> bool`
+      (log_steps > 0 divides step) and `run(params) -> {metric: float}` on
+      held-out PUBLIC data (built, its data loaded, on first use). The
+      loop runs the due ones after a training step and all of them at the
+      end, and logs them under "eval/".
     summary: optional params -> dict of extra artefacts (e.g. captions) to
       write to the workdir at the end (public data only).
   """
   init_params: Callable[[Any], Params]
   phases: Sequence[Phase]
-  evaluators: Callable[[], Mapping[str, Any]] = lambda: {}
+  evaluators: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   summary: Callable[[Params], Mapping[str, Any]] | None = None

@@ -10,11 +10,11 @@ import pytest
 
 from configs import dp_continual as continual_config
 from dpjax import privacy
-from dpjax.data import splits
-from dpjax.train import settings
-from dpjax.recipes import continual
 from dpjax import recipes
+from dpjax.data import splits
+from dpjax.recipes import continual
 from dpjax.train import metrics
+from dpjax.train import settings
 from dpjax.train import step as step_lib
 
 
@@ -27,9 +27,8 @@ def small_config(**overrides):
   c.train.update(steps=2, batch_size=48, microbatch_size=32, log_every=1,
                  checkpoint_every=10)
   c.monitor.update(num_examples=16, probes=1, trace_every=2)
-  c.evals.update(probe_train_examples=90, probe_test_examples=60,
-                 fine_tune_steps=3, fine_tune_head_only_steps=1,
-                 fine_tune_batch_size=16)
+  c.data.update(probe_train_examples=90, probe_test_examples=60)
+  c.evals.fine_tune.update(steps=3, head_only_steps=1, batch_size=16)
   c.privacy.noise_seed = 0
   c.update_from_flattened_dict(overrides)
   return c

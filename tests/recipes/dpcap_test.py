@@ -7,13 +7,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import dpcap as dpcap_config
 from dpjax import privacy
-from dpjax.recipes import dpcap
 from dpjax import recipes
+from dpjax.recipes import dpcap
 from dpjax.train import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -26,8 +27,9 @@ def small_config(**overrides):
   c.train.update(steps=3, batch_size=48, microbatch_size=32, log_every=1,
                  warmup_steps=1,
                  checkpoint_every=2)
-  c.data.update(num_examples=2000, eval_num_examples=64)
-  c.evals.update(probe_train_examples=128, captions=2)
+  c.data.update(num_examples=2000, eval_num_examples=64,
+                probe_train_examples=128)
+  c.evals.captioning.num_examples = 2
   c.privacy.noise_seed = 0
   c.update_from_flattened_dict(overrides)
   return c
@@ -65,8 +67,8 @@ def test_tan_simulation_scales_sigma_and_is_labelled(tmp_path):
   assert config.privacy.tan_reference_batch_size == 512
   assert config.train.batch_size == 64
   config.train.update(steps=1, microbatch_size=64, warmup_steps=0)
-  config.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
-                      aro=False, heldout_loss=False, captions=0)
+  config.evals = ml_collections.ConfigDict(
+      {"token_accuracy": config.evals.token_accuracy})
   config.privacy.noise_seed = 0
   results = recipes.run(config, str(tmp_path))
   assert results["tan_simulation"]
@@ -94,8 +96,9 @@ def test_tfds_fixture_trains_through_the_pipeline(tmp_path):
       "data.max_caption_len": 24, "train.batch_size": 4,
       "train.microbatch_size": 8, "train.steps": 2,
       "privacy.target_epsilon": 50.0})
-  config.evals.update(linear_probe=False, zero_shot=False, aro=False,
-                      captions=0)
+  config.evals = ml_collections.ConfigDict({
+      k: config.evals[k] for k in ("few_shot_shape", "few_shot_color",
+                                   "heldout_loss", "token_accuracy")})
   results = recipes.run(config, str(tmp_path))
   assert results["dp/num_examples"] == 6
   assert results["step"] == 2
@@ -122,10 +125,12 @@ def test_command_line_on_one_device(tmp_path):
          "--config.train.steps=2", "--config.train.warmup_steps=0",
          "--config.train.batch_size=32",
          "--config.train.microbatch_size=32", "--config.data.num_examples=500",
-         "--config.privacy.noise_seed=0", "--config.evals.linear_probe=False",
-         "--config.evals.few_shot=False", "--config.evals.zero_shot=False",
-         "--config.evals.aro=False", "--config.evals.captions=0",
-         "--config.data.eval_num_examples=32"]
+         "--config.privacy.noise_seed=0",
+         "--config.data.eval_num_examples=32"] + [
+             f"--config.evals.{k}.log_steps=-1"  # off.
+             for k in ("linear_probe", "linear_probe_1shape",
+                       "few_shot_shape", "few_shot_color", "zero_shot", "aro",
+                       "captioning")]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

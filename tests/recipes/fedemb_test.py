@@ -7,11 +7,11 @@ import pytest
 
 from configs import dpfedemb as fedemb_config
 from dpjax import privacy
-from dpjax.privacy import clipping
-from dpjax.recipes import fedemb
+from dpjax import recipes
 from dpjax.data import clients
 from dpjax.data import users as users_lib
-from dpjax import recipes
+from dpjax.privacy import clipping
+from dpjax.recipes import fedemb
 
 
 def small_config(**overrides):

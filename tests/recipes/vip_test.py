@@ -10,9 +10,9 @@ import pytest
 
 from configs import vip as vip_config
 from dpjax import privacy
+from dpjax import recipes
 from dpjax.recipes import vip
 from dpjax.train import checkpoint as ckpt_lib
-from dpjax import recipes
 from dpjax.train import metrics
 
 
@@ -25,8 +25,8 @@ def small_config(**overrides):
                     num_examples=1000)
   c.train.update(steps=2, batch_size=24, microbatch_size=16, log_every=1,
                  warmup_steps=1, checkpoint_every=1)
-  c.data.update(num_examples=2000, eval_num_examples=48)
-  c.evals.update(probe_train_examples=96)
+  c.data.update(num_examples=2000, eval_num_examples=48,
+                probe_train_examples=96)
   # Reproducible (not secret) keys: two runs must take the same batches.
   c.privacy.noise_seed = 0
   c.privacy.sampling_seed = 0
@@ -76,6 +76,22 @@ def test_two_phases_and_only_the_dp_phase_spends_budget(full_run):
   for key in ("eval/linear_probe/shape_acc", "eval/linear_probe/color_acc",
               "eval/mae/heldout_loss"):
     assert key in results and math.isfinite(results[key])
+
+
+def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(
+    full_run, tmp_path):
+  """log_steps=2: eval rows at step 2 (mid-run, end of the public phase)
+  and 4 (the end, once); the params are those of the end-only run."""
+  workdir, results = full_run
+  config = small_config(**{"evals.heldout_loss.log_steps": 2,
+                           "evals.linear_probe.log_steps": -1})  # off.
+  periodic = loop.run(config, str(tmp_path))
+  logged = metrics.read_csv(str(tmp_path))
+  assert [s for s, _ in logged["eval/mae/heldout_loss"]] == [2, 4]
+  assert "eval/linear_probe/shape_acc" not in logged
+  assert periodic["eval/mae/heldout_loss"] == results["eval/mae/heldout_loss"]
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, config),
+               _params(tmp_path, config))
 
 
 def test_resume_between_phase_1_and_phase_2_matches_one_run(
@@ -145,7 +161,7 @@ def test_per_example_gradients_are_independent_across_examples():
     ({"phases": "dp,pretrain"}, "config.phases='dp,pretrain'"),
     ({"phases": "pretrain", "pretrain.steps": 0}, "config.pretrain.steps=0"),
     ({"pretrain.warmup_steps": 5}, "config.pretrain.warmup_steps=5"),
-    ({"evals.probe_protocol": "knn"}, "config.evals.probe_protocol='knn'"),
+    ({"evals.linear_probe.type": "knn"}, "config.evals.linear_probe.type='knn'"),
 ])
 def test_bad_configs_name_field_value_and_fix(override, message):
   with pytest.raises(ValueError, match=message) as err:

@@ -17,11 +17,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import dpcap as dpcap_config
 from dpjax import data as data_lib
+from dpjax import recipes
 from dpjax.data import bad_records
 from dpjax.data import clients
 from dpjax.data import pipeline
@@ -29,7 +31,6 @@ from dpjax.data import sources
 from dpjax.data import tokenizer
 from dpjax.data import transforms
 from dpjax.data import users as users_lib
-from dpjax import recipes
 from dpjax.train import metrics
 from dpjax.train import step as step_lib
 from tests.data import bad_data
@@ -100,9 +101,7 @@ def _config(source: str, steps: int, **overrides):
                 eval_num_examples=16)
   c.train.update(steps=steps, batch_size=N, microbatch_size=32,
                  warmup_steps=0, log_every=1, checkpoint_every=2)
-  c.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
-                 aro=False, heldout_loss=False, token_accuracy=False,
-                 captions=0)
+  c.evals = ml_collections.ConfigDict()  # no evaluation.
   c.privacy.update(noise_seed=0, sampling_seed=0, noise_multiplier=1.0)
   c.update_from_flattened_dict(overrides)
   return c

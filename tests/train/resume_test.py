@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import dpcap as dpcap_config
 from dpjax.train import checkpoint as ckpt_lib
 from tests.train import secrets_test
 
@@ -36,11 +37,9 @@ OVERRIDES = [
     "--config.train.microbatch_size=32", "--config.train.warmup_steps=1",
     "--config.train.log_every=2", "--config.train.checkpoint_every=100",
     "--config.data.num_examples=1000", "--config.data.eval_num_examples=8",
-    "--config.evals.linear_probe=False", "--config.evals.few_shot=False",
-    "--config.evals.zero_shot=False", "--config.evals.aro=False",
-    "--config.evals.heldout_loss=False", "--config.evals.captions=0",
     "--config.privacy.noise_multiplier=1.0",
-]
+] + [f"--config.evals.{k}.log_steps=-1"  # off.
+     for k in dpcap_config.get_config("tiny").evals]
 
 
 def _start(workdir: str, cache_dir: str, *extra: str) -> subprocess.Popen:

@@ -6,14 +6,15 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import dpcap as dpcap_config
+from dpjax import recipes
 from dpjax.data import pipeline
 from dpjax.privacy import noise
 from dpjax.train import checkpoint as ckpt_lib
-from dpjax import recipes
 from dpjax.train import metrics
 from dpjax.train import secrets
 
@@ -54,9 +55,7 @@ def _config(**privacy):
   c.train.update(steps=2, batch_size=48, microbatch_size=32, log_every=1,
                  warmup_steps=1, checkpoint_every=100)
   c.data.update(num_examples=500, eval_num_examples=8)
-  c.evals.update(linear_probe=False, few_shot=False, zero_shot=False,
-                 aro=False, heldout_loss=False, token_accuracy=False,
-                 captions=0)
+  c.evals = ml_collections.ConfigDict()  # no evaluation.
   c.privacy.noise_multiplier = 1.0
   c.privacy.update(privacy)
   return c
