@@ -20,6 +20,7 @@ RECIPES = {
     "vip": "dpjax.recipes.vip",
     "dp_continual": "dpjax.recipes.continual",
     "dpfedemb": "dpjax.recipes.fedemb",
+    "dp_linear": "dpjax.recipes.linear",
 }
 
 
