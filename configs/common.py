@@ -85,7 +85,6 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
       warmup_steps=0,  # linear warm-up.
       decay_steps=0,  # cosine horizon; 0 means `steps` (can exceed steps:
                       # DP-Cap truncates its cosine at 5,708 of 10,000).
-      grad_clip_nonprivate=0.0,  # > 0: global-norm clip in non-private phases.
       log_every=10,  # steps between log lines (loss, epsilon, examples/s).
       checkpoint_every=50,  # steps between Orbax checkpoints.
       keep_checkpoints=2,
