@@ -3,12 +3,21 @@ r"""Input pipeline throughput over a prepared ArrayRecord directory.
 Measures records/s of the project's real Poisson pipeline
 (``pipeline.poisson_batches`` + ``transforms.image_pipeline(S, augment=
 True)``: read, JPEG decode, random-resized crop, flip, normalise, stack) on
-an ``arrayrecord:<dir>`` written by ``python -m dpjax.data.prepare``, next
-to reading alone, and compares it with what a DP step consumes (examples/s
-of the DP step, e.g. from RESULTS.md's dp_overhead table on the same
-machine). Without ``--dir`` it first makes one: ``--num_images`` smooth
-random JPEGs as img2dataset-style tar shards, prepared with the default
-exact dedup and ``--prepare_size`` (its records/s is printed too).
+an ``arrayrecord:<dir>`` written by ``python -m dpjax.data.prepare``, and
+compares it with what a DP step consumes (examples/s of the DP step, e.g.
+from RESULTS.md's dp_overhead table on the same machine). Without ``--dir``
+it first makes one: ``--num_images`` smooth random JPEGs as img2dataset-
+style tar shards, prepared with the default exact dedup and
+``--prepare_size`` (its records/s is printed too).
+
+Per worker process (one core, no threads): records/s of one step's Poisson
+sample (``privacy.sampling.sample_indices``: random, ascending indices) vs
+a sequential run of indices, read only and read + decode + crop + flip.
+From the Poisson per-core rate and a projected accelerator step
+(``--step_examples`` per ``--step_seconds``, default DP-Cap :paper on
+v5p-128 from ``python -m dpjax.plan --config=configs/dpcap.py
+--mesh=v5p-128``: 1,310,720 examples in 15 s) it prints the host cores a
+paper step needs for decoding and augmentation.
 
 Run (by hand, not in the test suite):
   /work/main/.venv/bin/python benchmarks/input_pipeline.py
@@ -31,6 +40,7 @@ from dpjax.data import prepare
 from dpjax.data import prepare_stage
 from dpjax.data import sources
 from dpjax.data import transforms
+from dpjax.privacy import sampling
 
 
 def _jpeg(rng: np.random.Generator, size: int) -> bytes:
@@ -76,12 +86,25 @@ def _rate(it, steps: int) -> float:
   return rate
 
 
-def read_rate(src, n: int) -> float:
-  idx = np.random.default_rng(0).choice(len(src), min(n, len(src)), False)
+def per_process_rate(src, idx: np.ndarray, size: int, decode: bool) -> float:
+  """Records/s of this one process (one core: no grain threads or workers)
+  reading ``idx`` in order, and with ``decode`` also decoding, random-
+  resized-cropping to ``size``, flipping and normalising each record."""
+  ts = transforms.image_pipeline(size, augment=True) if decode else []
+  rng = np.random.default_rng(0)
   start = time.perf_counter()
   for i in idx:
-    src[int(i)]
+    transforms.apply(ts, src[int(i)], rng)
   return len(idx) / (time.perf_counter() - start)
+
+
+def access_orders(n_total: int, n: int) -> dict[str, np.ndarray]:
+  """About ``n`` indices each: one Poisson step (random, ascending, as the
+  DP pipeline reads them) and a sequential run from a random start."""
+  poisson = sampling.sample_indices(0, 0, n_total, min(1.0, n / n_total))
+  start = np.random.default_rng(0).integers(0, max(1, n_total - n))
+  return {"Poisson random access": poisson,
+          "sequential": np.arange(start, min(n_total, start + n))}
 
 
 def pipeline_rate(src, batch: int, steps: int, size: int,
@@ -108,6 +131,14 @@ def main():
   ap.add_argument("--dp_step_examples_per_s", type=float, default=43.2,
                   help="what the DP step consumes (RESULTS.md: vit_paper "
                   "ghost, batch 256, this CPU)")
+  ap.add_argument("--per_process_records", type=int, default=600,
+                  help="records per access-order measurement")
+  ap.add_argument("--step_examples", type=float, default=1_310_720,
+                  help="examples per projected accelerator step (DP-Cap "
+                  ":paper batch)")
+  ap.add_argument("--step_seconds", type=float, default=15.0,
+                  help="projected step time (dpjax.plan, DP-Cap :paper on "
+                  "v5p-128 at MFU 40%%)")
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     directory, prep = args.dir, None
@@ -117,8 +148,18 @@ def main():
       print(f"prepare: {prep:.0f} records/s ({os.cpu_count()} workers)")
     src = sources.make_source(f"arrayrecord:{directory}")
     print(f"N={len(src)} from {directory}")
-    rows = [("read only (random access)", "-", statistics.median(
-        read_rate(src, 2000) for _ in range(args.reps)))]
+    orders = access_orders(len(src), args.per_process_records)
+    per_core = {}
+    print("| access order (1 process) | read only, records/s | read + decode"
+          f" + crop {args.image_size} + flip, records/s |")
+    print("|---|---|---|")
+    for name, idx in orders.items():
+      read, full = (statistics.median(
+          per_process_rate(src, idx, args.image_size, decode)
+          for _ in range(args.reps)) for decode in (False, True))
+      per_core[name] = full
+      print(f"| {name} ({idx.size} records) | {read:.0f} | {full:.0f} |")
+    rows = []
     for w in (int(x) for x in args.workers.split(",")):
       rows.append((f"Poisson pipeline, S={args.image_size}, augment",
                    str(w), statistics.median(
@@ -130,6 +171,12 @@ def main():
   for name, w, r in rows:
     print(f"| {name} | {w} | {r:.0f} | "
           f"{r / args.dp_step_examples_per_s:.1f}x |")
+  need = args.step_examples / args.step_seconds
+  core = per_core["Poisson random access"]
+  print(f"A step of {args.step_examples:,.0f} examples every "
+        f"{args.step_seconds:g} s consumes {need:,.0f} examples/s: "
+        f"{need / core:,.0f} cores at this machine's {core:.0f} "
+        "records/s per core (Poisson, decode + crop + flip).")
 
 
 if __name__ == "__main__":

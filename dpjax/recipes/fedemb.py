@@ -62,7 +62,10 @@ PHASES = ("public", "dp")
 
 
 def _source(spec: str, split: str, config, *, num_identities: int = 0,
-            first_identity: int = 0):
+            first_identity: int = 0, user_keyed: bool = True):
+  """A synthetic or real source; real ones renamed to image / label (and
+  user, from data.user_key, unless ``user_keyed`` is False: the public
+  data, e.g. tfds:mnist, has no user field)."""
   d = config.data
   if spec == "synthetic:identities":
     return sources.make_source(
@@ -70,7 +73,7 @@ def _source(spec: str, split: str, config, *, num_identities: int = 0,
         images_per_identity=d.images_per_identity, image_size=d.image_size,
         seed=config.seed, first_identity=first_identity)
   fields = {"image": d.image_key, "label": d.label_key}
-  if d.user_key:
+  if d.user_key and user_keyed:
     fields["user"] = d.user_key
   return sources.make_source(spec, split=split, data_dir=d.data_dir or None,
                              fields=fields)
@@ -115,7 +118,7 @@ def public_source(config: ml_collections.ConfigDict):
   d = config.data
   return _source(d.public_source, d.public_split, config,
                  num_identities=d.public_num_identities,
-                 first_identity=d.num_users)
+                 first_identity=d.num_users, user_keyed=False)
 
 
 def eval_source(config: ml_collections.ConfigDict):

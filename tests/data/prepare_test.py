@@ -16,29 +16,7 @@ from dpjax.data import readers
 from dpjax.data import sources
 from dpjax.data import transforms
 from dpjax.data import users as users_lib
-
-
-def _pixels(seed: int, size=(24, 32)) -> np.ndarray:
-  """A smooth random picture (a 4x4 grid of colours, upsampled)."""
-  grid = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), np.uint8)
-  return np.asarray(Image.fromarray(grid).resize(size[::-1],
-                                                 Image.Resampling.BILINEAR))
-
-
-def _encode(pixels: np.ndarray, fmt="PNG", **kw) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format=fmt, **kw)
-  return buf.getvalue()
-
-
-def _tar(path, samples):
-  """samples: [(key, {ext: bytes})] -> an img2dataset-style tar shard."""
-  with tarfile.open(path, "w") as tar:
-    for key, members in samples:
-      for ext, data in members.items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+from tests.data import fake_inputs
 
 
 def _run(input_spec, fmt, out, dedup_mode="exact", **opts):
@@ -47,34 +25,24 @@ def _run(input_spec, fmt, out, dedup_mode="exact", **opts):
                          records_per_shard=2)
 
 
-def _folder(path, rows, images):
-  os.makedirs(path, exist_ok=True)
-  for name, data in images.items():
-    with open(os.path.join(path, name), "wb") as f:
-      f.write(data)
-  with open(os.path.join(path, "captions.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  return path
-
-
 def test_webdataset_drops_and_global_exact_dedup(tmp_path):
-  png = [_encode(_pixels(i)) for i in range(4)]
+  png = [fake_inputs.encode(fake_inputs.pixels(i)) for i in range(4)]
   meta = lambda i: json.dumps({"url": f"u{i}"}).encode()
-  _tar(tmp_path / "00000.tar", [
+  fake_inputs.tar(tmp_path / "00000.tar", [
       (f"{i:05d}", {"png": png[i], "txt": f"cap {i}".encode(),
                     "json": meta(i)}) for i in range(3)] + [
       ("00003", {"png": b"not an image", "txt": b"corrupt"}),
       ("00004", {"png": png[3]})])  # No caption.
   # Second shard: a byte-identical copy of 0 and a re-encoding of 1 with
   # other bytes but the same pixels (exact dedup hashes pixels).
-  again = _encode(_pixels(1), optimize=True, compress_level=1)
+  again = fake_inputs.encode(fake_inputs.pixels(1), optimize=True, compress_level=1)
   assert again != png[1]
-  _tar(tmp_path / "00001.tar", [
+  fake_inputs.tar(tmp_path / "00001.tar", [
       ("10000", {"png": png[0], "txt": b"copy"}),
       ("10001", {"png": again, "txt": b"re-encoded"}),
       ("10002", {"png": png[3], "txt": b"cap 3"})])
   # Third shard: cut short inside its second sample (a failed download).
-  _tar(tmp_path / "00002.tar", [(f"2000{i}", {"png": _encode(_pixels(9 + i)),
+  fake_inputs.tar(tmp_path / "00002.tar", [(f"2000{i}", {"png": fake_inputs.encode(fake_inputs.pixels(9 + i)),
                                                "txt": b"late"})
                                 for i in range(2)])
   with tarfile.open(tmp_path / "00002.tar") as tar:
@@ -97,8 +65,8 @@ def test_webdataset_drops_and_global_exact_dedup(tmp_path):
 
 
 def test_manifest_num_examples_mismatch_names_both(tmp_path):
-  _folder(tmp_path / "in", [{"file": "a.png", "caption": "a"}],
-          {"a.png": _encode(_pixels(0))})
+  fake_inputs.folder(tmp_path / "in", [{"file": "a.png", "caption": "a"}],
+          {"a.png": fake_inputs.encode(fake_inputs.pixels(0))})
   _run(tmp_path / "in", "folder", tmp_path / "out")
   spec = f"arrayrecord:{tmp_path / 'out'}"
   assert len(sources.make_source(spec, expect_num_examples=1)) == 1
@@ -112,8 +80,8 @@ def test_manifest_num_examples_mismatch_names_both(tmp_path):
 def test_folder_and_parquet_round_trip_with_resize(tmp_path):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  imgs = {f"{i}.png": _encode(_pixels(i, (40, 60))) for i in range(3)}
-  _folder(tmp_path / "f", [{"file": f"{i}.png", "caption": f"c{i}",
+  imgs = {f"{i}.png": fake_inputs.encode(fake_inputs.pixels(i, (40, 60))) for i in range(3)}
+  fake_inputs.folder(tmp_path / "f", [{"file": f"{i}.png", "caption": f"c{i}",
                             "label": i} for i in range(3)] +
           [{"file": "gone.png", "caption": "missing file"}], imgs)
   pq.write_table(pa.table({
@@ -134,15 +102,15 @@ def test_folder_and_parquet_round_trip_with_resize(tmp_path):
 
 
 def test_near_dedup_drops_altered_copy_keeps_different(tmp_path):
-  base = _pixels(0, (48, 48))
+  base = fake_inputs.pixels(0, (48, 48))
   altered = np.clip(base.astype(int) + 6, 0, 255).astype(np.uint8)
-  imgs = {"a.png": _encode(base), "b.jpg": _encode(altered, "JPEG",
+  imgs = {"a.png": fake_inputs.encode(base), "b.jpg": fake_inputs.encode(altered, "JPEG",
                                                    quality=85),
-          "c.png": _encode(_pixels(5, (48, 48)))}
+          "c.png": fake_inputs.encode(fake_inputs.pixels(5, (48, 48)))}
   assert dedup.hamming(dedup.dhash(Image.fromarray(base)),
                        dedup.dhash(Image.open(io.BytesIO(imgs["b.jpg"])))
                        ) <= 4
-  _folder(tmp_path / "in", [{"file": k, "caption": k} for k in imgs], imgs)
+  fake_inputs.folder(tmp_path / "in", [{"file": k, "caption": k} for k in imgs], imgs)
   exact = _run(tmp_path / "in", "folder", tmp_path / "exact")
   assert exact["num_examples"] == 3
   near = _run(tmp_path / "in", "folder", tmp_path / "near", "near")
@@ -153,8 +121,8 @@ def test_near_dedup_drops_altered_copy_keeps_different(tmp_path):
 
 
 def test_resume_skips_done_shards(tmp_path, monkeypatch):
-  imgs = {f"{i}.png": _encode(_pixels(i)) for i in range(5)}
-  _folder(tmp_path / "in", [{"file": k, "caption": k} for k in imgs], imgs)
+  imgs = {f"{i}.png": fake_inputs.encode(fake_inputs.pixels(i)) for i in range(5)}
+  fake_inputs.folder(tmp_path / "in", [{"file": k, "caption": k} for k in imgs], imgs)
   out = tmp_path / "out"
   real_write, real_read = prepare_stage.write_shard, readers.read_shard
 
@@ -179,10 +147,10 @@ def test_resume_skips_done_shards(tmp_path, monkeypatch):
 
 def test_user_keyed_ranges_match_a_scan(tmp_path, monkeypatch):
   writers = ["w2", "w1", "w2", "w3", "w1", "w2", "w1"]
-  imgs = {f"{i}.png": _encode(_pixels(i)) for i in range(len(writers))}
+  imgs = {f"{i}.png": fake_inputs.encode(fake_inputs.pixels(i)) for i in range(len(writers))}
   rows = [{"file": f"{i}.png", "writer_id": w, "label": i % 3}
           for i, w in enumerate(writers)]
-  _folder(tmp_path / "in", rows, imgs)
+  fake_inputs.folder(tmp_path / "in", rows, imgs)
   out = tmp_path / "out"
   m = _run(tmp_path / "in", "folder", out, caption_key="",
            user_key="writer_id", label_key="label")
@@ -210,8 +178,8 @@ def test_user_keyed_ranges_match_a_scan(tmp_path, monkeypatch):
 def _two_tars(path):
   os.makedirs(path, exist_ok=True)
   for s in range(2):
-    _tar(path / f"{s:05d}.tar", [
-        (f"{s}{i:04d}", {"png": _encode(_pixels(i + 2 * s)),
+    fake_inputs.tar(path / f"{s:05d}.tar", [
+        (f"{s}{i:04d}", {"png": fake_inputs.encode(fake_inputs.pixels(i + 2 * s)),
                          "txt": f"cap {s} {i}".encode()}) for i in range(3)])
   return path
 
