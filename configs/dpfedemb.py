@@ -11,7 +11,7 @@ virtual clients of ~8 writers (at most 16), client SGD batch 16, 1 epoch,
 fresh local head; server SGD lr 0.1 momentum 0.9 [verify the paper's
 client/server lr]. TFDS `emnist` has NO writer ids: point data.source (and
 data.eval_source, the same files) at a user-keyed copy of federated EMNIST
-(e.g. TFF's `emnist` exported with dpjax.data.sources.write_arrayrecord,
+(e.g. TFF's `emnist` exported with dpjax.data.records.write_arrayrecord,
 fields image / label / user).
 
 Sensitivity: privacy.l2_clip_norm is C per USER. Each round samples users

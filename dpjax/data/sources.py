@@ -13,7 +13,7 @@
   renames (nested, "/"-separated) features to our field names.
 * ``arrayrecord:<glob>``: ArrayRecord files whose records are msgpack maps
   ``{field: bytes | str | int | float | list}`` with encoded images (PNG or
-  JPEG bytes) under "image" (write them with ``write_arrayrecord``).
+  JPEG bytes) under "image" (write them with ``records.write_arrayrecord``).
 * ``arrayrecord:<dir>`` where ``<dir>/manifest.json`` exists (the output of
   ``python -m dpjax.data.prepare``): N, shards and fields come from the
   manifest; a config N that differs is an error (``prepared_source``).
@@ -177,7 +177,7 @@ def tfds_source(name: str, *, split: str, data_dir: str | None = None,
 
 
 class MsgpackArrayRecordSource:
-  """ArrayRecord files of msgpack-encoded dicts (see ``write_arrayrecord``).
+  """ArrayRecord files of msgpack-encoded dicts (see ``records.write_arrayrecord``).
 
   Args:
     paths: the files, in index order; "path[a:b]" reads records [a, b) of
@@ -244,52 +244,6 @@ def prepared_source(directory: str, *, fields: Mapping[str, str] | None,
     paths.append(f"{path}[0:{int(shard['num_examples'])}]")
   return FieldMapSource(MsgpackArrayRecordSource(paths, directory, m),
                         fields)
-
-
-def encode_image(image: np.ndarray, fmt: str = "PNG") -> bytes:
-  """uint8[H, W, 3] -> PNG (or JPEG) bytes."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt)
-  return buf.getvalue()
-
-
-def write_arrayrecord(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-  """Writes records as msgpack maps into one ArrayRecord file.
-
-  Numpy image arrays under "image" are PNG-encoded; other values must be
-  msgpack types (bytes, str, int, float, bool, lists, dicts).
-
-  Returns:
-    The number of records written.
-  """
-  return write_packed(path, (pack_record(r) for r in records))
-
-
-def pack_record(record: Mapping[str, Any]) -> bytes:
-  """One record as the msgpack map ``arrayrecord:`` sources read."""
-  import msgpack  # pylint: disable=g-import-not-at-top
-  rec = dict(record)
-  if isinstance(rec.get("image"), np.ndarray):
-    rec["image"] = encode_image(rec["image"])
-  rec = {k: (v.item() if isinstance(v, np.generic) else v)
-         for k, v in rec.items()}
-  return msgpack.packb(rec, use_bin_type=True)
-
-
-def write_packed(path: str, payloads: Iterable[bytes]) -> int:
-  """Writes already-packed records into one ArrayRecord file (group size 1:
-  each record is read alone, as random access needs). Returns the count."""
-  # pylint: disable-next=g-import-not-at-top
-  from array_record.python import array_record_module
-  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-  n = 0
-  for data in payloads:
-    writer.write(data)
-    n += 1
-  writer.close()
-  return n
 
 
 class FolderSource:
@@ -388,7 +342,7 @@ def make_source(spec: str, *, split: str = "train",
     if not paths:
       raise FileNotFoundError(
           f"data.source={spec!r}: no files match {rest!r}; write them with "
-          "dpjax.data.sources.write_arrayrecord or fix the glob.")
+          "dpjax.data.records.write_arrayrecord or fix the glob.")
     return FieldMapSource(MsgpackArrayRecordSource(paths), fields)
   if kind == "folder":
     if not os.path.isdir(rest):
@@ -398,3 +352,36 @@ def make_source(spec: str, *, split: str = "train",
   raise ValueError(f"data.source={spec!r}: unknown kind {kind!r}; use "
                    "synthetic:<name>, tfds:<name>, arrayrecord:<glob> or "
                    "folder:<dir>.")
+
+
+def from_config(spec: str, *, split: str, seed: int, num_examples: int = 0,
+                image_size: int = 0, data_dir: str = "",
+                fields: Mapping[str, str] | None = None,
+                num_examples_field: str = "", **synthetic_kwargs: Any) -> Any:
+  """The source a recipe's config fields name: the one way recipes open data.
+
+  Args:
+    spec: the config's source string (``data.source``, ``data.eval_source``,
+      ``pretrain.source``, ...).
+    split: its split.
+    seed: ``config.seed`` (synthetic data only: public data).
+    num_examples: synthetic sources are generated at this N (0: the
+      generator's own default); with ``num_examples_field`` it is also the
+      N a prepared ``arrayrecord:<dir>`` must have.
+    image_size: synthetic image side.
+    data_dir: TFDS data directory ("" = TFDS's default).
+    fields: renames {our field: the data's field} of real sources.
+    num_examples_field: the config field ``num_examples`` came from; set for
+      private sources, whose N sets q and delta.
+    **synthetic_kwargs: other constructor arguments of synthetic sources.
+  """
+  if spec.startswith("synthetic:"):
+    kwargs = dict(synthetic_kwargs, image_size=image_size, seed=seed)
+    if num_examples:
+      kwargs["num_examples"] = num_examples
+    return make_source(spec, split=split, **kwargs)
+  return make_source(
+      spec, split=split, data_dir=data_dir or None, fields=fields,
+      expect_num_examples=num_examples if num_examples_field else None,
+      num_examples_field=num_examples_field or "data.num_examples")
+

@@ -60,21 +60,14 @@ def make_loss_fn(model: classifier.Classifier) -> Callable[..., jax.Array]:
   return loss_fn
 
 
-def make_source(spec: str, *, split: str, num_examples: int, image_size: int,
-                seed: int, data_dir: str = "", image_key: str = "image",
-                label_key: str = "label", num_examples_field: str = ""):
-  """A labelled image source (records with "image" and "label").
-
-  With ``num_examples_field`` (the config field ``num_examples`` came
-  from), a prepared directory whose manifest N differs is an error.
-  """
-  if spec.startswith("synthetic:"):
-    return sources.make_source(spec, split=split, num_examples=num_examples,
-                               image_size=image_size, seed=seed)
-  return sources.make_source(
-      spec, split=split, data_dir=data_dir or None,
-      fields={"image": image_key, "label": label_key},
-      expect_num_examples=num_examples if num_examples_field else None,
+def _source(config, spec: str, *, split: str, num_examples: int,
+            seed: int, data_dir: str = "", num_examples_field: str = ""):
+  """A labelled image source (records with "image" and "label")."""
+  d = config.data
+  return sources.from_config(
+      spec, split=split, seed=seed, num_examples=num_examples,
+      image_size=d.image_size, data_dir=data_dir,
+      fields={"image": d.image_key, "label": d.label_key},
       num_examples_field=num_examples_field)
 
 
@@ -88,17 +81,15 @@ def public_private_sources(config: ml_collections.ConfigDict
   reach a public example.
   """
   d, p = config.data, config.public
-  full = make_source(d.source, split=d.split, num_examples=d.num_examples,
-                     image_size=d.image_size, seed=config.seed,
-                     data_dir=d.data_dir, image_key=d.image_key,
-                     label_key=d.label_key,
-                     num_examples_field="config.data.num_examples")
+  full = _source(config, d.source, split=d.split,
+                 num_examples=d.num_examples, seed=config.seed,
+                 data_dir=d.data_dir,
+                 num_examples_field="config.data.num_examples")
   if not p.source:
     return splits.public_private_split(full, d.public_fraction, d.split_seed)
-  pub = make_source(p.source, split=p.split, num_examples=p.num_examples,
-                    image_size=d.image_size, seed=config.seed + 1,
-                    data_dir=p.data_dir, image_key=d.image_key,
-                    label_key=d.label_key)
+  pub = _source(config, p.source, split=p.split,
+                num_examples=p.num_examples, seed=config.seed + 1,
+                data_dir=p.data_dir)
   return pub, full
 
 
@@ -216,10 +207,8 @@ def eval_arrays(spec: str, config, *, split: str, num: int,
                 ) -> dict[str, np.ndarray]:
   """Held-out PUBLIC images float32[num, S, S, 3] + int label fields [num]."""
   d = config.data
-  src = make_source(spec, split=split, num_examples=num,
-                    image_size=d.image_size, seed=config.seed,
-                    data_dir=data_dir, image_key=d.image_key,
-                    label_key=d.label_key)
+  src = _source(config, spec, split=split, num_examples=num,
+                seed=config.seed, data_dir=data_dir)
   ts = transforms_lib.image_pipeline(d.image_size, keep=("image",) + labels)
   return arrays.materialise(src, ts, range(min(num, len(src))),
                             keep=("image",) + labels)

@@ -46,24 +46,17 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
 
 def train_source(config: ml_collections.ConfigDict):
   d = config.data
-  kwargs = {}
-  if d.source.startswith("synthetic:"):
-    kwargs = dict(num_examples=d.num_examples, image_size=d.image_size,
-                  seed=config.seed)
-  fields = None
-  if not d.source.startswith("synthetic:"):
-    fields = {"image": d.image_key, "caption": d.caption_key}
-  return sources.make_source(d.source, split=d.split,
-                             data_dir=d.data_dir or None, fields=fields,
-                             expect_num_examples=d.num_examples,
-                             num_examples_field="config.data.num_examples",
-                             **kwargs)
+  return sources.from_config(
+      d.source, split=d.split, seed=config.seed, num_examples=d.num_examples,
+      image_size=d.image_size, data_dir=d.data_dir,
+      fields={"image": d.image_key, "caption": d.caption_key},
+      num_examples_field="config.data.num_examples")
 
 
 def _eval_source(config, split: str, num: int):
   d = config.data
-  return sources.make_source(d.eval_source, split=split, num_examples=num,
-                             image_size=d.image_size, seed=config.seed)
+  return sources.from_config(d.eval_source, split=split, seed=config.seed,
+                             num_examples=num, image_size=d.image_size)
 
 
 def eval_arrays(config, tok, num: int, split: str) -> dict[str, np.ndarray]:

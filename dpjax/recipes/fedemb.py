@@ -67,16 +67,17 @@ def _source(spec: str, split: str, config, *, num_identities: int = 0,
   user, from data.user_key, unless ``user_keyed`` is False: the public
   data, e.g. tfds:mnist, has no user field)."""
   d = config.data
-  if spec == "synthetic:identities":
-    return sources.make_source(
-        spec, split=split, num_identities=num_identities,
-        images_per_identity=d.images_per_identity, image_size=d.image_size,
-        seed=config.seed, first_identity=first_identity)
   fields = {"image": d.image_key, "label": d.label_key}
   if d.user_key and user_keyed:
     fields["user"] = d.user_key
-  return sources.make_source(spec, split=split, data_dir=d.data_dir or None,
-                             fields=fields)
+  kwargs = {}
+  if spec == "synthetic:identities":
+    kwargs = dict(num_identities=num_identities,
+                  images_per_identity=d.images_per_identity,
+                  first_identity=first_identity)
+  return sources.from_config(spec, split=split, seed=config.seed,
+                             image_size=d.image_size, data_dir=d.data_dir,
+                             fields=fields, **kwargs)
 
 
 def _heldout_fraction(config, spec: str) -> float:

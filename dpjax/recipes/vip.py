@@ -58,24 +58,6 @@ def make_loss_fn(model: mae.MAE):
   return loss_fn
 
 
-def image_source(spec: str, *, split: str, num_examples: int, image_size: int,
-                 seed: int, data_dir: str = "", image_key: str = "image",
-                 num_examples_field: str = ""):
-  """A record source with an "image" field (synthetic or real).
-
-  With ``num_examples_field`` (the config field ``num_examples`` came
-  from), a prepared directory whose manifest N differs is an error.
-  """
-  if spec.startswith("synthetic:"):
-    return sources.make_source(spec, split=split, num_examples=num_examples,
-                               image_size=image_size, seed=seed)
-  return sources.make_source(
-      spec, split=split, data_dir=data_dir or None,
-      fields={"image": image_key},
-      expect_num_examples=num_examples if num_examples_field else None,
-      num_examples_field=num_examples_field)
-
-
 def selected_phases(config: ml_collections.ConfigDict) -> list[str]:
   """Phase names to build, from `config.phases` and `pretrain.steps`."""
   names = [p.strip() for p in config.phases.split(",") if p.strip()]
@@ -99,9 +81,10 @@ def _pretrain_phase(config, loss_fn) -> task_lib.Phase:
         f"config.pretrain.warmup_steps={p.warmup_steps} is invalid: must be "
         f"< the cosine horizon {p.decay_steps or p.steps} (pretrain.steps or "
         "pretrain.decay_steps)")
-  src = image_source(p.source, split=p.split, num_examples=p.num_examples,
-                     image_size=d.image_size, seed=config.seed,
-                     data_dir=p.data_dir, image_key=p.image_key)
+  src = sources.from_config(
+      p.source, split=p.split, seed=config.seed, num_examples=p.num_examples,
+      image_size=d.image_size, data_dir=p.data_dir,
+      fields={"image": p.image_key})
   return task_lib.Phase(
       name="pretrain", private=False, source=src,
       transforms=transforms_lib.image_pipeline(
@@ -112,10 +95,11 @@ def _pretrain_phase(config, loss_fn) -> task_lib.Phase:
 
 def _dp_phase(config, loss_fn) -> task_lib.Phase:
   d, t = config.data, config.train
-  src = image_source(d.source, split=d.split, num_examples=d.num_examples,
-                     image_size=d.image_size, seed=config.seed,
-                     data_dir=d.data_dir, image_key=d.image_key,
-                     num_examples_field="config.data.num_examples")
+  src = sources.from_config(
+      d.source, split=d.split, seed=config.seed, num_examples=d.num_examples,
+      image_size=d.image_size, data_dir=d.data_dir,
+      fields={"image": d.image_key},
+      num_examples_field="config.data.num_examples")
   private = config.privacy.enabled
   return task_lib.Phase(
       name="dp" if private else "train", private=private, source=src,
@@ -132,8 +116,9 @@ def eval_arrays(config: ml_collections.ConfigDict, num: int, split: str,
   """Held-out PUBLIC images float32[num, S, S, 3] in [-1, 1], fixed mask
   keys "rng" uint32[num, 2], and the requested integer label fields [num]."""
   d = config.data
-  src = image_source(d.eval_source, split=split, num_examples=num,
-                     image_size=d.image_size, seed=config.seed)
+  src = sources.from_config(d.eval_source, split=split, seed=config.seed,
+                            num_examples=num, image_size=d.image_size,
+                            fields={"image": d.image_key})
   out = arrays.materialise(src, transforms_lib.image_pipeline(d.image_size),
                            range(num), keep=("image",), raw=labels)
   out["rng"] = transforms_lib.example_keys(config.seed, 0, np.arange(num))

@@ -51,13 +51,13 @@ def _read_continual(config, source_field: str, split_field: str,
 @pytest.mark.parametrize("source_field,split_field", [
     pytest.param("data.eval_source", "data.eval_split", marks=_NOT_IN_TFDS),
     pytest.param("data.eval_source", "monitor.split", marks=_NOT_IN_TFDS),
-    ("evals.probe_source", "evals.probe_train_split"),
-    ("evals.probe_source", "evals.probe_test_split"),
+    ("data.probe_source", "data.probe_train_split"),
+    ("data.probe_source", "data.probe_test_split"),
 ])
 def test_continual_paper_eval_sources(source_field, split_field):
   config = _continual_paper()
-  probe = source_field.startswith("evals.")
-  labels = tuple(config.evals.probe_labels.split(",")) if probe else (
+  probe = source_field.startswith("data.probe_")
+  labels = tuple(config.data.probe_labels.split(",")) if probe else (
       "label",)
   out = _read_continual(config, source_field, split_field, labels)
   assert out["image"].shape == (_NUM, 224, 224, 3)
@@ -74,12 +74,12 @@ def test_imagenet2012_reads_as_continual_eval_and_probe_data():
   config = _continual_paper(**{
       "data.eval_source": "tfds:imagenet2012",
       "monitor.split": "validation[:256]",
-      "evals.probe_source": "tfds:imagenet2012",
-      "evals.probe_test_split": "validation"})
+      "data.probe_source": "tfds:imagenet2012",
+      "data.probe_test_split": "validation"})
   for source, split in (("data.eval_source", "data.eval_split"),
                         ("data.eval_source", "monitor.split"),
-                        ("evals.probe_source", "evals.probe_train_split"),
-                        ("evals.probe_source", "evals.probe_test_split")):
+                        ("data.probe_source", "data.probe_train_split"),
+                        ("data.probe_source", "data.probe_test_split")):
     out = _read_continual(config, source, split, ("label",))
     assert out["image"].shape == (_NUM, 224, 224, 3)
     assert ((0 <= out["label"]) & (out["label"] < 1000)).all()
