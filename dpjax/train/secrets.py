@@ -7,7 +7,8 @@ point at the examples used). So both keys are, by default, OS entropy filling
 the whole raw PRNG key (64 bits for threefry: two uint32 words, not a 31-bit
 integer seed), drawn on process 0 and broadcast so every process holds the
 same key, and independent of `config.seed` (which drives initialisation and
-public data only). They live in the TrainState, hence in the resumable
+public data only). They live in the TrainState (the noise key in the noise
+transform's optimizer state, `train/state.py`), hence in the resumable
 checkpoint, and nowhere else: never in logs, metrics, results.json or the
 exported params.
 
