@@ -73,11 +73,24 @@ def privatize(clipped_sum: PyTree, key: jax.Array, l2_clip_norm: float,
   leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
   keys = jax.random.split(key, max(len(leaves), 1))
   std = noise_multiplier * l2_clip_norm
-  out = []
-  for leaf, k in zip(leaves, keys):
-    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-    noise = jax.random.normal(k, leaf.shape, dtype)
-    out.append((leaf.astype(dtype) + std * noise) / expected_batch_size)
+  # Leaf i's draw is normal(keys[i], shape_i). Leaves of one shape and dtype
+  # draw together, vmapped over their keys (the same values as one call per
+  # leaf): a ViT-B has ~10 distinct shapes among ~180 leaves, and each
+  # random op costs compile time (jit of this function on a ViT-B's leaves:
+  # 34 s per leaf, 15 s grouped, on a loaded 2-core CPU).
+  groups: dict[tuple, list[int]] = {}
+  dtypes = [jnp.promote_types(leaf.dtype, jnp.float32) for leaf in leaves]
+  for i, (leaf, dtype) in enumerate(zip(leaves, dtypes)):
+    groups.setdefault((leaf.shape, dtype), []).append(i)
+  draws = [None] * len(leaves)
+  for (shape, dtype), idx in groups.items():
+    group_keys = jnp.stack([keys[i] for i in idx])  # Static slices.
+    batch = jax.vmap(lambda k, s=shape, d=dtype: jax.random.normal(k, s, d))(
+        group_keys)
+    for j, i in enumerate(idx):
+      draws[i] = batch[j]
+  out = [(leaf.astype(dtype) + std * z) / expected_batch_size
+         for leaf, dtype, z in zip(leaves, dtypes, draws)]
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
