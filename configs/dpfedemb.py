@@ -227,8 +227,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # disjoint by construction (no label ranges, no held-out hash).
     c.data.update(dict(
         num_users=64, train_label_range=(), eval_label_range=(),
-        heldout_user_fraction=0.0, public_num_classes=0,
-        eval_num_examples=48))
+        heldout_user_fraction=0.0, eval_num_examples=48,
+        # The paper's 10-way public head: 10 public identities.
+        public_num_identities=10))
     c.public.update(dict(steps=1, batch_size=4, microbatch_size=2))
     c = common.paper_smoke(c, get_config("tiny"))
   return c
