@@ -6,14 +6,18 @@ keys in code. `parse_arg("tiny,steps=10")` gives the preset name and overrides.
 
 import ml_collections
 
+from dpjax.train import stand_in
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses big_vision-style `configs/x.py:tiny,foo=1` arguments.
 
   Args:
-    arg: the string after the colon, e.g. "tiny" or "tiny,tan=8"; may be None.
+    arg: the string after the colon, e.g. "tiny", "tiny,tan=8" or
+      "paper,smoke"; may be None.
     **defaults: declared option names with default values; the first bare word
-      sets `preset`.
+      sets `preset`, a later bare word sets a declared boolean option (a
+      modifier such as `smoke`) to True.
 
   Returns:
     A ConfigDict with `preset` and the declared options.
@@ -21,9 +25,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   out = ml_collections.ConfigDict(dict(preset="paper", **defaults))
   for i, part in enumerate(p for p in (arg or "").split(",") if p):
     if "=" not in part:
-      if i:
-        raise ValueError(f"config arg {part!r}: only the first word is a preset")
-      out.preset = part
+      if not i:
+        out.preset = part
+      elif isinstance(defaults.get(part), bool):
+        out[part] = True
+      else:
+        raise ValueError(
+            f"config arg {part!r}: only the first word is a preset; later "
+            "words are modifiers: "
+            f"{sorted(k for k, v in defaults.items() if isinstance(v, bool))}")
       continue
     key, value = part.split("=", 1)
     if key not in out:
@@ -117,3 +127,25 @@ def audit_block() -> ml_collections.ConfigDict:
       # (lowest loss) and as many "out"; the best is kept (Bonferroni).
       guess_fractions=(0.02, 0.05, 0.1, 0.25),
   ))
+
+
+# `:paper,smoke`: one DP step of the paper's model at full size.
+SMOKE_TRAIN = dict(steps=1, batch_size=4, microbatch_size=2, warmup_steps=0,
+                   log_every=1, checkpoint_every=1, num_workers=0)
+
+
+def paper_smoke(config: ml_collections.ConfigDict,
+                tiny: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (a `:paper` config) as a smoke run: same model, image size,
+  vocabulary size, clipping method and dtype; one step of an expected batch
+  of 4 in microbatches of 2 (DP-Cap's vmap clipping holds a 190M-parameter
+  gradient per example: ~8 GiB on one CPU device); every real data
+  source (and a missing vocabulary file) replaced by `tiny`'s embedded one
+  at the same field (dpjax/train/stand_in.py).
+
+  The caller shrinks N and the evaluations first: references (delta = 1/N,
+  lr = blr * B / 256) are resolved here, at the smoke values.
+  """
+  config.train.update(SMOKE_TRAIN)
+  out, _ = stand_in.stand_in_data(config, tiny)
+  return out

@@ -35,6 +35,15 @@ point data.source at arrayrecord:/folder: data.
 `:tiny` trains a 64-d x 3 ViT (patch 8, 32x32) on the embedded 30-class
 shapes data (`synthetic:classes`; 1% = 200 public images, DP batch 256)
 on a CPU in about 2-3 minutes per arm.
+
+`:paper,smoke` runs the paper's model at full size (supervised ViT-B/16 at
+224x224 with the 11,221-class head, automatic clipping, bfloat16) for ONE
+step of each phase on the embedded labelled shapes (N=640, 10% public;
+expected batch 4, microbatches of 2), then the head's accuracy on 8 images
+(no tr(H) monitor, probe or fine-tuning):
+
+  python -m dpjax.main --config=configs/dp_continual.py:paper,smoke \
+      --workdir=/tmp/s
 """
 
 import ml_collections
@@ -43,8 +52,9 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config; `arg` = "paper" (default) | "tiny"."""
-  arg = common.parse_arg(arg)
+  """Returns the config; `arg` = "paper" (default) | "tiny" |
+  "paper,smoke"."""
+  arg = common.parse_arg(arg, smoke=False)
   c = ml_collections.ConfigDict()
   c.recipe = "dp_continual"
   c.seed = 0
@@ -219,4 +229,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg.preset != "paper":
     raise ValueError(f"configs/dp_continual.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")
+  if arg.smoke:
+    if arg.preset != "paper":
+      raise ValueError(f"configs/dp_continual.py:{arg.preset},smoke: smoke "
+                       "modifies :paper only")
+    c.data.update(dict(num_examples=640, eval_num_examples=8))
+    c.public.update(dict(steps=1, batch_size=4, warmup_steps=0))
+    c.monitor.enabled = False
+    c.evals.update(dict(linear_probe=False, fine_tune=False))
+    c = common.paper_smoke(c, get_config("tiny"))
   return c

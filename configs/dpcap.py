@@ -14,6 +14,18 @@ epsilon 8 at delta 1/N (PLD; the paper's RDP gives 8.05).
 tiny run at batch B/8 with sigma/8 (same steps and lr): it tunes
 hyper-parameters cheaply and is NOT an epsilon-8 run. `:paper,tan=1024`
 simulates the paper run at B'=1,280.
+
+`:paper,smoke` runs ONE DP step of the paper's model at full size (ViT-B/16
+at 224x224, the 30,522-entry output head, vmap clipping, bfloat16) on the
+embedded shapes data (N=64, expected batch 4, microbatches of 2) with the
+shapes vocabulary padded to 30,522 entries (`shapes:30522`; no download),
+then the held-out caption loss on 8 images: the paper preset executes.
+
+  python -m dpjax.main --config=configs/dpcap.py:paper,smoke --workdir=/tmp/s
+
+The paper's own vocabulary: --config.data.tokenizer=wordpiece:<vocab.txt>
+(bert-base-uncased's), or one trained on public text with
+`python -m dpjax.data.tokenizer --text=<public.txt> --out=<vocab.txt>`.
 """
 
 import ml_collections
@@ -22,8 +34,9 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the DP-Cap config; `arg` = "paper" (default) | "tiny" [,tan=k]."""
-  arg = common.parse_arg(arg, tan=0)
+  """Returns the DP-Cap config; `arg` = "paper" (default) | "tiny" [,tan=k]
+  | "paper,smoke"."""
+  arg = common.parse_arg(arg, tan=0, smoke=False)
   c = ml_collections.ConfigDict()
   c.recipe = "dpcap"
   c.seed = 0
@@ -164,4 +177,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.privacy.tan_reference_batch_size = c.train.batch_size
     c.train.batch_size //= arg.tan
     c.train.microbatch_size = min(c.train.microbatch_size, c.train.batch_size)
+  if arg.smoke:
+    c = _smoke(c, arg.preset)
+  return c
+
+
+def _smoke(c: ml_collections.ConfigDict, preset: str
+           ) -> ml_collections.ConfigDict:
+  """`:paper,smoke` (module doc)."""
+  if preset != "paper":
+    raise ValueError(f"configs/dpcap.py:{preset},smoke: smoke modifies "
+                     ":paper only")
+  c.data.update(dict(num_examples=64, eval_num_examples=8))
+  c.evals.update(dict(linear_probe=False, few_shot=False, zero_shot=False,
+                      aro=False, token_accuracy=False, captions=0))
+  c = common.paper_smoke(c, get_config("tiny"))
+  c.data.tokenizer = f"shapes:{c.model.vocab_size}"
   return c

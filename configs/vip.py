@@ -24,6 +24,13 @@ phase 2. DP-MAE from random init: --config.pretrain.steps=0.
 
 `:tiny` runs both phases on the embedded procedural data on a CPU in about
 five minutes (32x32 images, patch 8, a 64-d x 3 encoder).
+
+`:paper,smoke` runs the paper's model at full size (ViT-B/16 at 224x224 +
+the 512-d 4-block decoder, vmap clipping at C=0.1, float32) for ONE step of
+each phase on the embedded data (N=64 per phase, expected batch 4,
+microbatches of 2), then the held-out MAE loss on 8 images:
+
+  python -m dpjax.main --config=configs/vip.py:paper,smoke --workdir=/tmp/s
 """
 
 import ml_collections
@@ -32,8 +39,9 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the ViP config; `arg` = "paper" (default) | "tiny"."""
-  arg = common.parse_arg(arg)
+  """Returns the ViP config; `arg` = "paper" (default) | "tiny" |
+  "paper,smoke"."""
+  arg = common.parse_arg(arg, smoke=False)
   c = ml_collections.ConfigDict()
   c.recipe = "vip"
   c.seed = 0
@@ -184,4 +192,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg.preset != "paper":
     raise ValueError(f"configs/vip.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")
+  if arg.smoke:
+    if arg.preset != "paper":
+      raise ValueError(f"configs/vip.py:{arg.preset},smoke: smoke modifies "
+                       ":paper only")
+    c.pretrain.update(dict(num_examples=64, steps=1, batch_size=4,
+                           warmup_steps=0))
+    c.data.update(dict(num_examples=64, eval_num_examples=8))
+    c.evals.linear_probe = False
+    c = common.paper_smoke(c, get_config("tiny"))
   return c

@@ -16,9 +16,10 @@ CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] /
 def test_config_builds(name):
   module = importlib.import_module(f"configs.{name}")
   assert f"configs/{name}.py" in module.__doc__  # the run command.
-  # The papers' recipes have :paper (the default) and :tiny; a config may
-  # declare its own PRESETS.
-  for preset in (None,) + getattr(module, "PRESETS", ("paper", "tiny")):
+  # The papers' recipes have :paper (the default), :tiny and :paper,smoke;
+  # a config may declare its own PRESETS.
+  for preset in (None,) + getattr(module, "PRESETS",
+                                  ("paper", "tiny", "paper,smoke")):
     config = module.get_config(preset)
     assert config.recipe in recipes.RECIPES
     for block in ("privacy", "train", "mesh"):
@@ -31,6 +32,21 @@ def test_unknown_preset_is_an_error(name):
   module = importlib.import_module(f"configs.{name}")
   with pytest.raises(ValueError, match="preset|unknown"):
     module.get_config("no_such_preset")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_smoke_modifies_paper_only(name):
+  module = importlib.import_module(f"configs.{name}")
+  assert "paper,smoke" in module.__doc__  # documented, with its command.
+  smoke, paper = module.get_config("paper,smoke"), module.get_config("paper")
+  assert smoke.model == paper.model and smoke.train.dtype == paper.train.dtype
+  assert smoke.train.steps == 1 and not any(
+      v.startswith(("tfds:", "arrayrecord:", "folder:"))
+      for v in (smoke.data.source, smoke.data.eval_source))
+  with pytest.raises(ValueError, match="smoke modifies :paper only"):
+    module.get_config("tiny,smoke")
+  with pytest.raises(ValueError, match="modifiers"):
+    module.get_config("paper,no_such_modifier")
 
 
 def test_unknown_recipe_lists_the_valid_ones():

@@ -119,10 +119,11 @@ class WordPieceTokenizer(Tokenizer):
     """Loads a BERT ``vocab.txt`` (one token per line, line number = id)."""
     if not os.path.exists(path):
       raise FileNotFoundError(
-          f"tokenizer vocab file {path!r} not found: download "
-          "bert-base-uncased's vocab.txt, or train one on PUBLIC text (not "
-          "your private captions) with dpjax.data.tokenizer.train_wordpiece("
-          "public_texts, vocab_size, path).")
+          f"tokenizer vocab file {path!r} not found: pass "
+          "--config.data.tokenizer=wordpiece:<bert-base-uncased vocab.txt, "
+          "30,522 lines>, or make one from PUBLIC text (never the private "
+          "captions): python -m dpjax.data.tokenizer --text=<public.txt> "
+          f"--vocab_size=30522 --out={path}")
     with open(path, encoding="utf-8") as f:
       vocab = [line.rstrip("\n") for line in f]
     return cls(vocab, lowercase=lowercase)
@@ -152,6 +153,22 @@ class WordPieceTokenizer(Tokenizer):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def pad_vocab(vocab: Sequence[str], size: int) -> list[str]:
+  """``vocab`` then ``[unused<i>]`` entries up to ``size`` (0: unchanged).
+
+  BERT's vocab.txt reserves such never-produced slots too: the output head
+  has the paper's size while text maps into the smaller real vocabulary.
+
+  Raises:
+    ValueError: ``vocab`` is longer than ``size``.
+  """
+  if size and size < len(vocab):
+    raise ValueError(f"vocabulary of {len(vocab)} entries exceeds the "
+                     f"requested size {size}")
+  return list(vocab) + [f"[unused{i}]" for i in range(
+      max(size - len(vocab), 0))]
+
+
 def train_wordpiece(captions: Iterable[str], vocab_size: int,
                     out_path: str, lowercase: bool = True
                     ) -> WordPieceTokenizer:
@@ -162,7 +179,8 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int,
 
   Args:
     captions: PUBLIC training texts.
-    vocab_size: target vocabulary size (including special tokens).
+    vocab_size: vocabulary size (including special tokens); when the text
+      has fewer distinct pieces the rest are ``[unused<i>]`` (pad_vocab).
     out_path: where to write the vocabulary (one token per line).
     lowercase: lowercase and strip accents (BERT uncased).
 
@@ -182,25 +200,63 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int,
   vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, "w", encoding="utf-8") as f:
-    for token, _ in vocab:
+    for token in pad_vocab([t for t, _ in vocab], vocab_size):
       f.write(token + "\n")
   return WordPieceTokenizer.from_vocab_file(out_path, lowercase=lowercase)
 
 
-def shapes_tokenizer() -> WordPieceTokenizer:
+def shapes_tokenizer(vocab_size: int = 0) -> WordPieceTokenizer:
   """The tiny preset's tokenizer: special tokens + the synthetic grammar's
-  words (``synthetic.VOCAB_WORDS``), whole words, deterministic."""
+  words (``synthetic.VOCAB_WORDS``), whole words, deterministic; padded to
+  ``vocab_size`` entries (pad_vocab) if given (`:paper,smoke`: 30,522)."""
   from dpjax.data import synthetic  # pylint: disable=g-import-not-at-top
-  return WordPieceTokenizer(list(SPECIAL_TOKENS) + list(synthetic.VOCAB_WORDS))
+  return WordPieceTokenizer(pad_vocab(
+      list(SPECIAL_TOKENS) + list(synthetic.VOCAB_WORDS), vocab_size))
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
-  """'bytes' | 'shapes' | 'wordpiece:<path/to/vocab.txt>'."""
+  """'bytes' | 'shapes' | 'shapes:<vocab_size>' |
+  'wordpiece:<path/to/vocab.txt>'."""
   if spec == "bytes":
     return ByteTokenizer()
-  if spec == "shapes":
-    return shapes_tokenizer()
+  if spec == "shapes" or spec.startswith("shapes:"):
+    return shapes_tokenizer(int(spec.split(":", 1)[1]) if ":" in spec else 0)
   if spec.startswith("wordpiece:"):
     return WordPieceTokenizer.from_vocab_file(spec.split(":", 1)[1])
-  raise ValueError(f"tokenizer={spec!r} is unknown: use 'bytes', 'shapes' or "
-                   "'wordpiece:/path/to/vocab.txt'.")
+  raise ValueError(f"tokenizer={spec!r} is unknown: use 'bytes', 'shapes', "
+                   "'shapes:<vocab_size>' or 'wordpiece:/path/to/vocab.txt'.")
+
+
+def write_vocab(out_path: str, vocab_size: int,
+                text_files: Sequence[str] = ()) -> WordPieceTokenizer:
+  """A WordPiece vocab.txt of ``vocab_size`` entries trained on the PUBLIC
+  ``text_files`` (one text per line) and the synthetic caption grammar's
+  words (alone: enough for smoke runs, not for real captions)."""
+  from dpjax.data import synthetic  # pylint: disable=g-import-not-at-top
+  texts = [" ".join(synthetic.VOCAB_WORDS)]
+  for path in text_files:
+    with open(path, encoding="utf-8") as f:
+      texts += [line.strip() for line in f if line.strip()]
+  return train_wordpiece(texts, vocab_size, out_path)
+
+
+def main(argv: Sequence[str]) -> None:
+  """``python -m dpjax.data.tokenizer --out=vocab.txt --vocab_size=30522
+  [--text=public.txt ...]``: write_vocab."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  tok = write_vocab(f.out, f.vocab_size, f.text)
+  print(f"{f.out}: {tok.vocab_size} entries")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  absl_flags.DEFINE_string("out", None, "Where to write vocab.txt.")
+  absl_flags.DEFINE_integer("vocab_size", 30522, "Entries (bert-base-uncased:"
+                            " 30,522), padded with [unused<i>].")
+  absl_flags.DEFINE_multi_string("text", [], "PUBLIC text files, one text "
+                                 "per line (never the private captions).")
+  absl_flags.mark_flags_as_required(["out"])
+  app.run(main)

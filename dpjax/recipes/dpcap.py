@@ -29,6 +29,11 @@ ARO_KINDS = ("swap_color", "swap_order", "swap_relation")
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
+  if config.model.vocab_size and vocab_size > config.model.vocab_size:
+    raise ValueError(
+        f"config.model.vocab_size={config.model.vocab_size} is smaller than "
+        f"the {vocab_size} entries of data.tokenizer={config.data.tokenizer!r}"
+        ": set it to 0 (the tokenizer's) or to at least that")
   mcfg = captioner.captioner_config(
       config.model.variant, vocab_size=config.model.vocab_size or vocab_size,
       max_len=config.data.max_caption_len)

@@ -57,7 +57,32 @@ def test_from_vocab_file_bert_layout(tmp_path):
   ids = tok.encode("A Red CIRCLE")
   assert ids == [104, 105, 106, 107]
   assert tok.decode(ids) == "a red circle"
-  with pytest.raises(FileNotFoundError, match="train_wordpiece"):
+  with pytest.raises(FileNotFoundError) as e:
     tokenizer.WordPieceTokenizer.from_vocab_file(str(tmp_path / "nope.txt"))
+  # One line: the file to pass and the command that makes one.
+  assert "\n" not in str(e.value)
+  for s in ("--config.data.tokenizer=wordpiece:", "30,522",
+            "python -m dpjax.data.tokenizer", "--vocab_size=30522",
+            f"--out={tmp_path / 'nope.txt'}"):
+    assert s in str(e.value)
   with pytest.raises(ValueError, match="tokenizer="):
     tokenizer.make_tokenizer("sentencepiece")
+
+
+def test_paper_size_vocabulary_without_a_download(tmp_path):
+  """`shapes:30522` (the :paper,smoke head) and the vocab.txt command."""
+  small = tokenizer.shapes_tokenizer()
+  tok = tokenizer.make_tokenizer("shapes:30522")
+  assert tok.vocab_size == 30522
+  assert tok.vocab[-1] == f"[unused{30522 - small.vocab_size - 1}]"
+  cap = "a small red triangle above a large blue circle"
+  assert tok.encode(cap) == small.encode(cap)
+  with pytest.raises(ValueError, match="exceeds"):
+    tokenizer.pad_vocab(small.vocab, 10)
+  public = tmp_path / "public.txt"
+  public.write_text("a photo of a dog\nthe cat sat on the mat\n")
+  made = tokenizer.write_vocab(str(tmp_path / "vocab.txt"), 30522,
+                               [str(public)])
+  assert made.vocab_size == 30522
+  assert made.decode(made.encode("the cat sat")) == "the cat sat"
+  assert made.encode(cap) and made.unk_id not in made.encode(cap)
