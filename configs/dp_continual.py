@@ -236,6 +236,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(num_examples=640, eval_num_examples=8))
     c.public.update(dict(steps=1, batch_size=4, warmup_steps=0))
     c.monitor.enabled = False
-    c.evals.update(dict(linear_probe=False, fine_tune=False))
+    c.evals.linear_probe.log_steps = c.evals.fine_tune.log_steps = -1  # Off.
     c = common.paper_smoke(c, get_config("tiny"))
   return c

@@ -199,6 +199,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.update(dict(num_examples=64, steps=1, batch_size=4,
                            warmup_steps=0))
     c.data.update(dict(num_examples=64, eval_num_examples=8))
-    c.evals.linear_probe = False
+    c.evals.linear_probe.log_steps = -1  # Off.
     c = common.paper_smoke(c, get_config("tiny"))
   return c
