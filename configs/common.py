@@ -44,7 +44,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def privacy_block() -> ml_collections.ConfigDict:
-  """DP-SGD settings (read by recipes/common.py:privacy_from_config)."""
+  """DP-SGD settings (read by dpjax/train/settings.py:privacy_from_config)."""
   return ml_collections.ConfigDict(dict(
       enabled=True,  # False: non-private training (baselines); spends nothing.
       l2_clip_norm=1.0,  # C: each unit's gradient is clipped to this L2 norm.

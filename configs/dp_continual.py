@@ -20,9 +20,15 @@ Paper preset (default): supervised ViT-B/16 from scratch; public =
 ImageNet-1k-sized share, private = ImageNet-11k (ImageNet-21k-P), epsilon 8.
 Bu et al. report 41.5% top-1 on ImageNet-21k at epsilon 8. The exact B,
 epochs, LR and delta of that run are not in the sources we read: the values
-below are placeholders marked [verify]. `tfds:imagenet21k` is not in the TFDS
-catalogue: build it yourself (ArrayRecord; e.g. big_vision's builder) or
-point data.source at arrayrecord:/folder: data.
+below are placeholders marked [verify]. ImageNet-21k-P is not in the TFDS
+catalogue: convert it (train and validation) once, an image folder with a
+captions.jsonl of {"file": "n01440764/x.JPEG", "label": 0} lines (or
+webdataset tars with .cls members: --format=webdataset --label_key=cls):
+  python -m dpjax.data.prepare --input=/data/in21k-p/train --format=folder \
+      --caption_key= --label_key=label --image_size=256 \
+      --output=/data/in21k-p-ar/train
+  (the same for validation -> /data/in21k-p-ar/val; data.num_examples = the
+  train manifest's N)
 
   python -m dpjax.main --config=configs/dp_continual.py --workdir=/tmp/cont
   python -m dpjax.main --config=configs/dp_continual.py:tiny \
@@ -80,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       # Labelled images; "tfds:<name>" | "arrayrecord:<glob>" |
       # "folder:<dir>" | "synthetic:classes" (see dpjax/data/sources.py).
-      source="tfds:imagenet21k",
+      source="arrayrecord:/data/in21k-p-ar/train",
       data_dir="",  # TFDS data_dir ("" = TFDS default).
       split="train",
       num_examples=11_797_632,  # N (synthetic: generated at this size);
@@ -95,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       augment=True,  # RandomResizedCrop(0.2-1) + flip (fastDP's timm).
       flip=True,
       # Held-out labelled data for the classifier-head accuracy.
-      eval_source="tfds:imagenet21k",
+      eval_source="arrayrecord:/data/in21k-p-ar/val",
       eval_split="validation",
       eval_num_examples=10_000,
       # Downstream labelled data of the probe and fine-tuning evaluators.

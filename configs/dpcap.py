@@ -23,6 +23,14 @@ then the held-out caption loss on 8 images: the paper preset executes.
 
   python -m dpjax.main --config=configs/dpcap.py:paper,smoke --workdir=/tmp/s
 
+Data: the de-duplicated LAION image-text pairs as img2dataset webdataset
+shards, converted once (exact dedup by default; set data.num_examples to
+the N that manifest.json reports):
+  python -m dpjax.data.prepare --input=/data/laion/ --format=webdataset \
+      --output=/data/laion-ar --image_size=256 --jpeg_quality=90
+  ... --config.data.source=arrayrecord:/data/laion-ar \
+      --config.data.num_examples=<N>
+
 The paper's own vocabulary: --config.data.tokenizer=wordpiece:<vocab.txt>
 (bert-base-uncased's), or one trained on public text with
 `python -m dpjax.data.tokenizer --text=<public.txt> --out=<vocab.txt>`.
@@ -52,9 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       decoder_depth=0,  # 0 = the variant's.
   ))
   c.data = ml_collections.ConfigDict(dict(
-      # Private training data; "synthetic:shapes" | "tfds:<name>" |
-      # "arrayrecord:<glob>" | "folder:<dir>" (see dpjax/data/sources.py).
-      source="tfds:laion233m",
+      # Private training data; "arrayrecord:<dir>" (python -m
+      # dpjax.data.prepare output; module doc) | "tfds:<name>" |
+      # "arrayrecord:<glob>" | "folder:<dir>" | "synthetic:shapes".
+      source="arrayrecord:/data/laion-ar",
       data_dir="",  # TFDS data_dir / base folder ("" = TFDS default).
       split="train",
       num_examples=233_804_767,  # N; synthetic sources are generated at it.

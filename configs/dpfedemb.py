@@ -9,16 +9,21 @@ as train, so it is not held-out data for user-level DP). LeNet backbone ->
 128-d embedding; 200 rounds of 256 expected users (Poisson) hashed into 32
 virtual clients of ~8 writers (at most 16), client SGD batch 16, 1 epoch,
 fresh local head; server SGD lr 0.1 momentum 0.9 [verify the paper's
-client/server lr]. TFDS `emnist` has NO writer ids: point data.source (and
-data.eval_source, the same files) at a user-keyed copy of federated EMNIST
-(e.g. TFF's `emnist` exported with dpjax.data.records.write_arrayrecord,
-fields image / label / user).
+client/server lr]. TFDS `emnist` has NO writer ids: export federated EMNIST
+(e.g. TFF's `emnist`) as a folder ({"file", "writer_id", "label"} lines in
+captions.jsonl) or parquet (image bytes, writer_id, label) and convert it
+user-keyed (keep the default exact dedup; near dedup would merge different
+writers' glyphs):
+  python -m dpjax.data.prepare --input=/data/femnist --format=folder \
+      --caption_key= --user_key=writer_id --label_key=label \
+      --output=/data/femnist-ar
+data.source and data.eval_source read the same directory.
 
 Sensitivity: privacy.l2_clip_norm is C per USER. Each round samples users
 independently and hashes each sampled user into one of G = ceil(expected
 users / k) virtual clients (G from this config, never from the data), so
 adding or removing one user changes only its own client's input set
-(dpjax/recipes/fedemb_data.py has the argument). Removing one user can move
+(dpjax/data/clients.py has the argument). Removing one user can move
 a mixed client's clipped delta by twice its clip norm, so clients are
 clipped to C/2 (C=2 here gives the paper's client clip 1.0) and the noise
 sigma*C is calibrated to the true per-user sensitivity (twice the paper's
@@ -81,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       # Private user-partitioned source: "synthetic:identities" (one identity
       # per user) | "tfds:<name>" | "arrayrecord:<glob>" keyed by user_key.
-      source="arrayrecord:femnist/train-*.array_record",
+      source="arrayrecord:/data/femnist-ar",
       data_dir="",  # TFDS data_dir ("" = TFDS default).
       split="train",
       image_key="image",  # record field names of real sources.
@@ -102,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # public hash of the id, which the private source drops; so the
       # evaluation is on whole writers never trained on, here read from the
       # train files (FEMNIST's test split shares train's writers).
-      eval_source="arrayrecord:femnist/train-*.array_record",
+      eval_source="arrayrecord:/data/femnist-ar",
       eval_split="train",
       heldout_user_fraction=0.1,  # writers held out of training for eval.
       eval_num_identities=0,  # synthetic: held-out identities.

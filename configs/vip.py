@@ -98,9 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Phase 2: the private images.
   c.data = ml_collections.ConfigDict(dict(
-      # "tfds:<name>" | "folder:<dir>" | "arrayrecord:<glob>" |
+      # "arrayrecord:<dir>" (python -m dpjax.data.prepare output; module
+      # doc) | "tfds:<name>" | "folder:<dir>" | "arrayrecord:<glob>" |
       # "synthetic:shapes" | "synthetic:classes".
-      source="tfds:laion233m",
+      source="arrayrecord:/data/laion-ar",
       data_dir="",
       split="train",
       num_examples=233_804_767,  # N (dedup LAION-233M); synthetic: generated.

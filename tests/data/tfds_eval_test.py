@@ -9,8 +9,9 @@ transforms, and nothing is downloaded (no TensorFlow needed).
 
 DP-Cap's and ViP's :paper presets evaluate on ``synthetic:shapes`` (their
 evaluators read the procedural shape / colour labels), so they name no
-TFDS evaluation data; DP-FedEmb evaluates on held-out writers of its
-user-keyed export (tests/data/prepare_fedemb_test.py).
+TFDS evaluation data; DP continual's ImageNet-21k-P held-out split and
+DP-FedEmb's held-out writers are prepared ArrayRecord directories
+(tests/data/prepare_*_test.py test that path).
 """
 
 import numpy as np
@@ -25,10 +26,6 @@ from dpjax.recipes import fedemb
 tfds = pytest.importorskip("tensorflow_datasets")
 
 _NUM = 3  # Records read per source.
-_NOT_IN_TFDS = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="tfds:imagenet21k is not in the TFDS catalogue (configs/"
-           "dp_continual.py data.eval_source; see the report of issue #20)")
 
 
 def _continual_paper(**overrides):
@@ -49,8 +46,6 @@ def _read_continual(config, source_field: str, split_field: str,
 
 
 @pytest.mark.parametrize("source_field,split_field", [
-    pytest.param("data.eval_source", "data.eval_split", marks=_NOT_IN_TFDS),
-    pytest.param("data.eval_source", "monitor.split", marks=_NOT_IN_TFDS),
     ("data.probe_source", "data.probe_train_split"),
     ("data.probe_source", "data.probe_test_split"),
 ])
