@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 
-from dpjax.data import records
+from dpjax.data import records as records_lib
 from dpjax.data import synthetic
 
 TFDS_NAME = "dpjax_tiny_captions"
@@ -55,7 +55,7 @@ def build_tfds(data_dir: str) -> None:
 
     def _generate_examples(self, split, n):
       for i, r in enumerate(_examples(split, n)):
-        yield i, {"image": records.encode_image(r["image"]),
+        yield i, {"image": records_lib.encode_image(r["image"]),
                   "caption": r["caption"], "label": r["label"]}
 
   builder = DpjaxTinyCaptions(data_dir=data_dir, file_format="array_record")
@@ -69,7 +69,7 @@ def build_folder(directory: str) -> None:
     for i, r in enumerate(_examples("folder", 4)):
       name = f"img{i}.png"
       with open(os.path.join(directory, name), "wb") as img:
-        img.write(records.encode_image(r["image"]))
+        img.write(records_lib.encode_image(r["image"]))
       f.write(json.dumps({"file": name, "caption": r["caption"],
                           "label": r["label"]}) + "\n")
 
@@ -78,7 +78,7 @@ def build_arrayrecord(directory: str) -> None:
   os.makedirs(directory, exist_ok=True)
   recs = [{"image": r["image"], "caption": r["caption"], "label": r["label"]}
           for r in _examples("arrayrecord", 4)]
-  records.write_arrayrecord(
+  records_lib.write_arrayrecord(
       os.path.join(directory, "tiny-00000-of-00001.array_record"), recs)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from dpjax.data import dedup
 from dpjax.data import readers
-from dpjax.data import records
+from dpjax.data import records as records_lib
 
 DEFAULT_JPEG_QUALITY = 95  # When resizing without --jpeg_quality.
 
@@ -164,11 +164,11 @@ def stage_shard(shard: readers.InputShard, opts: Options,
       dropped.append([sample.key, out])
       continue
     record, h, d = out
-    payloads.append(records.pack_record(record))
+    payloads.append(records_lib.pack_record(record))
     kept.append({k: record.get(k) for k in ("key", "user", "label")})
     exact.append(np.frombuffer(h, np.uint8))
     near.append(d)
-  records.write_packed(paths["arrayrecord"] + ".tmp", payloads)
+  records_lib.write_packed(paths["arrayrecord"] + ".tmp", payloads)
   os.replace(paths["arrayrecord"] + ".tmp", paths["arrayrecord"])
   with open(paths["npz"] + ".tmp", "wb") as f:
     np.savez(f, exact=np.asarray(exact, np.uint8).reshape(
@@ -215,7 +215,7 @@ def write_shard(shard: OutputShard, work_dir: str, out_dir: str) -> str:
       if f.read() == shard.fingerprint():
         return shard.file
   path = os.path.join(out_dir, shard.file)
-  records.write_packed(path + ".tmp", _read_rows(shard, work_dir))
+  records_lib.write_packed(path + ".tmp", _read_rows(shard, work_dir))
   os.replace(path + ".tmp", path)
   with open(marker, "w", encoding="utf-8") as f:
     f.write(shard.fingerprint())

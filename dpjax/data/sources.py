@@ -177,7 +177,7 @@ def tfds_source(name: str, *, split: str, data_dir: str | None = None,
 
 
 class MsgpackArrayRecordSource:
-  """ArrayRecord files of msgpack-encoded dicts (see ``records.write_arrayrecord``).
+  """ArrayRecord files of msgpack-encoded dicts (``records.write_arrayrecord``).
 
   Args:
     paths: the files, in index order; "path[a:b]" reads records [a, b) of

@@ -14,7 +14,7 @@ of which four are bad, the four kinds a real crawl has:
 import json
 import os
 
-from dpjax.data import records
+from dpjax.data import records as records_lib
 from dpjax.data import synthetic
 
 CORRUPT, TRUNCATED, MISSING, EMPTY_CAPTION = 0, 3, 5, 8
@@ -31,7 +31,7 @@ def records(n: int) -> list[dict]:
 
 
 def _image_bytes(i: int, image) -> bytes | None:
-  png = records.encode_image(image)
+  png = records_lib.encode_image(image)
   if i == CORRUPT:
     return b"this is not a PNG"
   if i == TRUNCATED:
@@ -68,7 +68,7 @@ def make_arrayrecord(directory: str, n: int = 12) -> str:
       rec["image"] = _image_bytes(i, r["image"])
     out.append(rec)
   path = os.path.join(directory, "bad-00000-of-00001.array_record")
-  records.write_arrayrecord(path, out)
+  records_lib.write_arrayrecord(path, out)
   return f"arrayrecord:{path}"
 
 

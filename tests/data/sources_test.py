@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpjax.data import pipeline
-from dpjax.data import records
+from dpjax.data import records as records_lib
 from dpjax.data import sources
 from dpjax.data import synthetic
 from dpjax.data import tokenizer
@@ -64,7 +64,7 @@ def test_folder_and_arrayrecord_fixtures():
 def test_write_arrayrecord_round_trip(tmp_path):
   path = str(tmp_path / "x.array_record")
   img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-  records.write_arrayrecord(path, [{"image": img, "caption": "hi",
+  records_lib.write_arrayrecord(path, [{"image": img, "caption": "hi",
                                     "label": np.int64(2), "w": 0.5}])
   src = sources.make_source(f"arrayrecord:{path}", fields={"y": "label"})
   r = src[0]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dpjax.data import records
+from dpjax.data import records as records_lib
 from dpjax.data import tokenizer
 from dpjax.data import transforms
 
@@ -14,7 +14,7 @@ def _img():
 def test_decode_bytes_gray_and_rgba():
   img = _img()
   np.testing.assert_array_equal(
-      transforms.decode_image(records.encode_image(img)), img)
+      transforms.decode_image(records_lib.encode_image(img)), img)
   assert transforms.decode_image(img[..., 0]).shape == (20, 24, 3)
   rgba = np.concatenate([img, img[..., :1]], -1)
   np.testing.assert_array_equal(transforms.decode_image(rgba), img)
@@ -47,7 +47,7 @@ def test_image_pipeline_output():
   tok = tokenizer.ByteTokenizer()
   ts = transforms.image_pipeline(16, augment=True, tokenizer=tok, max_len=10,
                                  keep=("image",))
-  rec = {"image": records.encode_image(_img()), "caption": b"a red circle",
+  rec = {"image": records_lib.encode_image(_img()), "caption": b"a red circle",
          "file": "x.png"}
   out = transforms.apply(ts, rec, transforms.example_generator(0, 0, 0))
   assert sorted(out) == ["image", "tokens"]

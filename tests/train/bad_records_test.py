@@ -27,7 +27,7 @@ from dpjax import recipes
 from dpjax.data import bad_records
 from dpjax.data import clients
 from dpjax.data import pipeline
-from dpjax.data import records
+from dpjax.data import records as records_lib
 from dpjax.data import sources
 from dpjax.data import tokenizer
 from dpjax.data import transforms
@@ -189,7 +189,7 @@ def test_dp_fedemb_a_user_whose_records_all_fail_contributes_zero():
   for u in range(6):  # user 102: both images corrupt; user 104: one.
     for j in range(2):
       bad = u == 2 or (u == 4 and j == 1)
-      image = records.encode_image(rng.integers(0, 256, (4, 4, 3)))
+      image = records_lib.encode_image(rng.integers(0, 256, (4, 4, 3)))
       recs.append({"image": b"corrupt" if bad else image, "label": u,
                    "user": 100 + u})
   # A record that cannot even be read when users are indexed joins no
