@@ -85,7 +85,7 @@ def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(
   workdir, results = full_run
   config = small_config(**{"evals.heldout_loss.log_steps": 2,
                            "evals.linear_probe.log_steps": -1})  # off.
-  periodic = loop.run(config, str(tmp_path))
+  periodic = recipes.run(config, str(tmp_path))
   logged = metrics.read_csv(str(tmp_path))
   assert [s for s, _ in logged["eval/mae/heldout_loss"]] == [2, 4]
   assert "eval/linear_probe/shape_acc" not in logged

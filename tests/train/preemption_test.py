@@ -15,7 +15,7 @@ from tests.train import resume_test
 STEPS = 2
 # DP-Cap :tiny from resume_test, two steps, one evaluator (zero-shot) so the
 # final evaluation takes long enough to be interrupted.
-EXTRA = (f"--config.train.steps={STEPS}", "--config.evals.zero_shot=True")
+EXTRA = (f"--config.train.steps={STEPS}", "--config.evals.zero_shot.log_steps=0")
 
 
 def _wait_for(proc, ready, what: str, timeout: float = 300):
