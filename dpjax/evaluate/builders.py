@@ -51,26 +51,24 @@ def linear_probe(ctx: Context, *, prefix: str, labels: str,
       te["image"], {k: te[k] for k in names}, prefix=prefix, **settings)
 
 
-def few_shot(ctx: Context, *, prefix: str, label: str,
-             pred: FnName = "features",
-             pred_kw: Mapping[str, Any] | None = None,
-             train_data: DataName = "probe", test_data: DataName = "test",
-             **settings) -> few_shot_lib.FewShot:
-  tr, te = ctx.arrays(train_data), ctx.arrays(test_data)
-  return few_shot_lib.FewShot(
-      _fn(ctx, pred, pred_kw), tr["image"], tr[label], te["image"],
-      te[label], prefix=prefix, **settings)
+def _single_label(cls: type) -> Callable[..., Any]:
+  """Builder of an evaluator made as cls(features_fn, train images, train
+  labels, test images, test labels, prefix=..., **settings)."""
+
+  def build(ctx: Context, *, prefix: str, label: str,
+            pred: FnName = "features",
+            pred_kw: Mapping[str, Any] | None = None,
+            train_data: DataName = "probe", test_data: DataName = "test",
+            **settings) -> Any:
+    tr, te = ctx.arrays(train_data), ctx.arrays(test_data)
+    return cls(_fn(ctx, pred, pred_kw), tr["image"], tr[label], te["image"],
+               te[label], prefix=prefix, **settings)
+
+  return build
 
 
-def fine_tune(ctx: Context, *, prefix: str, label: str,
-              pred: FnName = "features",
-              pred_kw: Mapping[str, Any] | None = None,
-              train_data: DataName = "probe", test_data: DataName = "test",
-              **settings) -> fine_tune_lib.FineTune:
-  tr, te = ctx.arrays(train_data), ctx.arrays(test_data)
-  return fine_tune_lib.FineTune(
-      _fn(ctx, pred, pred_kw), tr["image"], tr[label], te["image"],
-      te[label], prefix=prefix, **settings)
+few_shot = _single_label(few_shot_lib.FewShot)
+fine_tune = _single_label(fine_tune_lib.FineTune)
 
 
 def retrieval(ctx: Context, *, prefix: str, label: str = "identity",
