@@ -9,3 +9,20 @@ import tracemalloc  # noqa: F401
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Minutes-long tests start first, so that under `pytest -n 2` the two
+# workers do not end on one long test while the other idles.
+_FIRST = ("tests/paper_test.py::test_paper_presets_execute",
+          "tests/notebooks_test.py::test_notebook_runs[03",
+          "tests/notebooks_test.py::test_notebook_runs[02",
+          "tests/train/multiprocess_test.py", "tests/paper_test.py",
+          "tests/notebooks_test.py", "tests/train/resume_test.py",
+          "tests/train/preemption_test.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = lambda item: next(
+      (i for i, f in enumerate(_FIRST) if item.nodeid.startswith(f)),
+      len(_FIRST))
+  items.sort(key=rank)  # Stable: the rest keep their order.

@@ -7,10 +7,12 @@ paper's parameter count and epsilon; (b) `python -m dpjax.main
 the same model (same parameter shapes, image size, vocabulary, clipping
 and dtype as `:paper`) on one CPU device to completion and reports epsilon.
 
-One test function, the recipes in sequence: a paper-size step needs several
-GiB, so two must never run at once (pytest -n 2 schedules test functions).
-Each smoke run is its own process on one device: its memory is returned at
-exit, and 8 simulated devices would hold 8 replicas of the optimizer state.
+The smoke runs are one test function, the recipes in sequence: a paper-size
+step needs several GiB, so two must never run at once (pytest -n 2
+schedules test functions; the plans compile abstract shapes and may run
+beside it). Each smoke run is its own process on one device: its memory is
+returned at exit, and 8 simulated devices would hold 8 replicas of the
+optimizer state.
 """
 
 import importlib
@@ -69,23 +71,32 @@ def _smoke(name: str, workdir: str) -> dict:
     return json.load(f)
 
 
-def test_paper_presets_plan_and_execute(tmp_path):
-  for name, (paper_epsilon, metric) in PAPER.items():
-    module = importlib.import_module(f"configs.{name}")
-    paper, smoke = _stood_in(module), module.get_config("paper,smoke")
-    for key in ("model", "privacy.method", "privacy.clipping",
-                "privacy.l2_clip_norm", "privacy.noise_multiplier",
-                "train.dtype", "data.image_size"):
-      get = lambda c: eval(f"c.{key}", {"c": c})  # pylint: disable=eval-used
-      assert get(smoke) == get(paper), (name, key)
-    shapes = _param_shapes(paper)
-    assert jax.tree.map(lambda x: x.shape, _param_shapes(smoke)) == (
-        jax.tree.map(lambda x: x.shape, shapes)), name
-    r = plan_lib.plan(paper, "cpu:8")
-    assert r["params"] == sum(math.prod(x.shape)
-                              for x in jax.tree.leaves(shapes))
-    private = [p for p in r["phases"] if p["private"]]
-    assert private[0]["epsilon"] == pytest.approx(paper_epsilon, abs=0.01)
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_preset_plans(name):
+  """`dpjax.plan` of the :paper preset compiles on 8 simulated devices (no
+  step runs; abstract params) with the paper's model and epsilon."""
+  paper_epsilon, _ = PAPER[name]
+  module = importlib.import_module(f"configs.{name}")
+  paper, smoke = _stood_in(module), module.get_config("paper,smoke")
+  for key in ("model", "privacy.method", "privacy.clipping",
+              "privacy.l2_clip_norm", "privacy.noise_multiplier",
+              "train.dtype", "data.image_size"):
+    get = lambda c: eval(f"c.{key}", {"c": c})  # pylint: disable=eval-used
+    assert get(smoke) == get(paper), (name, key)
+  shapes = _param_shapes(paper)
+  assert jax.tree.map(lambda x: x.shape, _param_shapes(smoke)) == (
+      jax.tree.map(lambda x: x.shape, shapes)), name
+  r = plan_lib.plan(paper, "cpu:8")
+  assert r["params"] == sum(math.prod(x.shape)
+                            for x in jax.tree.leaves(shapes))
+  private = [p for p in r["phases"] if p["private"]]
+  assert private[0]["epsilon"] == pytest.approx(paper_epsilon, abs=0.01)
+
+
+def test_paper_presets_execute(tmp_path):
+  """One real DP step of each :paper model at full size (the documented
+  `:paper,smoke` command), in sequence: never two paper-size steps at once."""
+  for name, (_, metric) in PAPER.items():
     results = _smoke(name, str(tmp_path / name))
     assert results["step"] == results["total_steps"] >= 1, name
     assert 0 < results["epsilon"] < math.inf
