@@ -215,7 +215,9 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
                               "ex/s": m["examples_per_sec"]})
       t0, since = time.time(), 0
     if not (last and (stopped or index == len(run.task.phases) - 1)):
+      t_eval = time.time()
       _evaluate(run, state.params, writer, gstep, periodic=True)  # End: all.
+      t0 += time.time() - t_eval  # Throughput counts training time only.
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         ledger=run.ledger.to_dict(),
                         data=iterator.get_state(),
