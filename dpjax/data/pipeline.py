@@ -382,39 +382,3 @@ class PoissonBatches:
   def __iter__(self) -> StepIterator:
     return poisson_batches(self.source, transforms=self.transforms,
                            num_examples=self.num_examples, **self.kwargs)
-
-
-@dataclasses.dataclass
-class _EvalLoader:
-  source: Any
-  transforms: Sequence[Any]
-  batch_size: int
-  process_index: int
-  process_count: int
-
-  def __call__(self, k: int) -> dict[str, np.ndarray]:
-    per = self.batch_size // self.process_count
-    ids = k * self.batch_size + self.process_index * per + np.arange(per)
-    real = ids < len(self.source)
-    rows = RowLoader(self.source, self.transforms, 0)
-    recs = [rows.load(int(i) if r else 0, 0) for i, r in zip(ids, real)]
-    return {"example": stack_records(recs), "mask": real.astype(np.float32)}
-
-
-def eval_batches(source: Any, batch_size: int, transforms: Sequence[Any] = (),
-                 *, process_index: int | None = None,
-                 process_count: int | None = None,
-                 num_workers: int = 0) -> StepIterator:
-  """Sequential batches over the whole source, padded, for evaluation.
-
-  Global batch k holds examples [k*B, (k+1)*B); this process yields its
-  slice [p*B/P, (p+1)*B/P): {"example": {field: [B/P, ...]}, "mask":
-  float32[B/P]}
-  (0 for padding past the end, which repeats record 0). Deterministic
-  transforms only are meaningful (RandomMaps get a fixed generator).
-  """
-  p, n_proc = _process_info(process_index, process_count)
-  check_division(batch_size, n_proc)
-  n_batches = math.ceil(len(source) / batch_size)
-  return StepIterator(_EvalLoader(source, tuple(transforms), batch_size, p,
-                                  n_proc), 0, n_batches, num_workers)

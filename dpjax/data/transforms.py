@@ -277,7 +277,7 @@ def image_pipeline(image_size: int, *, augment: bool = False,
     keep: fields to keep ("tokens" is added when tokenizing).
 
   Returns:
-    A list of transforms for ``PoissonBatches`` / ``eval_batches``.
+    A list of transforms for ``PoissonBatches`` / ``arrays.materialise``.
   """
   ts = [DecodeImage()]
   ts.append(RandomResizedCrop(image_size) if augment else Resize(image_size))

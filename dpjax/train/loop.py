@@ -277,7 +277,7 @@ def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
   bad = run.bad.allgather([p.name for p in phases])
   if jax.process_index() != 0:
     return
-  report = bad.report([(p.name, p.private, p.source) for p in phases],
+  report = bad.report([(p.name, p.private, p.source) for p in run.plans],
                       run.startup_bad)
   (epath.Path(workdir) / bad_records.BAD_RECORDS_FILE).write_text(
       json.dumps(report, indent=1))

@@ -164,10 +164,6 @@ def test_to_global_array_on_8_devices():
   assert g["x"].addressable_shards[0].data.shape == (n_micro, 2)
   np.testing.assert_array_equal(np.asarray(g["v"]), b["example"]["v"])
   assert g["step"] == 0 and isinstance(g["batch_size"], int)
-  ev = next(iter(pipeline.eval_batches(IndexSource(20), 8,
-                                       process_index=0, process_count=1)))
-  ge = mesh_lib.to_global_array(ev, mesh)
-  assert ge["mask"].shape == (8,) and len(ge["mask"].addressable_shards) == 8
   # As the training loop uses it: one microbatch at a time, P("data").
   micro = jax.tree.map(lambda x: x[0], b["example"])
   gm = mesh_lib.to_global_array(micro, mesh)
@@ -180,16 +176,3 @@ def test_to_global_array_on_8_devices():
                                process_index=0, process_count=1)
   np.testing.assert_array_equal(next(iter(pb))["example"]["x"],
                                 b["example"]["x"])
-
-
-def test_eval_batches_cover_everything_once():
-  ev = list(pipeline.eval_batches(IndexSource(21), 8, process_index=0,
-                                  process_count=1))
-  assert len(ev) == 3 and ev[-1]["mask"].tolist() == [1] * 5 + [0] * 3
-  xs = np.concatenate([e["example"]["x"][e["mask"] == 1] for e in ev])
-  np.testing.assert_array_equal(xs, np.arange(21))
-  halves = [list(pipeline.eval_batches(IndexSource(21), 8, process_index=p,
-                                       process_count=2)) for p in (0, 1)]
-  np.testing.assert_array_equal(
-      np.concatenate([halves[0][1]["example"]["x"],
-                      halves[1][1]["example"]["x"]]), ev[1]["example"]["x"])
