@@ -34,6 +34,11 @@ def test_privatize_divides_sum_and_leaves_independent():
   z = {"a": jnp.zeros((1000,)), "b": jnp.zeros((1000,))}
   out = noise.privatize(z, jax.random.PRNGKey(0), 1.0, 1.0, 1.0)
   assert abs(np.corrcoef(out["a"], out["b"])[0, 1]) < 0.15
+  # Leaves drawn together by shape get exactly leaf i's own key's draw.
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  for i, name in enumerate(("a", "b")):
+    np.testing.assert_array_equal(
+        out[name], jax.random.normal(keys[i], (1000,)))
 
 
 def test_add_noise_steps_differ_and_reproduce():

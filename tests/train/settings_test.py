@@ -1,0 +1,31 @@
+"""The per-phase plan: the noise's bound comes from the phase's sum function."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+from configs import dp_linear
+from dpjax.privacy import clipping
+from dpjax.train import settings
+from dpjax.train import task as task_lib
+
+
+def _phase(**kw):
+  loss = lambda params, example: jnp.sum(params["w"] * example["x"])
+  return task_lib.Phase(
+      name="dp", private=True, source=[{"x": 1.0}] * 100, transforms=(),
+      loss_fn=loss, steps=10, batch_size=10, optimizer=optax.sgd(1.0), **kw)
+
+
+def test_private_phase_needs_a_sum_that_states_its_sensitivity():
+  config = dp_linear.get_config()
+  config.privacy.noise_multiplier = 1.0
+  plan, = settings.resolve_phases(config, [_phase()])
+  assert (plan.l2_sensitivity, plan.unit) == (config.privacy.l2_clip_norm,
+                                              "example")
+  bounded = clipping.BoundedSum(lambda p, b, m: (p, {}), 0.25, "user")
+  plan, = settings.resolve_phases(config, [_phase(clipped_sum_fn=bounded)])
+  assert (plan.l2_sensitivity, plan.unit) == (0.25, "user")
+  with pytest.raises(ValueError, match="states no sensitivity"):
+    settings.resolve_phases(
+        config, [_phase(clipped_sum_fn=lambda p, b, m: (p, {}))])
