@@ -45,10 +45,12 @@ def test_sigterm_in_startup_and_final_eval_then_resume_redoes_only_eval(
   assert "preempted" in resume_test._finish(proc)  # pylint: disable=protected-access
   assert not os.path.exists(os.path.join(workdir, "results.json"))
 
-  # Final evaluation: the params are exported just before it starts.
-  proc = resume_test._start(workdir, cache, *EXTRA)  # pylint: disable=protected-access
-  _wait_for(proc, lambda: os.path.exists(
-      os.path.join(workdir, "export", "params")), "export written")
+  # Final evaluation (stalled until the signal; see resume_test.stalled).
+  marker = str(tmp_path / "in_final_eval")
+  proc = resume_test._start(workdir, cache, *EXTRA,  # pylint: disable=protected-access
+                            launcher=resume_test.stalled(marker, "final"))
+  _wait_for(proc, lambda: os.path.exists(marker), "final evaluation reached")
+  assert os.path.exists(os.path.join(workdir, "export", "params"))
   proc.send_signal(signal.SIGTERM)
   out = resume_test._finish(proc)  # pylint: disable=protected-access
   assert f"preempted at step {STEPS}" in out

@@ -8,7 +8,6 @@ checkpoint's meta item), and a run killed with SIGTERM exits 0 and resumes
 with the keys it was killed with.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -42,23 +41,43 @@ OVERRIDES = [
      for k in dpcap_config.get_config("tiny").evals]
 
 
-def _start(workdir: str, cache_dir: str, *extra: str) -> subprocess.Popen:
+def stalled(marker: str, at: int | str) -> tuple[str, ...]:
+  """A launcher for `_start`: dpjax.main stalled where a SIGTERM must land.
+
+  At training step `at` (after its step, before its checkpoint decision) or
+  at the "final" evaluation, it touches `marker` and waits: a real run can
+  pass either point before a signal arrives on a fast machine. The final
+  evaluation waits in a sleep that SIGTERM interrupts; training (where
+  SIGTERM only sets a flag) waits until the test deletes `marker`.
+  """
+  return ("-c", f"""
+import os, pathlib, sys, time
+from absl import app
+from dpjax import main
+from dpjax.train import loop
+marker, at, evaluate = pathlib.Path({marker!r}), {at!r}, loop._evaluate
+def stalled(run, params, writer, step, periodic=False):
+  if (not periodic and at == "final") or (periodic and step == at):
+    marker.touch()
+    while marker.exists():
+      time.sleep(0.05)
+  return evaluate(run, params, writer, step, periodic)
+loop._evaluate = stalled
+app.run(main.main)
+""")
+
+
+def _start(workdir: str, cache_dir: str, *extra: str,
+           launcher: tuple[str, ...] = ("-m", "dpjax.main")
+           ) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return subprocess.Popen(
-      [sys.executable, "-m", "dpjax.main", "--config=configs/dpcap.py:tiny",
+      [sys.executable, *launcher, "--config=configs/dpcap.py:tiny",
        f"--workdir={workdir}", *OVERRIDES, *extra], cwd=REPO, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _logged_steps(workdir: str) -> list[int]:
-  path = os.path.join(workdir, "metrics.csv")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [int(r["step"]) for r in csv.DictReader(f) if r["name"] == "epsilon"]
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -81,17 +100,23 @@ def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   uninterrupted = _start(full, cache, "--config.train.checkpoint_every=2",
                          "--config.train.keep_checkpoints=10")
-  proc = _start(killed, cache)
+  marker = str(tmp_path / "at_step_2")
+  proc = _start(killed, cache, launcher=stalled(marker, 2))
   deadline = time.time() + 300
-  while not _logged_steps(killed):  # First log line: mid-training.
+  while not os.path.exists(marker):  # Mid-training: step 2 done.
     assert proc.poll() is None, proc.communicate()[0][-4000:]
     assert time.time() < deadline
-    time.sleep(0.2)
+    time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
-  out = _finish(proc)
+  lines = []
+  while "SIGTERM" not in (lines[-1] if lines else ""):  # Handler ran.
+    lines.append(proc.stdout.readline())
+    assert lines[-1], "".join(lines)[-4000:]
+  os.remove(marker)
+  out = "".join(lines) + _finish(proc)
   assert "preempted at step" in out and "rerun the same command" in out
   steps, at_kill, meta = _state(killed)
-  assert len(steps) == 1 and 2 <= steps[0] < STEPS, steps
+  assert steps == [2], steps
   assert meta["phase_step"] == steps[0]
   assert meta["data"]["next_step"] == steps[0]  # Iterator position saved.
   assert meta["ledger"]["entries"][0]["count"] == steps[0]
