@@ -69,7 +69,7 @@ def phase_sum_fn(phase, settings, inner_microbatch: int = 0):
   if phase.clipped_sum_fn is not None:
     return phase.clipped_sum_fn
   if not phase.private:
-    return nonprivate_sum_fn(phase.loss_fn)
+    return nonprivate_sum_fn(phase.loss_fn, inner_microbatch)
   return private_sum_fn(
       phase.loss_fn, settings.l2_clip_norm, clipping=settings.clipping,
       normalize_gamma=settings.normalize_gamma,
@@ -114,16 +114,38 @@ def inner_opt_state(opt_state):
   return opt_state[1]
 
 
-def nonprivate_sum_fn(loss_fn):
-  """Plain (unclipped) gradient sum over real rows, one batched backward."""
-  def fn(params, batch, mask):
+def nonprivate_sum_fn(loss_fn, inner_microbatch: int = 0):
+  """Plain (unclipped) gradient sum over real rows, one batched backward
+  (`inner_microbatch` > 0: a lax.scan over chunks of that many rows, for
+  memory, as in the private sum)."""
+  def chunk(params, batch, mask):
     def total(p):
       losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
       losses = jnp.where(mask > 0, losses, 0.0)
       return jnp.sum(losses), losses
     grads, losses = jax.grad(total, has_aux=True)(params)
+    return grads, jnp.sum(losses)
+
+  def fn(params, batch, mask):
+    n = mask.shape[0]
+    if inner_microbatch and n > inner_microbatch:
+      if n % inner_microbatch:
+        raise ValueError(f"inner_microbatch={inner_microbatch} does not "
+                         f"divide the microbatch of {n} rows")
+      split = lambda x: x.reshape(n // inner_microbatch, inner_microbatch,
+                                  *x.shape[1:])
+      def body(carry, xs):
+        g, l = chunk(params, *xs)
+        return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry,
+                            (g, l)), None
+      init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+              jnp.zeros((), jnp.float32))
+      (grads, loss_sum), _ = jax.lax.scan(
+          body, init, (jax.tree.map(split, batch), split(mask)))
+    else:
+      grads, loss_sum = chunk(params, batch, mask)
     zero = jnp.zeros((), jnp.float32)
-    return grads, dict(loss_sum=jnp.sum(losses), grad_norm_sum=zero,
+    return grads, dict(loss_sum=loss_sum, grad_norm_sum=zero,
                        num_clipped=zero, num_nonfinite=zero,
                        count=jnp.sum(mask > 0, dtype=jnp.float32))
   return fn

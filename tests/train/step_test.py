@@ -187,6 +187,20 @@ def test_nonprivate_sum_matches_grad_of_masked_mean():
   assert float(aux["count"]) == 3.0
 
 
+def test_nonprivate_inner_microbatch_scans_chunks_to_the_same_sum():
+  x = jax.random.normal(jax.random.PRNGKey(2), (6, DIM))
+  mask = jnp.array([1, 1, 1, 1, 0, 0], jnp.float32)
+  params = {"w": jnp.ones(DIM)}
+  whole = step_lib.nonprivate_sum_fn(loss_fn)(params, {"x": x}, mask)
+  chunked = step_lib.nonprivate_sum_fn(loss_fn, inner_microbatch=2)
+  assert "scan" in str(jax.make_jaxpr(chunked)(params, {"x": x}, mask))
+  got = chunked(params, {"x": x}, mask)
+  np.testing.assert_allclose(got[0]["w"], whole[0]["w"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1]["loss_sum"], whole[1]["loss_sum"],
+                             rtol=1e-5)
+  assert float(got[1]["count"]) == 4.0
+
+
 def test_mesh_errors_name_the_field():
   with pytest.raises(ValueError, match="mesh.fsdp=3"):
     mesh_lib.make_mesh(fsdp=3)
