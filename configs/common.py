@@ -112,6 +112,23 @@ def mesh_block() -> ml_collections.ConfigDict:
   ))
 
 
+# The :paper presets' memory plan (README, Paper scale): ghost / book-
+# keeping clipping ("auto": the same clipped sum as "vmap", no per-example
+# gradient in memory), parameters and optimizer state sharded over 8
+# devices, and a lax.scan over chunks of `inner` examples per device. It
+# fits 8 simulated CPU devices of a 24 GiB host (`dpjax.plan --mesh=cpu:8`)
+# and leaves most of a TPU v5p's / H100's HBM free; on a pod, a larger
+# train.inner_microbatch (0: none) trades that memory for fewer scan steps.
+PAPER_FSDP = 8
+
+
+def paper_memory(config: ml_collections.ConfigDict, inner: int) -> None:
+  """Sets the memory plan above on a :paper config (in place)."""
+  config.privacy.method = "auto"
+  config.train.inner_microbatch = inner
+  config.mesh.fsdp = PAPER_FSDP
+
+
 def audit_block() -> ml_collections.ConfigDict:
   """Input-space canaries audited at the end of the run (dpjax/train/canaries.py)."""
   return ml_collections.ConfigDict(dict(
@@ -131,21 +148,22 @@ def audit_block() -> ml_collections.ConfigDict:
 
 # `:paper,smoke`: one DP step of the paper's model at full size.
 SMOKE_TRAIN = dict(steps=1, batch_size=4, microbatch_size=2, warmup_steps=0,
-                   log_every=1, checkpoint_every=1, num_workers=0)
+                   log_every=1, checkpoint_every=1, num_workers=0,
+                   inner_microbatch=0)
 
 
 def paper_smoke(config: ml_collections.ConfigDict,
                 tiny: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` (a `:paper` config) as a smoke run: same model, image size,
   vocabulary size, clipping method and dtype; one step of an expected batch
-  of 4 in microbatches of 2 (DP-Cap's vmap clipping holds a 190M-parameter
-  gradient per example: ~8 GiB on one CPU device); every real data
-  source (and a missing vocabulary file) replaced by `tiny`'s embedded one
-  at the same field (dpjax/train/stand_in.py).
+  of 4 in microbatches of 2 on one device (mesh.fsdp 1, no inner scan);
+  every real data source (and a missing vocabulary file) replaced by
+  `tiny`'s embedded one at the same field (dpjax/train/stand_in.py).
 
   The caller shrinks N and the evaluations first: references (delta = 1/N,
   lr = blr * B / 256) are resolved here, at the smoke values.
   """
   config.train.update(SMOKE_TRAIN)
+  config.mesh.fsdp = 1
   out, _ = stand_in.stand_in_data(config, tiny)
   return out

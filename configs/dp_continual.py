@@ -169,6 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=5e-4, weight_decay=0.05, warmup_steps=0, decay_steps=0,
       dtype="bfloat16", checkpoint_every=50, log_every=10, num_workers=16)
   c.mesh = common.mesh_block()
+  common.paper_memory(c, inner=8)  # 16 examples per v5p chip: 2 chunks.
   c.audit = common.audit_block()
 
   # Training diagnostics on held-out PUBLIC data (eval_source, split below):
@@ -218,7 +219,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_examples=2000, steps=200, batch_size=128, learning_rate=3e-3,
         b2=0.95, weight_decay=0.005, warmup_steps=30))
     c.privacy.accountant = "pld"  # tighter than RDP at this q.
+    c.privacy.method = "vmap"
+    c.mesh.fsdp = 1
     c.train.update(dict(
+        inner_microbatch=0,
         # One 512-row microbatch holds a Poisson draw of ~256 +- 16.
         steps=200, batch_size=256, microbatch_size=512, learning_rate=2e-3,
         b2=0.95, weight_decay=0.005, warmup_steps=0, dtype="float32",

@@ -16,8 +16,9 @@ hyper-parameters cheaply and is NOT an epsilon-8 run. `:paper,tan=1024`
 simulates the paper run at B'=1,280.
 
 `:paper,smoke` runs ONE DP step of the paper's model at full size (ViT-B/16
-at 224x224, the 30,522-entry output head, vmap clipping, bfloat16) on the
-embedded shapes data (N=64, expected batch 4, microbatches of 2) with the
+at 224x224, the 30,522-entry output head, auto (ghost) clipping, bfloat16)
+on the embedded shapes data (N=64, expected batch 4, microbatches of 2,
+one device) with the
 shapes vocabulary padded to 30,522 entries (`shapes:30522`; no download),
 then the held-out caption loss on 8 images: the paper preset executes.
 
@@ -104,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The decoder's learning rate is this x the schedule's (1 = the paper's).
   c.train.decoder_lr_scale = 1.0
   c.mesh = common.mesh_block()
+  common.paper_memory(c, inner=8)  # 16 examples per v5p chip: 2 chunks.
   c.audit = common.audit_block()
   # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
   # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
@@ -167,8 +169,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Ghost / book-keeping clipping: the DP step costs about what the
     # non-private step does (benchmarks/RESULTS.md); same clipped sum.
     c.privacy.method = "auto"
+    c.mesh.fsdp = 1
     c.train.update(dict(
-        steps=400, batch_size=512, microbatch_size=512, learning_rate=5e-3,
+        inner_microbatch=0, steps=400, batch_size=512, microbatch_size=512,
+        learning_rate=5e-3,
         warmup_steps=20, decay_steps=0, dtype="float32", checkpoint_every=50,
         log_every=10, num_workers=0))
     # A 2x decoder lr: at this budget the one-block decoder otherwise

@@ -26,9 +26,9 @@ phase 2. DP-MAE from random init: --config.pretrain.steps=0.
 five minutes (32x32 images, patch 8, a 64-d x 3 encoder).
 
 `:paper,smoke` runs the paper's model at full size (ViT-B/16 at 224x224 +
-the 512-d 4-block decoder, vmap clipping at C=0.1, float32) for ONE step of
-each phase on the embedded data (N=64 per phase, expected batch 4,
-microbatches of 2), then the held-out MAE loss on 8 images:
+the 512-d 4-block decoder, auto (ghost) clipping at C=0.1, float32) for ONE
+step of each phase on the embedded data (N=64 per phase, expected batch 4,
+microbatches of 2, one device), then the held-out MAE loss on 8 images:
 
   python -m dpjax.main --config=configs/vip.py:paper,smoke --workdir=/tmp/s
 """
@@ -147,6 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.train.get_ref("base_learning_rate")
       * c.train.get_ref("batch_size").to_float() / 256.0)
   c.mesh = common.mesh_block()
+  common.paper_memory(c, inner=12)  # 12 examples per v5p chip: 1 chunk.
   c.audit = common.audit_block()
 
   # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
@@ -183,7 +184,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.privacy.delta = -1.0  # dpjax's default, N^-1.1.
     c.privacy.accountant = "pld"  # tighter than RDP at this q; no RDP
                                   # convergence warnings at small sigma.
+    c.privacy.method = "vmap"
+    c.mesh.fsdp = 1
     c.train.update(dict(
+        inner_microbatch=0,
         steps=200, batch_size=512, microbatch_size=256, warmup_steps=20,
         checkpoint_every=100, log_every=20, num_workers=0))
     c.train.base_learning_rate = 1e-3  # lr = 2e-3 at B=512.

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import dpcap as dpcap_config
+from configs import dpfedemb as dpfedemb_config
 from dpjax import plan as plan_lib
 from dpjax import privacy
 from dpjax import recipes
@@ -64,6 +65,13 @@ def test_stand_in_data():
   assert c.data.image_size == 224 and c.model.vocab_size == 30522
   assert c.privacy.delta == paper.privacy.delta
   assert any("data.source=" in n for n in notes)
+  # A real-data-only field beside a replaced user-keyed source takes the
+  # stand-in's value (synthetic identities refuse a held-out fraction).
+  paper = dpfedemb_config.get_config("paper")
+  assert paper.data.heldout_user_fraction > 0
+  c, notes = stand_in.stand_in_data(paper, dpfedemb_config.get_config("tiny"))
+  assert c.data.heldout_user_fraction == 0.0
+  assert any("data.heldout_user_fraction" in n for n in notes)
 
 
 def test_fields(result, tmp_path):

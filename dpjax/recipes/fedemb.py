@@ -87,8 +87,8 @@ def _heldout_fraction(config, spec: str) -> float:
   if not 0.0 <= frac < 1.0:
     raise ConfigError(f"config.data.heldout_user_fraction={frac}: use [0, 1)")
   if frac and spec == "synthetic:identities":
-    raise ValueError(
-        "config.data.heldout_user_fraction applies to real user-keyed "
+    raise ConfigError(
+        f"config.data.heldout_user_fraction={frac} applies to real user-keyed "
         "sources; synthetic identities are held out by construction "
         "(disjoint identity ranges): set it to 0")
   if frac and not d.user_key:

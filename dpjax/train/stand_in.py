@@ -9,6 +9,10 @@ shapes stay the preset's, and every replacement is returned as a note.
 
 import os
 
+# Fields next to a replaced source that apply to real data only (synthetic
+# stand-ins refuse them): they take the small preset's values.
+REAL_DATA_ONLY = ("heldout_user_fraction",)
+
 
 def _leaves(cfg, prefix=""):
   for k, v in cfg.items():
@@ -34,8 +38,9 @@ def stand_in_data(config, small) -> tuple[object, list[str]]:
   by `small`'s synthetic value at the same field. Sizes (N, image size,
   caption length, vocab size, classes) stay `config`'s, except fields of a
   replaced source that real data would fill (its split, and its
-  `<prefix>*` fields left 0/empty, e.g. synthetic identities per user):
-  those are `small`'s. Returns (copy, notes naming each replaced field)."""
+  `<prefix>*` fields left 0/empty, e.g. synthetic identities per user) or
+  that only real data takes (REAL_DATA_ONLY): those are `small`'s.
+  Returns (copy, notes naming each replaced field)."""
   out = config.copy_and_resolve_references()
   notes = []
   small_leaves = {path: v for path, _, v in _leaves(small)}
@@ -54,7 +59,7 @@ def stand_in_data(config, small) -> tuple[object, list[str]]:
         prefix = name[:-len("source")]
         for k in node.keys():
           if k.startswith(prefix) and k != name and (
-              k == prefix + "split" or not node[k]) and (
+              k in (prefix + "split", *REAL_DATA_ONLY) or not node[k]) and (
                   small_leaves.get(path[:-len(name)] + k) not in (None,
                                                                   node[k])):
             with node.unlocked():

@@ -209,7 +209,7 @@ def test_cli_with_worker_processes(tmp_path):
 
 
 def test_beam_direct_runner_matches_local(tmp_path):
-  pytest.importorskip("apache_beam")  # The optional [beam] extra.
+  # apache-beam: the [beam] extra, also in [test].
   _two_tars(tmp_path / "in")
   local = _run(tmp_path / "in", "webdataset", tmp_path / "local")
   beam = prepare.prepare(str(tmp_path / "in"), "webdataset",
