@@ -9,6 +9,11 @@ class ConfigError(ValueError):
   """An invalid config field: the message names the field, value and fix."""
 
 
+class MissingFileError(ConfigError, FileNotFoundError):
+  """A file or directory the config names does not exist (the message says
+  how to pass or make one)."""
+
+
 def config_error(field: str, value, fix: str) -> ConfigError:
   """`ConfigError("config.<field>=<value!r> is invalid: <fix>")`.
 

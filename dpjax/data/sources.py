@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dpjax import errors
 from dpjax.data import BadRecord
 from dpjax.data import manifest as manifest_lib
 from dpjax.data import readers
@@ -237,7 +238,7 @@ def prepared_source(directory: str, *, fields: Mapping[str, str] | None,
   for shard in m["shards"]:
     path = os.path.join(directory, shard["file"])
     if not os.path.exists(path):
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"data.source='arrayrecord:{directory}': {path} is listed in "
           "manifest.json but missing: copy the whole directory, or rerun "
           "`python -m dpjax.data.prepare` (it resumes).")
@@ -340,13 +341,15 @@ def make_source(spec: str, *, split: str = "train",
   if kind == "arrayrecord":
     paths = sorted(glob_lib.glob(rest))
     if not paths:
-      raise FileNotFoundError(
-          f"data.source={spec!r}: no files match {rest!r}; write them with "
-          "dpjax.data.records.write_arrayrecord or fix the glob.")
+      raise errors.MissingFileError(
+          f"data.source={spec!r}: no manifest.json in and no files match "
+          f"{rest!r}: prepare the data (python -m dpjax.data.prepare "
+          f"--input=<shards> --format=webdataset --output={rest}), or fix "
+          "the path or glob.")
     return FieldMapSource(MsgpackArrayRecordSource(paths), fields)
   if kind == "folder":
     if not os.path.isdir(rest):
-      raise FileNotFoundError(f"data.source={spec!r}: {rest!r} is not a "
+      raise errors.MissingFileError(f"data.source={spec!r}: {rest!r} is not a "
                               "directory; point it at your image folder.")
     return FieldMapSource(FolderSource(rest), fields)
   raise ValueError(f"data.source={spec!r}: unknown kind {kind!r}; use "

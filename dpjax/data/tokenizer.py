@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dpjax import errors
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -118,7 +120,7 @@ class WordPieceTokenizer(Tokenizer):
                       ) -> "WordPieceTokenizer":
     """Loads a BERT ``vocab.txt`` (one token per line, line number = id)."""
     if not os.path.exists(path):
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"tokenizer vocab file {path!r} not found: pass "
           "--config.data.tokenizer=wordpiece:<bert-base-uncased vocab.txt, "
           "30,522 lines>, or make one from PUBLIC text (never the private "

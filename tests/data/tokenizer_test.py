@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
+from dpjax import errors
 from dpjax.data import synthetic
 from dpjax.data import tokenizer
 
@@ -59,7 +60,9 @@ def test_from_vocab_file_bert_layout(tmp_path):
   assert tok.decode(ids) == "a red circle"
   with pytest.raises(FileNotFoundError) as e:
     tokenizer.WordPieceTokenizer.from_vocab_file(str(tmp_path / "nope.txt"))
-  # One line: the file to pass and the command that makes one.
+  # One line (dpjax.main prints a ConfigError without a traceback): the
+  # file to pass and the command that makes one.
+  assert isinstance(e.value, errors.ConfigError)
   assert "\n" not in str(e.value)
   for s in ("--config.data.tokenizer=wordpiece:", "30,522",
             "python -m dpjax.data.tokenizer", "--vocab_size=30522",
