@@ -81,8 +81,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="synthetic:shapes",
       eval_split="test",
       eval_num_examples=2000,
-      # Labelled images the probes train on (eval_source's "probe" split).
+      # Labelled images the probes train on (eval_source's "probe" split;
+      # with probe_source, its first probe_train_examples records: a
+      # subset; the paper probes the full ImageNet train split).
       probe_train_examples=10_000,
+      # Labelled PUBLIC images of the "probe_train" / "probe_test" data: a
+      # TFDS dataset (ImageNet-1k, prepared manually as TFDS documents:
+      # put the ILSVRC2012 tars in <data_dir>/downloads/manual), a prepared
+      # "arrayrecord:<dir>", or "" = eval_source's probe_*_split splits.
+      probe_source="tfds:imagenet2012",
+      probe_data_dir="",
+      probe_train_split="train",  # its first probe_train_examples records.
+      probe_test_split="validation",  # ImageNet's labelled held-out split.
+      probe_labels="label",  # comma-separated integer label fields.
+      probe_test_examples=10_000,
       # Records that cannot be used (missing or undecodable file, empty
       # caption): "error" | "skip". Sources of at most validate_max_records
       # records (and, with "error", every folder: source) are read in full
@@ -114,32 +126,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # loglik, caption_logits, caption_loss, decode, detokenize; its data:
   # test, probe, test_1shape / probe_1shape (single-shape images: the
   # labels are the caption subject's, ambiguous with two shapes), aro (the
-  # two-shape test images), shape_prompts, word_categories.
+  # two-shape test images), shape_prompts, word_categories, probe_train /
+  # probe_test (data.probe_source's labelled images).
   c.evals = ml_collections.ConfigDict(dict(
-      linear_probe=dict(type="linear_probe", log_steps=0,
-                        labels="shape,color"),
-      linear_probe_1shape=dict(
-          type="linear_probe", log_steps=0, labels="shape,color",
-          train_data="probe_1shape", test_data="test_1shape"),
-      # Colour is the attribute a random encoder's features already
-      # separate linearly given enough examples, so the few-shot regime is
-      # where learned colour shows.
-      few_shot_shape=dict(
-          type="few_shot", log_steps=0, label="shape", shots=(1, 5, 10),
-          seeds=3, train_data="probe_1shape", test_data="test_1shape",
-          prefix="few_shot_1shape_shape"),
-      few_shot_color=dict(
-          type="few_shot", log_steps=0, label="color", shots=(1, 5, 10),
-          seeds=3, train_data="probe_1shape", test_data="test_1shape",
-          prefix="few_shot_1shape_color"),
-      # Prompts: every "a {size} {colour} {shape}" of a shape class.
-      zero_shot=dict(type="zero_shot", log_steps=0, label="shape",
-                     prompts="shape_prompts"),
-      aro=dict(type="aro", log_steps=0,
-               kinds=("swap_color", "swap_order", "swap_relation")),
-      # Next-word accuracy by word kind (size, colour, shape, relation).
-      token_accuracy=dict(type="token_accuracy", log_steps=0,
-                          categories="word_categories", prefix="caption"),
+      # ImageNet-1k (data.probe_source): logistic regression on pooled
+      # encoder features, and few-shot (the paper's 1/2/5/10-shot).
+      linear_probe=dict(type="linear_probe", log_steps=0, labels="label",
+                        train_data="probe_train", test_data="probe_test"),
+      few_shot=dict(type="few_shot", log_steps=0, label="label",
+                    shots=(1, 2, 5, 10), seeds=3, train_data="probe_train",
+                    test_data="probe_test"),
       heldout_loss=dict(type="heldout_caption_loss", log_steps=0,
                         prefix="caption"),
       # Greedy captions of the first test images (also to samples.json).
@@ -179,6 +175,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # learns which word goes with which shape (colour binding, ARO) too
     # slowly; the encoder's probes do not suffer (README, DP-Cap).
     c.train.decoder_lr_scale = 2.0
+    c.data.update(dict(probe_source="", probe_train_split="probe",
+                       probe_test_split="test", probe_labels="shape,color"))
+    # Evaluators of the shapes data's procedural labels and captions.
+    c.evals = ml_collections.ConfigDict(dict(
+        linear_probe=dict(type="linear_probe", log_steps=0,
+                          labels="shape,color"),
+        linear_probe_1shape=dict(
+            type="linear_probe", log_steps=0, labels="shape,color",
+            train_data="probe_1shape", test_data="test_1shape"),
+        # Colour is the attribute a random encoder's features already
+        # separate linearly given enough examples, so the few-shot regime is
+        # where learned colour shows.
+        few_shot_shape=dict(
+            type="few_shot", log_steps=0, label="shape", shots=(1, 5, 10),
+            seeds=3, train_data="probe_1shape", test_data="test_1shape",
+            prefix="few_shot_1shape_shape"),
+        few_shot_color=dict(
+            type="few_shot", log_steps=0, label="color", shots=(1, 5, 10),
+            seeds=3, train_data="probe_1shape", test_data="test_1shape",
+            prefix="few_shot_1shape_color"),
+        # Prompts: every "a {size} {colour} {shape}" of a shape class.
+        zero_shot=dict(type="zero_shot", log_steps=0, label="shape",
+                       prompts="shape_prompts"),
+        aro=dict(type="aro", log_steps=0,
+                 kinds=("swap_color", "swap_order", "swap_relation")),
+        # Next-word accuracy by word kind (size, colour, shape, relation).
+        token_accuracy=dict(type="token_accuracy", log_steps=0,
+                            categories="word_categories", prefix="caption"),
+        heldout_loss=dict(type="heldout_caption_loss", log_steps=0,
+                          prefix="caption"),
+        # Greedy captions of the first test images (also to samples.json).
+        captioning=dict(type="captioning", log_steps=0, num_examples=8),
+    ))
     c.data.probe_train_examples = 4000
     c.evals.captioning.num_examples = 4
   elif arg.preset != "paper":

@@ -113,9 +113,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="synthetic:shapes",
       eval_split="test",
       eval_num_examples=2000,
-      probe_labels="shape,color",  # label fields read from eval_source.
-      # Labelled images the probes train on (eval_source's "probe" split).
+      # Labelled PUBLIC images of the "probe_train" / "probe_test" data: a
+      # TFDS dataset (ImageNet-1k, prepared manually as TFDS documents:
+      # put the ILSVRC2012 tars in <data_dir>/downloads/manual), a prepared
+      # "arrayrecord:<dir>", or "" = eval_source's probe_*_split splits.
+      probe_source="tfds:imagenet2012",
+      probe_data_dir="",
+      probe_train_split="train",  # its first probe_train_examples records
+                                  # (a subset of the paper's full split).
+      probe_test_split="validation",  # ImageNet's labelled held-out split.
+      probe_labels="label",  # comma-separated integer label fields.
       probe_train_examples=10_000,
+      probe_test_examples=10_000,
       # Records that cannot be used (missing or undecodable file, empty
       # caption): "error" | "skip". Sources of at most validate_max_records
       # records (and, with "error", every folder: source) are read in full
@@ -155,15 +164,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0: at the end only; < 0: off), prefix of its metrics (default: the
   # name), then the type's own fields}. The recipe's functions: features
   # (pred_kw last_k=k: the MAE protocol's last k blocks), mae_loss; its
-  # data: test, probe (image, rng, the data.probe_labels fields).
+  # data: test (image, rng), probe_train / probe_test (image and the
+  # data.probe_labels fields of data.probe_source).
   c.evals = ml_collections.ConfigDict(dict(
       # protocol "mae": pooled tokens of the last k blocks, concatenated,
       # standardised, optax-trained linear head (ViP's main_linprobe.py);
       # "logreg": pooled final tokens, centred + L2-normalised, sklearn
       # logistic regression (DP-Cap's protocol).
       linear_probe=dict(
-          type="linear_probe", log_steps=0, labels="shape,color",
-          protocol="mae", pred_kw=dict(last_k=12), mae_epochs=90,
+          type="linear_probe", log_steps=0, labels="label",
+          train_data="probe_train", test_data="probe_test", protocol="mae", pred_kw=dict(last_k=12), mae_epochs=90,
           mae_batch_size=16_384, mae_base_lr=0.1, mae_optimizer="lars"),
       # MAE loss on the held-out images (fixed masks).
       heldout_loss=dict(type="heldout_mae_loss", log_steps=0, prefix="mae"),
@@ -191,9 +201,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=200, batch_size=512, microbatch_size=256, warmup_steps=20,
         checkpoint_every=100, log_every=20, num_workers=0))
     c.train.base_learning_rate = 1e-3  # lr = 2e-3 at B=512.
-    c.data.probe_train_examples = 2000
+    c.data.update(dict(probe_train_examples=2000, probe_test_examples=1000))
+    c.data.update(dict(probe_source="", probe_train_split="probe",
+                       probe_test_split="test", probe_labels="shape,color"))
     c.evals.linear_probe = dict(type="linear_probe", log_steps=0,
-                                labels="shape,color", protocol="logreg")
+                                labels="shape,color", protocol="logreg",
+                                train_data="probe_train",
+                                test_data="probe_test")
   elif arg.preset != "paper":
     raise ValueError(f"configs/vip.py:{arg.preset}: unknown preset; "
                      "use :paper or :tiny")

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from dpjax.data import sources
 from dpjax.data import transforms as transforms_lib
 
 
@@ -38,3 +39,22 @@ def materialise(source: Any, transforms: Sequence[Any],
   out = {k: np.stack([r[k] for r in rows]) for k in keep}
   out.update({k: np.array([r[k] for r in records]) for k in raw})
   return out
+
+
+def labelled_images(spec: str, *, split: str, num: int, image_size: int,
+                    labels: Sequence[str], seed: int = 0, data_dir: str = ""
+                    ) -> dict[str, np.ndarray]:
+  """The first `num` records of a labelled PUBLIC image source.
+
+  `spec` is a `sources.from_config` string (e.g. "tfds:imagenet2012", a
+  synthetic source); records are resized to `image_size` (no augmentation).
+
+  Returns:
+    "image" float32[n, S, S, 3] in [-1, 1] and each field of `labels` as
+    int[n], n = min(num, len(source)).
+  """
+  src = sources.from_config(spec, split=split, seed=seed, num_examples=num,
+                            image_size=image_size, data_dir=data_dir)
+  keep = ("image", *labels)
+  ts = transforms_lib.image_pipeline(image_size, keep=keep)
+  return materialise(src, ts, range(min(num, len(src))), keep=keep)

@@ -183,6 +183,13 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
       config, tok, d.eval_num_examples, d.eval_split))
   probe = functools.cache(lambda: eval_arrays(
       config, tok, d.probe_train_examples, "probe"))
+  probe_labels = tuple(k.strip() for k in d.probe_labels.split(",")
+                       if k.strip())
+  labelled = lambda split, num: functools.cache(
+      lambda: arrays.labelled_images(
+          d.probe_source or d.eval_source, split=split, num=num,
+          image_size=d.image_size, labels=probe_labels, seed=config.seed,
+          data_dir=d.probe_data_dir))
   prompts = lambda: {"tokens": np.stack([
       [tok.encode_fixed(p, d.max_caption_len) for p in _shape_prompts(shape)]
       for shape in synthetic.SHAPES])}
@@ -194,7 +201,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
           probe_1shape=lambda: _one_shape(probe()),
           aro=lambda: _aro_arrays(config, tok, test()),
           shape_prompts=prompts,
-          word_categories=lambda: _word_categories(tok)))
+          word_categories=lambda: _word_categories(tok),
+          probe_train=labelled(d.probe_train_split, d.probe_train_examples),
+          probe_test=labelled(d.probe_test_split, d.probe_test_examples)))
   evals = evaluate.from_config(config.evals, context)
 
   def summary(params):

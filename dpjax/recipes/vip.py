@@ -111,16 +111,16 @@ def _dp_phase(config, loss_fn) -> task_lib.Phase:
                                                         d.image_size))
 
 
-def eval_arrays(config: ml_collections.ConfigDict, num: int, split: str,
-                labels: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-  """Held-out PUBLIC images float32[num, S, S, 3] in [-1, 1], fixed mask
-  keys "rng" uint32[num, 2], and the requested integer label fields [num]."""
+def eval_arrays(config: ml_collections.ConfigDict, num: int, split: str
+                ) -> dict[str, np.ndarray]:
+  """Held-out PUBLIC images float32[num, S, S, 3] in [-1, 1] and fixed mask
+  keys "rng" uint32[num, 2]."""
   d = config.data
   src = sources.from_config(d.eval_source, split=split, seed=config.seed,
                             num_examples=num, image_size=d.image_size,
                             fields={"image": d.image_key})
   out = arrays.materialise(src, transforms_lib.image_pipeline(d.image_size),
-                           range(num), keep=("image",), raw=labels)
+                           range(num), keep=("image",))
   out["rng"] = transforms_lib.example_keys(config.seed, 0, np.arange(num))
   return out
 
@@ -179,11 +179,14 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
     return model.apply({"params": params}, images, keys, method=mae.MAE.loss)
 
   labels = tuple(k.strip() for k in d.probe_labels.split(",") if k.strip())
+  labelled = lambda split, num: lambda: arrays.labelled_images(
+      d.probe_source or d.eval_source, split=split, num=num,
+      image_size=d.image_size, labels=labels, seed=config.seed,
+      data_dir=d.probe_data_dir)
   context = evaluate.Context("vip", fns=dict(
       features=features, mae_loss=mae_loss), data=dict(
-          test=lambda: eval_arrays(config, d.eval_num_examples, d.eval_split,
-                                   labels),
-          probe=lambda: eval_arrays(config, d.probe_train_examples, "probe",
-                                    labels)))
+          test=lambda: eval_arrays(config, d.eval_num_examples, d.eval_split),
+          probe_train=labelled(d.probe_train_split, d.probe_train_examples),
+          probe_test=labelled(d.probe_test_split, d.probe_test_examples)))
   return task_lib.Task(init_params=init_params, phases=phases,
                        evaluators=evaluate.from_config(config.evals, context))

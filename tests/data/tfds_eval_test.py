@@ -7,18 +7,22 @@ records of each dataset's real features: a name missing from the TFDS
 catalogue still fails, a missing or renamed field fails in the recipe's
 transforms, and nothing is downloaded (no TensorFlow needed).
 
-DP-Cap's and ViP's :paper presets evaluate on ``synthetic:shapes`` (their
-evaluators read the procedural shape / colour labels), so they name no
-TFDS evaluation data; DP continual's ImageNet-21k-P held-out split and
-DP-FedEmb's held-out writers are prepared ArrayRecord directories
-(tests/data/prepare_*_test.py test that path).
+DP-Cap's and ViP's :paper probes read ImageNet-1k (``imagenet2012``);
+their held-out caption / MAE losses read ``data.eval_source``. DP
+continual's ImageNet-21k-P held-out split and DP-FedEmb's held-out writers
+are prepared ArrayRecord directories (tests/data/prepare_*_test.py test
+that path).
 """
+
+import importlib
 
 import numpy as np
 import pytest
 
 from configs import dp_continual as continual_config
 from configs import dpfedemb as fedemb_config
+from dpjax import recipes
+from dpjax.data import arrays
 from dpjax.data import transforms
 from dpjax.recipes import continual
 from dpjax.recipes import fedemb
@@ -93,3 +97,27 @@ def test_fedemb_paper_public_source_reads_mnist_without_a_user_field():
   size = config.data.image_size
   assert rec["image"].shape == (size, size, 3)  # grey -> RGB.
   assert 0 <= int(rec["label"]) < config.data.public_num_classes
+
+
+@pytest.mark.parametrize("name", ["dpcap", "vip"])
+def test_dpcap_and_vip_paper_probes_read_imagenet2012(name):
+  """The :paper probe data (train split's first records, labelled
+  "validation") through `arrays.labelled_images`, and the recipe's own
+  linear-probe evaluator built from it (its data is loaded at build)."""
+  c = importlib.import_module(f"configs.{name}").get_config("paper")
+  d = c.data
+  assert d.probe_source == "tfds:imagenet2012" and d.probe_labels == "label"
+  for split in (d.probe_train_split, d.probe_test_split):
+    with tfds.testing.mock_data(num_examples=_NUM):
+      out = arrays.labelled_images(
+          d.probe_source, split=split, num=_NUM, image_size=d.image_size,
+          labels=("label",), data_dir=d.probe_data_dir)
+    assert out["image"].shape == (_NUM, 224, 224, 3)
+    assert ((0 <= out["label"]) & (out["label"] < 1000)).all()
+  # Training data stood in (only the probe is under test).
+  c.data.source = "synthetic:shapes"
+  if name == "dpcap":
+    c.data.tokenizer = f"shapes:{c.model.vocab_size}"
+  task = recipes.get(name).build(c)
+  with tfds.testing.mock_data(num_examples=_NUM):
+    assert task.evaluators["linear_probe"].evaluator() is not None
