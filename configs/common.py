@@ -100,6 +100,10 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       dtype="float32",  # activation dtype: "float32" | "bfloat16".
       num_workers=0,  # Grain worker processes for decoding/augmentation.
+      # > 0: also keep an EMA of the params (post-processing, no privacy
+      # cost), evaluated as "eval_ema/..." and exported to export/ema_params.
+      ema_decay=0.0,
+      ema_warmup=True,  # decay min(ema_decay, (1+t)/(10+t)) at update t.
   ))
   cfg.update(overrides)
   return cfg

@@ -101,15 +101,16 @@ def _abs(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def export_dir(workdir: str) -> str:
-  return workdir.rstrip("/") + "/export/params"
+def export_dir(workdir: str, name: str = "params") -> str:
+  return workdir.rstrip("/") + "/export/" + name
 
 
-def export_params(workdir: str, params: Any) -> str:
+def export_params(workdir: str, params: Any, name: str = "params") -> str:
   """Writes `params` alone (no keys, no optimizer state) to
-  <workdir>/export/params, replacing an earlier export; returns the path.
+  <workdir>/export/<name> ("params"; "ema_params": the EMA), replacing an
+  earlier export; returns the path.
   Call on every process (Orbax gathers sharded arrays)."""
-  path = _abs(export_dir(workdir))
+  path = _abs(export_dir(workdir, name))
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, params, force=True)
   ckptr.wait_until_finished()

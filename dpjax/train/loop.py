@@ -22,6 +22,7 @@ from dpjax.data import bad_records
 from dpjax.data import pipeline
 from dpjax.train import canaries as canaries_lib
 from dpjax.train import checkpoint as ckpt_lib
+from dpjax.train import ema as ema_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import metrics as metrics_lib
 from dpjax.train import preemption as preemption_lib
@@ -216,7 +217,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       t0, since = time.time(), 0
     if not (last and (stopped or index == len(run.task.phases) - 1)):
       t_eval = time.time()
-      _evaluate(run, state.params, writer, gstep, periodic=True)  # End: all.
+      _evaluate(run, state, writer, gstep, periodic=True)  # End: all.
       t0 += time.time() - t_eval  # Throughput counts training time only.
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         ledger=run.ledger.to_dict(),
@@ -232,19 +233,24 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   return state, phase_step, stopped
 
 
-def _evaluate(run: _Run, params, writer, step: int,
+def _evaluate(run: _Run, state, writer, step: int,
               periodic: bool = False) -> dict:
   """Runs the task's evaluators (held-out PUBLIC data; they read params
   only, so training and its randomness are unchanged) and logs them under
-  "eval/": every one at the end, only the due ones with `periodic`."""
+  "eval/" (and, with train.ema_decay, on the EMA params under "eval_ema/"):
+  every one at the end, only the due ones with `periodic`."""
   out = {}
+  ema = ema_lib.ema_of(state.opt_state)
+  versions = [("eval", state.params)] + (
+      [("eval_ema", ema)] if ema is not None else [])
   for name, evaluator in run.task.evaluators.items():
     if periodic and not evaluator.due(step):
       continue
-    t0 = time.time()
-    res = evaluator.run(params)
-    out.update({f"eval/{k}": float(v) for k, v in res.items()})
-    logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
+    for prefix, params in versions:
+      t0 = time.time()
+      res = evaluator.run(params)
+      out.update({f"{prefix}/{k}": float(v) for k, v in res.items()})
+      logging.info("%s %s (%.1fs): %s", prefix, name, time.time() - t0, res)
   if out:
     writer.write(step, out)
   return out
@@ -392,10 +398,13 @@ def _run(task, config, workdir,
       _write_bad_records(r, workdir, writer, int(state.step))
     # Params alone, safe to publish; checkpoints/ keeps the secret keys.
     ckpt_lib.export_params(workdir, state.params)
+    if ema_lib.ema_of(state.opt_state) is not None:
+      ckpt_lib.export_params(workdir, ema_lib.ema_of(state.opt_state),
+                             "ema_params")
   results = r.describe()
   results.update(step=int(state.step), epsilon=r.epsilon(),
                  stopped_at_budget=stopped)
-  results.update(_evaluate(r, state.params, writer, int(state.step)))
+  results.update(_evaluate(r, state, writer, int(state.step)))
   if r.canaries is not None:
     results.update(_audit(r, state.params, workdir))
   samples = (r.task.summary(state.params)

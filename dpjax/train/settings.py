@@ -125,12 +125,15 @@ class PhasePlan:
     privacy: resolved DP settings (None for a public phase).
     sum_fn: the clipped-sum function of the step; for a private phase a
       `privacy.clipping.BoundedSum`, whose sensitivity the noise reads.
+    ema_decay, ema_warmup: train.ema_decay / ema_warmup (0: no EMA).
   """
   phase: task_lib.Phase
   source: Any
   num_examples: int
   privacy: PrivacySettings | None
   sum_fn: Any
+  ema_decay: float = 0.0
+  ema_warmup: bool = True
 
   def __getattr__(self, name: str):
     if name == "phase":  # Not yet set (e.g. while unpickling).
@@ -161,13 +164,14 @@ class PhasePlan:
     phases; sigma, q*N and the sum function's bound from this plan) chained
     with the phase's optimizer. `noise_key` and `first_step` only matter to
     `init` (the noise's root key and the count of its first update)."""
+    ema = dict(ema_decay=self.ema_decay, ema_warmup=self.ema_warmup)
     if not self.privacy:
-      return step_lib.phase_optimizer(self.phase.optimizer)
+      return step_lib.phase_optimizer(self.phase.optimizer, **ema)
     return step_lib.phase_optimizer(
         self.phase.optimizer, sum_fn=self.sum_fn,
         noise_multiplier=self.noise_multiplier,
         expected_batch_size=float(self.phase.batch_size),
-        noise_key=noise_key, first_step=first_step)
+        noise_key=noise_key, first_step=first_step, **ema)
 
 
 def resolve_phases(config: ml_collections.ConfigDict,
@@ -200,7 +204,10 @@ def resolve_phases(config: ml_collections.ConfigDict,
       raise ValueError(
           f"phase {phase.name}: its clipped_sum_fn states no sensitivity; "
           "return a privacy.clipping.BoundedSum(fn, l2_sensitivity, unit)")
-    out.append(PhasePlan(phase, source, n, s, sum_fn))
+    out.append(PhasePlan(phase, source, n, s, sum_fn,
+                         ema_decay=float(config.train.get("ema_decay", 0.0)),
+                         ema_warmup=bool(config.train.get("ema_warmup",
+                                                          True))))
   return out
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dpjax import privacy
+from dpjax.train import ema as ema_lib
 
 # Aggregates over real rows of a microbatch. num_nonfinite: real rows whose
 # gradient was NaN/inf (they contribute zero to the clipped sum).
@@ -92,20 +93,26 @@ def mean_of_sum() -> optax.GradientTransformationExtraArgs:
 def phase_optimizer(optimizer: optax.GradientTransformation, *,
                     sum_fn=None, noise_multiplier: float = 0.0,
                     expected_batch_size: float = 1.0, noise_key=None,
-                    first_step: int = 0) -> optax.GradientTransformation:
-  """`chain(head, optimizer)` of one phase; its state is `TrainState.opt_state`.
+                    first_step: int = 0, ema_decay: float = 0.0,
+                    ema_warmup: bool = True) -> optax.GradientTransformation:
+  """`chain(head, optimizer[, ema])` of one phase; its state is
+  `TrainState.opt_state`.
 
   Private phases (`sum_fn` given, a `privacy.clipping.BoundedSum`): head =
   `privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
   seed=noise_key, initial_count=first_step)`, so step t's key is
   fold_in(noise_key, t) for the global step t. Public phases: head =
-  `mean_of_sum()`.
+  `mean_of_sum()`. `ema_decay` > 0 appends `train.ema.params_ema` (an
+  average of the new params; post-processing, no privacy cost).
   """
   if sum_fn is None:
     head = mean_of_sum()
   else:
     head = privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
                              seed=noise_key, initial_count=first_step)
+  if ema_decay:
+    return optax.chain(head, optimizer,
+                       ema_lib.params_ema(ema_decay, ema_warmup))
   return optax.chain(head, optimizer)
 
 

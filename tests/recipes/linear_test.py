@@ -10,6 +10,7 @@ from dpjax import recipes
 def test_trains_privately_and_evaluates_periodically(tmp_path):
   config = dp_linear.get_config()
   config.train.steps = 60
+  config.train.ema_decay = 0.9
   config.evals.accuracy.log_steps = 30
   results = recipes.run(config, str(tmp_path))
   assert results["dp/privacy_unit"] == "example"
@@ -18,6 +19,12 @@ def test_trains_privately_and_evaluates_periodically(tmp_path):
   # Ten classes (chance 0.1): DP-SGD at epsilon 2 learns the digits.
   assert results["eval/accuracy/top1"] > 0.6
   with open(os.path.join(tmp_path, "metrics.csv")) as f:
-    steps = [int(r["step"]) for r in csv.DictReader(f)
-             if r["name"] == "eval/accuracy/top1"]
-  assert steps == [30, 60]
+    rows = list(csv.DictReader(f))
+  for name in ("eval/accuracy/top1", "eval_ema/accuracy/top1"):
+    assert [int(r["step"]) for r in rows if r["name"] == name] == [30, 60]
+  # The EMA of the DP params (post-processing) is evaluated and exported
+  # beside them.
+  assert results["eval_ema/accuracy/top1"] > 0.6
+  assert results["eval_ema/accuracy/ce"] != results["eval/accuracy/ce"]
+  for name in ("params", "ema_params"):
+    assert os.path.isdir(os.path.join(tmp_path, "export", name))

@@ -37,6 +37,7 @@ OVERRIDES = [
     "--config.train.log_every=2", "--config.train.checkpoint_every=100",
     "--config.data.num_examples=1000", "--config.data.eval_num_examples=8",
     "--config.privacy.noise_multiplier=1.0",
+    "--config.train.ema_decay=0.9",  # The EMA resumes bit for bit too.
 ] + [f"--config.evals.{k}.log_steps=-1"  # off.
      for k in dpcap_config.get_config("tiny").evals]
 
@@ -56,12 +57,12 @@ from absl import app
 from dpjax import main
 from dpjax.train import loop
 marker, at, evaluate = pathlib.Path({marker!r}), {at!r}, loop._evaluate
-def stalled(run, params, writer, step, periodic=False):
+def stalled(run, state, writer, step, periodic=False):
   if (not periodic and at == "final") or (periodic and step == at):
     marker.touch()
     while marker.exists():
       time.sleep(0.05)
-  return evaluate(run, params, writer, step, periodic)
+  return evaluate(run, state, writer, step, periodic)
 loop._evaluate = stalled
 app.run(main.main)
 """)
@@ -140,6 +141,7 @@ def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)  # Bitwise: same batches and noise.
   assert got_meta == want_meta  # Ledger, data position, phase.
+  assert os.path.isdir(os.path.join(replay, "export", "ema_params"))
   results = []
   for workdir in (full, replay, killed):
     with open(os.path.join(workdir, "results.json")) as f:
