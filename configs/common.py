@@ -100,6 +100,10 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       dtype="float32",  # activation dtype: "float32" | "bfloat16".
       num_workers=0,  # Grain worker processes for decoding/augmentation.
+      # K > 1: each sampled example is K augmented copies, its gradient the
+      # mean over them, clipped once (privacy unit unchanged; private
+      # example-level phases; K x the compute and activation memory).
+      augmult=1,
       # > 0: also keep an EMA of the params (post-processing, no privacy
       # cost), evaluated as "eval_ema/..." and exported to export/ema_params.
       ema_decay=0.0,

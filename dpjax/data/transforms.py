@@ -291,3 +291,23 @@ def image_pipeline(image_size: int, *, augment: bool = False,
       keep.append("tokens")
   ts.append(Keep(keep))
   return ts
+
+
+class Augmult(grain.transforms.RandomMap):
+  """Augmentation multiplicity: `k` independently augmented copies of one
+  record, each field stacked to [k, ...] (De et al. 2022).
+
+  Copy j runs `transforms` with its own generator keyed by 128 bits drawn
+  from the record's (secret, per-example) one, so the copies are
+  independent augmentations of the same record: still ONE privacy unit,
+  whose gradient the loss averages over the copies before clipping.
+  """
+
+  def __init__(self, transforms: Sequence[Any], k: int):
+    self.transforms, self.k = list(transforms), int(k)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    keys = rng.integers(0, 2**64, size=(self.k, 2), dtype=np.uint64)
+    copies = [apply(self.transforms, dict(record), np.random.Generator(
+        np.random.Philox(key=(int(hi) << 64) | int(lo)))) for hi, lo in keys]
+    return {f: np.stack([c[f] for c in copies]) for f in copies[0]}

@@ -18,6 +18,7 @@ import optax
 
 from dpjax import errors
 from dpjax import privacy
+from dpjax.train import augmult as augmult_lib
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
 
@@ -191,7 +192,13 @@ def resolve_phases(config: ml_collections.ConfigDict,
       sensitivity (it must be a `privacy.clipping.BoundedSum`).
   """
   out = []
+  k = int(config.train.get("augmult", 1))
+  if k > 1 and canaries is not None:
+    raise errors.config_error(
+        "train.augmult", k, "the canary audit (audit.num_canaries > 0) "
+        "scores single copies: set train.augmult=1 for an audited run")
   for i, phase in enumerate(phases):
+    phase = augmult_lib.apply(phase, k)
     source, n = phase.source, phase.num_examples
     if canaries is not None and canaries.phase_index == i:
       source, n = canaries.source, n + canaries.num_inserted
