@@ -12,9 +12,12 @@ with batches from ``poisson_sample(secret_seed(), step, ...)`` and the budget
 from ``epsilon`` / ``PrivacyLedger``. The noise key (in the optimizer state)
 and the sampling seed are secret OS entropy by default; an int seed is for
 tests only. See each module's docstring for the formal guarantees.
+``bandmf_noise`` replaces ``add_noise`` with noise correlated across steps
+(banded matrix factorization; its accounting and sampler are in ``bandmf``).
 """
 
 from dpjax.privacy import accounting
+from dpjax.privacy import bandmf
 from dpjax.privacy import clipping
 from dpjax.privacy import ledger
 from dpjax.privacy import noise
@@ -27,6 +30,7 @@ from dpjax.privacy.accounting import epsilon
 from dpjax.privacy.accounting import event_epsilon
 from dpjax.privacy.accounting import tan_simulation
 from dpjax.privacy.accounting import total_amount_of_noise
+from dpjax.privacy.bandmf import bandmf_noise
 from dpjax.privacy.clipping import BoundedSum
 from dpjax.privacy.clipping import clip_pytree
 from dpjax.privacy.clipping import clipped_grad
