@@ -2,20 +2,27 @@ r"""Micro-benchmark: ways to sum clipped per-example gradients after vmap.
 
 The vmap DP step is vmap(value_and_grad) -> per-example norms -> a clipped
 sum. This times the whole step with the sum written several ways, interleaved
-in one process (rep r runs every variant once), median per variant, ratio to
-a non-private `jax.grad` step. Each variant's sum is first checked against
-the plain (unsafe) contraction on a clean batch, and every variant marked
-SAFE is checked to add exactly zero for padding and NaN/inf rows.
+in one process (rep r runs every variant once; the ratio to a non-private
+`jax.grad` step is taken per rep, then the median). Each variant's sum is
+first checked against the plain (unsafe) contraction on a clean batch, and
+every NaN-safe variant is checked to add exactly zero for a padding row and
+a real row holding NaN / inf. Temp MiB: XLA's temporaries of the compiled
+step (`memory_analysis()`), deterministic.
 
-  where      sum(where(keep, g * factor, 0), axis=0)   (dpjax before #24)
-  dot        tensordot(factor, g)                     (plain; NaN-UNSAFE)
-  dot_where  tensordot(factor, where(finite_row, g, 0))
-  dot_nan0   tensordot(factor, nan_to_num(g, 0, 0, 0))
-  dot_cond   lax.cond(all rows finite, dot, dot_where)  (dpjax after #24)
+  where       sum(where(keep, g * factor, 0), axis=0)     (dpjax before #24)
+  dot         tensordot(factor, g)                         (NaN-UNSAFE)
+  dot_where   tensordot(factor, where(finite_row, g, 0))
+  dot_nan0    tensordot(factor, nan_to_num(g, 0, 0, 0))
+  dot_cond    lax.cond(all rows finite, dot, dot_where)
+  cond_id     lax.cond(all rows finite, g, where(...)), then dot
+  dot_loop    zero the non-finite rows in place (a fori_loop over those rows
+              only, dynamic_update_slice), then dot
+  loop_where  where(finite_row, g, 0) in a fori_loop run 0 or 1 times (in
+              place), then dot                           (dpjax after #24)
 
-Run (by hand):
-  /work/main/.venv/bin/python benchmarks/clip_sum_variants.py
-  ... --width 96 --batch 64 --reps 5
+Run from the repository root (by hand):
+  PYTHONPATH=. /work/main/.venv/bin/python benchmarks/clip_sum_variants.py
+  ... --width 96 --batch 64 --reps 5 --variants where,dot,dot_loop
 """
 
 import argparse
@@ -31,7 +38,8 @@ from dpjax.models import vit
 from dpjax.privacy import clipping
 
 C = 1.0
-SAFE = ("where", "dot_where", "dot_nan0", "dot_cond", "cond_id", "dot_loop", "loop_where")
+SAFE = ("where", "dot_where", "dot_nan0", "dot_cond", "cond_id", "dot_loop",
+        "loop_where")
 
 
 def _rows(x: jax.Array, v: jax.Array) -> jax.Array:
@@ -93,7 +101,8 @@ def step(loss_fn: Callable, kind: str) -> Callable:
     norms = jax.vmap(clipping.global_norm)(grads)
     finite = jnp.isfinite(norms)
     keep = (mask > 0) & finite
-    factor = jnp.where(keep, clipping._clip_factor(norms, C), 0.0)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    factor = jnp.where(keep, clipping._clip_factor(norms, C), 0.0)
     if kind == "dot_cond":
       fast = lambda g: jax.tree.map(lambda x: _dot(factor, x), g)
       slow = lambda g: jax.tree.map(
@@ -171,7 +180,7 @@ def main():
   ap.add_argument("--batch", type=int, default=256)
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--variants", default="where,dot,dot_where,dot_nan0,"
-                  "dot_cond")
+                  "dot_cond,cond_id,dot_loop,loop_where")
   args = ap.parse_args()
   params, loss_fn, data = setting(args.width, args.batch)
   mask = jnp.ones((args.batch,), jnp.float32)

@@ -19,10 +19,10 @@ by 0: 0 * NaN is NaN), so it contributes exactly zero; it is counted in
 
 Speed: the sum is one contraction of the ``[B]`` clip factors with the
 per-example gradients (``tensordot``, as plain ``vmap(grad)`` clipping),
-not an elementwise scale + select + reduce over ``B x params`` (2.3x vs
-1.4x a non-private step, issue #24). The non-finite rows are zeroed in place
-by a loop over those rows only, so the common all-finite step pays nothing
-for the NaN safety (``benchmarks/clip_sum_variants.py``).
+not an elementwise scale + select + reduce over ``B x params`` (2.2x vs
+1.2x a non-private ViT step on CPU, issue #24). Non-finite rows are zeroed
+in place by a loop that runs only if there is one, so the common all-finite
+step pays nothing for the NaN safety (``benchmarks/clip_sum_variants.py``).
 """
 
 import dataclasses
@@ -147,20 +147,20 @@ def clip_pytree(tree: PyTree, l2_clip_norm: float) -> tuple[PyTree, jax.Array]:
 def _zero_rows(tree: PyTree, drop: jax.Array) -> PyTree:
   """Rows ``i`` with ``drop[i]`` of every leaf set to exactly 0, in place.
 
-  A while loop over the dropped rows only (a ``dynamic_update_slice`` per row
-  and leaf): with none to drop (the common case) it does no work and, unlike
-  ``where(rows, g, 0)``, reads and writes no second ``B x params`` buffer.
+  ``where(row kept, g, 0)`` as the body of a loop that runs once if some row
+  is dropped and never otherwise: the loop carry is updated in place, so the
+  common all-finite step reads and writes no second ``B x params`` buffer
+  (a plain ``where`` costs one more pass; a ``lax.cond`` a second buffer).
+  Elementwise, so it shards like the rows.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  order = jnp.argsort(~drop, stable=True)  # Dropped rows first.
 
-  def body(k, xs):
-    i = order[k]
-    return [jax.lax.dynamic_update_index_in_dim(
-        x, jnp.zeros(x.shape[1:], x.dtype), i, 0) for x in xs]
+  def body(_, xs):
+    return [jnp.where(~drop.reshape((-1,) + (1,) * (x.ndim - 1)), x,
+                      jnp.zeros((), x.dtype)) for x in xs]
 
-  num = jnp.sum(drop.astype(jnp.int32))
-  return treedef.unflatten(jax.lax.fori_loop(0, num, body, leaves))
+  once = jnp.any(drop).astype(jnp.int32)
+  return treedef.unflatten(jax.lax.fori_loop(0, once, body, leaves))
 
 
 def _weighted_row_sum(tree: PyTree, factor: jax.Array,

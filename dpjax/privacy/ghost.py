@@ -20,9 +20,10 @@ zeros.
 
 The real pass adds a zero ``z`` (per example, shaped like the output) to
 each ghost call's output and records its input: ONE backward w.r.t. ``z``
-and the fallback params gives ``g_i = dloss_i/dy_i`` for every layer, without any
-weight gradient. Norms then come from ``ghost_layers.sq_norms`` and the
-clipped sum from one book-keeping matmul per layer (no second backward).
+and the fallback params gives ``g_i = dloss_i/dy_i`` for every layer,
+without any weight gradient. Norms then come from ``ghost_layers.sq_norms``
+and the clipped sum from one book-keeping matmul per layer (no second
+backward).
 Layers reading the very same input tensor (query/key/value) share the stored
 activation and its Gram matrix. Cost over a non-private step: the norm
 matmuls, min(2T^2(d_in/share + d_out), 2T d_in d_out) per example and layer,
@@ -62,7 +63,8 @@ _LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
 # Clip factor and aux of the vmap path, so both paths agree on non-finite rows.
 _scale_factor = clipping_lib._scale_factor  # pylint: disable=protected-access
 _aux = clipping_lib._aux  # pylint: disable=protected-access
-_weighted_row_sum = clipping_lib._weighted_row_sum  # pylint: disable=protected-access
+# pylint: disable-next=protected-access
+_weighted_row_sum = clipping_lib._weighted_row_sum
 
 
 def _mark(k: int) -> str:
@@ -294,8 +296,9 @@ def clipped_sum_fn(
     # w.r.t. per-example copies [B, *shape] batches the kernel of a
     # non-patch Conv into a grouped conv, which XLA:CPU computes with 0 *
     # other rows: one NaN example made every row's norm NaN.)
-    grad_fn = jax.vmap(jax.value_and_grad(per_example, argnums=(0, 1),
-                                          has_aux=True), in_axes=(None, None, 0))
+    grad_fn = jax.vmap(
+        jax.value_and_grad(per_example, argnums=(0, 1), has_aux=True),
+        in_axes=(None, None, 0))
     (losses, acts), (g_copies, g_zs) = grad_fn(copies, zs, batch)
 
     def rows(x, keep):  # Rows not kept -> 0, even if x is NaN there.

@@ -254,9 +254,11 @@ def dp_aggregate(
     # rows are zeroed before it, so they add exactly zero.
     norms = jax.vmap(clipping.global_norm)(updates)
     finite = jnp.isfinite(norms)
+    # pylint: disable=protected-access
     factor = jnp.where((mask > 0) & finite,
-                       clipping._clip_factor(norms, l2_clip_norm), 0.0)  # pylint: disable=protected-access
-    summed = clipping._weighted_row_sum(updates, factor, finite)  # pylint: disable=protected-access
+                       clipping._clip_factor(norms, l2_clip_norm), 0.0)
+    summed = clipping._weighted_row_sum(updates, factor, finite)
+    # pylint: enable=protected-access
     denom = batch if expected_batch_size is None else expected_batch_size
     noisy = privatize(summed, _step_key(state), l2_clip_norm,
                       noise_multiplier, denom)
