@@ -17,9 +17,10 @@ For each model, the same params and batch go through jitted functions of
 Before timing, every DP variant's clipped sum is checked against plain_vmap
 (allclose; the run stops if one differs). Then the variants are timed
 INTERLEAVED (rep r runs each once, back to back), so ratios share the
-machine's load: "time / non-private" is the median over reps of the per-rep
-ratio. Memory is XLA's buffer assignment of each compiled function
-(`compiled.memory_analysis()`: arguments + outputs + temporaries - aliases).
+machine's load: "time / non-private" (and "/ plain_vmap") is the median
+over reps of the per-rep ratio. Memory is XLA's buffer assignment of each
+compiled function (`compiled.memory_analysis()`: arguments + outputs +
+temporaries - aliases).
 
 Models (clip norm C = 1; the CE loss of a linear head on mean-pooled tokens):
   vit_narrow  ViT width 192, 4 blocks, 3 heads, 32px / patch 4 = 64 tokens,
@@ -181,12 +182,15 @@ def run_model(model: str, batch: Optional[int], variants: list[str],
       jax.block_until_ready(f(params, data))
       times[v].append(time.perf_counter() - t0)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  base_t = times.get("nonprivate")
+  def ratio(v, base):
+    if base not in times:
+      return float("nan")
+    return statistics.median(t / b for t, b in zip(times[v], times[base]))
+
   for v in fns:
-    ratio = (statistics.median(t / b for t, b in zip(times[v], base_t))
-             if base_t else float("nan"))
     rows.append(dict(variant=v, median_s=statistics.median(times[v]),
-                     ratio=ratio, peak_mib=mem[v] / 2**20,
+                     ratio=ratio(v, "nonprivate"),
+                     vs_plain=ratio(v, "plain_vmap"), peak_mib=mem[v] / 2**20,
                      mem_ratio=mem[v] / mem["nonprivate"]
                      if "nonprivate" in mem else float("nan")))
   order = {v: i for i, v in enumerate(variants)}
@@ -210,18 +214,20 @@ def main():
         f"{getattr(jp, '__version__', 'not installed')} backend "
         f"{jax.default_backend()} {platform.machine()} reps={args.reps}")
   print("| model | batch | params | variant | median step (s) | "
-        "time / non-private | peak MiB | mem / non-private |")
-  print("|---|---|---|---|---|---|---|---|")
+        "time / non-private | time / plain_vmap | peak MiB | "
+        "mem / non-private |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for model in args.models.split(","):
     for r in run_model(model, args.batch, args.variants.split(","),
                        args.reps):
       head = (f"| {model} ({r['desc']}) | {r['batch']} | "
               f"{r['params'] / 1e6:.1f}M | {r['variant']} |")
       if "note" in r:
-        print(f"{head} {r['note']} | | | |", flush=True)
+        print(f"{head} {r['note']} | | | | |", flush=True)
       else:
         print(f"{head} {r['median_s']:.3f} | {r['ratio']:.2f}x | "
-              f"{r['peak_mib']:.0f} | {r['mem_ratio']:.2f}x |", flush=True)
+              f"{r['vs_plain']:.2f}x | {r['peak_mib']:.0f} | "
+              f"{r['mem_ratio']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
