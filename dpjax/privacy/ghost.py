@@ -13,16 +13,17 @@ other use of those params. A call is handled by the fast path ("ghost") only
 if each of its params is used by that call and nothing else (a layer called
 twice, a tied ``Embed.attend``, a param read outside the layer, a layer
 inside ``nn.remat``/``nn.scan`` or a cast of the params all fail this). All
-other params take the exact fallback ("copy"): they are broadcast to a
-per-example copy ``[B, *shape]`` so the same backward returns their
-per-example gradients (vmap restricted to those params; cheap for LayerNorm,
-biases, position embeddings, CLS tokens). Unused params get zeros.
+other params take the exact fallback ("copy"): the same per-example
+backward (``vmap(grad)``) returns their per-example gradients (cheap for
+LayerNorm, biases, position embeddings, CLS tokens). Unused params get
+zeros.
 
 The real pass adds a zero ``z`` (per example, shaped like the output) to
 each ghost call's output and records its input: ONE backward w.r.t. ``z``
-and the copies gives ``g_i = dloss_i/dy_i`` for every layer, without any
-weight gradient. Norms then come from ``ghost_layers.sq_norms`` and the
-clipped sum from one book-keeping matmul per layer (no second backward).
+and the fallback params gives ``g_i = dloss_i/dy_i`` for every layer,
+without any weight gradient. Norms then come from ``ghost_layers.sq_norms``
+and the clipped sum from one book-keeping matmul per layer (no second
+backward).
 Layers reading the very same input tensor (query/key/value) share the stored
 activation and its Gram matrix. Cost over a non-private step: the norm
 matmuls, min(2T^2(d_in/share + d_out), 2T d_in d_out) per example and layer,
@@ -62,6 +63,8 @@ _LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
 # Clip factor and aux of the vmap path, so both paths agree on non-finite rows.
 _scale_factor = clipping_lib._scale_factor  # pylint: disable=protected-access
 _aux = clipping_lib._aux  # pylint: disable=protected-access
+# pylint: disable-next=protected-access
+_weighted_row_sum = clipping_lib._weighted_row_sum
 
 
 def _mark(k: int) -> str:
@@ -251,9 +254,8 @@ def clipped_sum_fn(
     b = mask.shape[0]
     copy_ids = [i for i, m in enumerate(plan["mode"]) if m == "copy"]
     slot = {rec["index"]: j for j, rec in enumerate(plan["calls"])}
-    copies = [jnp.broadcast_to(leaves[i], (b,) + leaves[i].shape)
-              for i in copy_ids]
-    zs = [jnp.zeros((b,) + rec["out"].shape, rec["out"].dtype)
+    copies = [leaves[i] for i in copy_ids]
+    zs = [jnp.zeros(rec["out"].shape, rec["out"].dtype)
           for rec in plan["calls"]]
 
     real = mask > 0
@@ -289,11 +291,15 @@ def clipped_sum_fn(
         loss = loss_fn(treedef.unflatten(lv), example)
       return loss, acts
 
-    def batched(copies, zs):
-      return jax.vmap(per_example)(copies, zs, batch)
-
-    losses, vjp_fn, acts = jax.vjp(batched, copies, zs, has_aux=True)
-    g_copies, g_zs = vjp_fn(jnp.ones_like(losses))
+    # vmap(grad), the fallback params and the zs shared (in_axes None): each
+    # example's backward sees only its own row. (A vjp of the vmapped loss
+    # w.r.t. per-example copies [B, *shape] batches the kernel of a
+    # non-patch Conv into a grouped conv, which XLA:CPU computes with 0 *
+    # other rows: one NaN example made every row's norm NaN.)
+    grad_fn = jax.vmap(
+        jax.value_and_grad(per_example, argnums=(0, 1), has_aux=True),
+        in_axes=(None, None, 0))
+    (losses, acts), (g_copies, g_zs) = grad_fn(copies, zs, batch)
 
     def rows(x, keep):  # Rows not kept -> 0, even if x is NaN there.
       r = keep.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -325,10 +331,9 @@ def clipped_sum_fn(
                                            normalize_gamma), 0.0)
 
     out = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
-    for i, g in zip(copy_ids, g_copies):
-      scaled = g.astype(jnp.float32) * factor.reshape(
-          (-1,) + (1,) * (g.ndim - 1))
-      out[i] = jnp.sum(rows(scaled, keep), axis=0)
+    # Fallback params: one contraction, non-finite rows zeroed in place.
+    for i, s in zip(copy_ids, _weighted_row_sum(g_copies, factor, finite)):
+      out[i] = s
     for rec, a, g in mats:
       # Dropped rows (padding or non-finite) of BOTH operands -> 0: the
       # book-keeping matmul sums over all rows, and 0 * NaN would leak such a

@@ -249,16 +249,16 @@ def dp_aggregate(
     batch = jax.tree_util.tree_leaves(updates)[0].shape[0]
     if mask is None:
       mask = jnp.ones((batch,), jnp.float32)
-    clipped, norms = jax.vmap(clipping.clip_pytree, in_axes=(0, None))(
-        updates, l2_clip_norm)
-    real = (mask > 0) & jnp.isfinite(norms)  # Non-finite rows add zero.
-
-    def leaf_sum(g):
-      shape = (-1,) + (1,) * (g.ndim - 1)
-      g = jnp.where(real.reshape(shape), g.astype(jnp.float32), 0.0)
-      return jnp.sum(g, axis=0)
-
-    summed = jax.tree_util.tree_map(leaf_sum, clipped)
+    # clip_pytree per row, then a sum, as one contraction (clipping.py):
+    # factor min(1, C/norm) for real finite rows, 0 otherwise; non-finite
+    # rows are zeroed before it, so they add exactly zero.
+    norms = jax.vmap(clipping.global_norm)(updates)
+    finite = jnp.isfinite(norms)
+    # pylint: disable=protected-access
+    factor = jnp.where((mask > 0) & finite,
+                       clipping._clip_factor(norms, l2_clip_norm), 0.0)
+    summed = clipping._weighted_row_sum(updates, factor, finite)
+    # pylint: enable=protected-access
     denom = batch if expected_batch_size is None else expected_batch_size
     noisy = privatize(summed, _step_key(state), l2_clip_norm,
                       noise_multiplier, denom)
