@@ -58,6 +58,12 @@ def privacy_block() -> ml_collections.ConfigDict:
                    # record outright. Paper presets set their paper's delta.
       accountant="pld",  # "pld" or "rdp" (dp_accounting).
       sampling="poisson",  # Poisson subsampling (the accounted mechanism).
+      # "dpsgd": fresh noise each step. "bandmf": noise correlated across
+      # `bands` steps (dpjax/privacy/bandmf.py), with b-cyclic Poisson
+      # sampling (example i in partition i mod b; step t samples partition
+      # t mod b at rate q*b) and its accounting; bands=1 is DP-SGD.
+      mechanism="dpsgd",
+      bands=1,
       # TAN simulation (DP-Cap, Sander et al. 2023): > 0 means "simulate the
       # run at this reference batch": sigma is calibrated for the reference
       # batch and scaled by batch_size / reference. Not an epsilon run.

@@ -199,6 +199,7 @@ class StepLoader:
   process_count: int = 1
   add_rng: bool = True
   num_examples: int | None = None
+  bands: int = 1  # > 1: b-cyclic Poisson sampling (privacy.bandmf).
   _template: dict[str, Any] | None = dataclasses.field(default=None,
                                                        repr=False)
 
@@ -216,8 +217,17 @@ class StepLoader:
     return self._template
 
   def indices(self, step: int) -> np.ndarray:
-    return sampling.sample_indices(self.seed, step, self.num_examples,
-                                   self.sampling_rate)
+    """Step `step`'s sorted global batch: Poisson at rate q over [0, N), or
+    with `bands` b > 1 over partition step mod b (indices i = step mod b
+    (mod b)) at rate q*b: the sampling BandMF's accounting assumes."""
+    if self.bands == 1:
+      return sampling.sample_indices(self.seed, step, self.num_examples,
+                                     self.sampling_rate)
+    r = step % self.bands
+    size = max(0, -(-(self.num_examples - r) // self.bands))
+    j = sampling.sample_indices(self.seed, step, size,
+                                min(1.0, self.sampling_rate * self.bands))
+    return r + j * self.bands
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
@@ -332,7 +342,8 @@ def poisson_batches(source: Any, *, sampling_rate: float,
                     process_index: int | None = None,
                     process_count: int | None = None, num_workers: int = 0,
                     worker_buffer_size: int = 1, add_rng: bool = True,
-                    num_examples: int | None = None) -> StepIterator:
+                    num_examples: int | None = None,
+                    bands: int = 1) -> StepIterator:
   """Poisson-sampled batches of this process's share, steps [start, num_steps).
 
   Formal property: step t's global batch is exactly
@@ -354,6 +365,7 @@ def poisson_batches(source: Any, *, sampling_rate: float,
     worker_buffer_size: steps prefetched per worker.
     add_rng: add the per-example "rng" uint32[2] leaf.
     num_examples: N to sample from (default len(source); records [0, N)).
+    bands: b > 1: b-cyclic Poisson sampling (``StepLoader.indices``).
 
   Returns:
     A checkpointable iterator of dicts (layout in the module docstring).
@@ -361,10 +373,11 @@ def poisson_batches(source: Any, *, sampling_rate: float,
   p, n_proc = _process_info(process_index, process_count)
   loader = StepLoader(source, tuple(transforms), sampling_rate,
                       global_microbatch, seed, p, n_proc, add_rng,
-                      num_examples)
+                      num_examples, bands)
   fingerprint = {"seed": int(seed), "sampling_rate": float(sampling_rate),
                  "num_examples": int(loader.num_examples),
-                 "global_microbatch": int(global_microbatch)}
+                 "global_microbatch": int(global_microbatch),
+                 **({"bands": int(bands)} if bands > 1 else {})}
   return StepIterator(loader, start_step, num_steps, num_workers,
                       worker_buffer_size, fingerprint)
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from dpjax.privacy import accounting
 from dpjax.privacy import audit_stats
+from dpjax.privacy import bandmf
 from dpjax.privacy import clipping
 from dpjax.privacy import noise
 
@@ -217,6 +218,61 @@ def gaussian_step_scores(l2_clip_norm: float, noise_multiplier: float,
   return np.asarray(scores, np.float64).ravel()
 
 
+def bandmf_step_scores(l2_clip_norm: float, noise_multiplier: float,
+                       bands: int, included: np.ndarray, *,
+                       canaries_per_step: int, seed: int,
+                       canary_norm: Optional[float] = None) -> np.ndarray:
+  """White-box scores of Dirac canaries through the real BandMF step.
+
+  As ``gaussian_step_scores``, with ``bandmf.bandmf_noise`` (key
+  ``seed``) instead of fresh noise: step s's d canaries sit on coordinates
+  (s mod b) * d + j of a d * b vector, so canaries sharing a coordinate are
+  b steps apart (the b-cyclic participation the accounting assumes), and
+  b - 1 canary-free steps close the run. The adversary undoes the
+  correlation: with y the noisy updates and C the strategy, C y = C x + z
+  (white noise); canary (s, j)'s score is sum_i c_i (C y)[s + i] at its
+  coordinate, the matched filter of its column of C (norm 1). W.r.t. each
+  canary this is ONE Gaussian mechanism with noise multiplier sigma.
+
+  Returns:
+    float64 [m] scores, in the order of ``included``.
+  """
+  m, d, b = included.size, canaries_per_step, bands
+  if m % d:
+    raise ValueError(f"num canaries {m} must be divisible by "
+                     f"canaries_per_step {d}.")
+  steps = m // d
+  norm = 2.0 * l2_clip_norm if canary_norm is None else canary_norm
+  loss = lambda p, ex: jnp.vdot(p, ex["direction"])
+  clipped_sum = clipping.clipped_grad(loss, l2_clip_norm)
+  tx = bandmf.bandmf_noise(clipped_sum, noise_multiplier, d / 2, b,
+                           seed=seed)
+  params = jnp.zeros(d * b, jnp.float32)
+  eye = norm * jnp.eye(d, dtype=jnp.float32)
+
+  def one_step(state, args):
+    step, mask = args
+    block = (step % b) * d
+    directions = jax.lax.dynamic_update_slice(
+        jnp.zeros((d, d * b), jnp.float32), eye, (0, block))
+    total, _ = clipped_sum(params, {"direction": directions}, mask)
+    update, state = tx.update(total, state)
+    return state, update
+
+  masks = np.zeros((steps + b - 1, d), np.float32)  # b - 1 closing steps.
+  masks[:steps] = included.reshape(steps, d)
+  _, ys = jax.jit(lambda s, k: jax.lax.scan(one_step, tx.init(params),
+                                            (s, k)))(
+      jnp.arange(steps + b - 1), jnp.asarray(masks))
+  cy = bandmf.strategy_matrix(b, steps + b - 1) @ np.asarray(ys, np.float64)
+  c = bandmf.coefficients(b)
+  s = np.arange(steps)
+  cols = (s % b)[:, None] * d + np.arange(d)[None, :]
+  scores = sum(c[i] * np.take_along_axis(cy[s + i], cols, axis=1)
+               for i in range(b))
+  return scores.ravel()
+
+
 def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
                         num_canaries: int, *, method: str = "one_run",
                         canaries_per_step: Optional[int] = None,
@@ -224,10 +280,12 @@ def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
                         k_fractions: Sequence[float] = (1 / 300, 1 / 100,
                                                         1 / 30),
                         seed: int = 0,
-                        noise_scale_error: float = 1.0) -> AuditResult:
+                        noise_scale_error: float = 1.0,
+                        bands: int = 1) -> AuditResult:
   """White-box audit of the DP step (clip -> sum -> Gaussian noise).
 
-  Runs ``gaussian_step_scores`` with noise multiplier
+  Runs ``gaussian_step_scores`` (``bands`` > 1: ``bandmf_step_scores``,
+  the BandMF step, whose claim per canary is the same) with noise multiplier
   ``noise_multiplier * noise_scale_error`` (1.0: the real step; 0.5: a
   deliberately broken step with half the noise; 0: no noise), and compares
   the empirical bound with the epsilon CLAIMED for ``noise_multiplier``:
@@ -253,9 +311,14 @@ def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
   if canaries_per_step is None:
     canaries_per_step = 1000 if method == "one_run" else 1
   included = choose_included(num_canaries, seed)
-  scores = gaussian_step_scores(
-      l2_clip_norm, noise_multiplier * noise_scale_error, included,
-      canaries_per_step=canaries_per_step, seed=seed + 1)
+  if bands > 1:
+    scores = bandmf_step_scores(
+        l2_clip_norm, noise_multiplier * noise_scale_error, bands, included,
+        canaries_per_step=canaries_per_step, seed=seed + 1)
+  else:
+    scores = gaussian_step_scores(
+        l2_clip_norm, noise_multiplier * noise_scale_error, included,
+        canaries_per_step=canaries_per_step, seed=seed + 1)
   theory = (math.inf if noise_multiplier == 0 else
             float(accounting.epsilon(noise_multiplier, 1.0, 1, delta)))
   if method == "one_run":

@@ -112,6 +112,8 @@ class _Run:
           secret_noise=p.noise_seed < 0, secret_sampling=p.sampling_seed < 0,
           delta_rule=self.dp.delta_rule)
       out.update(delta=self.dp.delta, accountant=self.dp.accountant,
+                 mechanism="bandmf" if self.dp.bands > 1 else "dpsgd",
+                 bands=self.dp.bands,
                  target_epsilon=self.dp.target_epsilon,
                  tan_simulation=self.dp.is_simulation)
       if self.dp.is_simulation:
@@ -130,7 +132,7 @@ def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
     return remaining
   target = phase.privacy.target_epsilon
   eps = lambda t: run.ledger.epsilon_after(
-      phase.noise_multiplier, phase.sampling_rate, t)
+      phase.noise_multiplier, phase.ledger_rate, phase.records(done, t))
   if eps(remaining) <= target:
     return remaining
   lo, hi = 0, remaining  # eps(lo) <= target < eps(hi).
@@ -175,7 +177,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   else:
     iterator = iter(pipeline.PoissonBatches(
         transforms=phase.transforms, num_examples=phase.num_examples,
-        **kwargs))
+        bands=phase.bands, **kwargs))
   if data_state is not None:
     iterator.set_state(data_state)
   # Training-data metrics: "private/" under DP (computed on private data,
@@ -196,8 +198,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     state, metrics = apply(state, acc)
     phase_step += 1
     since += 1
-    if phase.private:
-      run.ledger.record(phase.noise_multiplier, phase.sampling_rate)
+    if phase.private and phase.records(phase_step - 1, 1):
+      run.ledger.record(phase.noise_multiplier, phase.ledger_rate)
     gstep = int(state.step)
     last = phase_step == end
     if gstep % config.train.log_every == 0 or last:

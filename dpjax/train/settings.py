@@ -40,6 +40,8 @@ class PrivacySettings:
   # TAN simulation: the reference run this one simulates (0 = not a sim).
   tan_reference_batch_size: int = 0
   tan_reference_noise_multiplier: float = 0.0
+  # BandMF noise over `bands` steps (1: DP-SGD; privacy/bandmf.py).
+  bands: int = 1
 
   @property
   def is_simulation(self) -> bool:
@@ -69,6 +71,16 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
           'only "poisson" sampling is accounted by the training loop')
   if cfg.method not in ("vmap", "ghost", "auto"):
     _fail("privacy.method", cfg.method, 'use "vmap", "ghost" or "auto"')
+  mechanism, bands = cfg.get("mechanism", "dpsgd"), int(cfg.get("bands", 1))
+  if mechanism not in ("dpsgd", "bandmf"):
+    _fail("privacy.mechanism", mechanism, 'use "dpsgd" or "bandmf"')
+  if mechanism == "dpsgd" and bands != 1:
+    _fail("privacy.bands", bands, 'bands > 1 needs privacy.mechanism='
+          '"bandmf"')
+  if bands < 1 or bands > steps or batch_size * bands > num_examples:
+    _fail("privacy.bands", bands, f"use 1 <= bands <= train.steps={steps} "
+          f"with batch_size * bands <= N={num_examples} (each step samples "
+          "one of `bands` partitions at rate q * bands)")
   if cfg.enabled and cfg.l2_clip_norm <= 0:
     _fail("privacy.l2_clip_norm", cfg.l2_clip_norm, "use a positive norm")
   if not 0 < batch_size <= num_examples:
@@ -92,6 +104,8 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       _fail("privacy.tan_reference_batch_size", ref_b,
             f"the simulated reference batch must exceed train.batch_size="
             f"{batch_size}")
+    if bands > 1:
+      _fail("privacy.bands", bands, "TAN simulation is DP-SGD's: use 1")
     ref_sigma = sigma if sigma > 0 else privacy.calibrate_noise_multiplier(
         cfg.target_epsilon, min(1.0, ref_b / num_examples), steps, delta,
         accountant=cfg.accountant)
@@ -99,9 +113,9 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
   else:
     ref_sigma = 0.0
     if cfg.enabled and sigma <= 0:
-      sigma = privacy.calibrate_noise_multiplier(
+      sigma = privacy.bandmf.calibrate_noise_multiplier(
           cfg.target_epsilon, batch_size / num_examples, steps, delta,
-          accountant=cfg.accountant)
+          bands, accountant=cfg.accountant)
   return PrivacySettings(
       enabled=cfg.enabled, l2_clip_norm=cfg.l2_clip_norm,
       noise_multiplier=float(sigma) if cfg.enabled else 0.0, delta=delta,
@@ -110,7 +124,7 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       delta_rule="config" if cfg.delta > 0 else "N^-1.1",
       target_epsilon=cfg.target_epsilon if cfg.enabled else math.inf,
       method=cfg.method, tan_reference_batch_size=ref_b,
-      tan_reference_noise_multiplier=float(ref_sigma))
+      tan_reference_noise_multiplier=float(ref_sigma), bands=bands)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +161,23 @@ class PhasePlan:
     return self.phase.batch_size / self.num_examples
 
   @property
+  def bands(self) -> int:
+    """BandMF bands b (1: DP-SGD, and every public phase)."""
+    return self.privacy.bands if self.privacy else 1
+
+  def records(self, start: int, steps: int) -> int:
+    """Ledger entries of phase steps [start, start + steps): each step
+    under DP-SGD; under BandMF one per b steps (those with t % b == 0, at
+    rate q*b: an example's partition is sampled at most that often)."""
+    b = self.bands
+    return -(-(start + steps) // b) - (-(-start // b))
+
+  @property
+  def ledger_rate(self) -> float:
+    """The sampling rate of a ledger entry: q, or q*b under BandMF."""
+    return self.sampling_rate * self.bands
+
+  @property
   def noise_multiplier(self) -> float:
     return self.privacy.noise_multiplier if self.privacy else 0.0
 
@@ -172,7 +203,7 @@ class PhasePlan:
         self.phase.optimizer, sum_fn=self.sum_fn,
         noise_multiplier=self.noise_multiplier,
         expected_batch_size=float(self.phase.batch_size),
-        noise_key=noise_key, first_step=first_step, **ema)
+        noise_key=noise_key, first_step=first_step, bands=self.bands, **ema)
 
 
 def resolve_phases(config: ml_collections.ConfigDict,
@@ -211,6 +242,11 @@ def resolve_phases(config: ml_collections.ConfigDict,
       raise ValueError(
           f"phase {phase.name}: its clipped_sum_fn states no sensitivity; "
           "return a privacy.clipping.BoundedSum(fn, l2_sensitivity, unit)")
+    if s is not None and s.bands > 1 and (
+        phase.make_batches is not None or phase.clipped_sum_fn is not None):
+      _fail("privacy.bands", s.bands, f"phase {phase.name!r} samples "
+            "users with its own batching: BandMF's cyclic sampler is "
+            "example-level; use privacy.mechanism=\"dpsgd\"")
     out.append(PhasePlan(phase, source, n, s, sum_fn,
                          ema_decay=float(config.train.get("ema_decay", 0.0)),
                          ema_warmup=bool(config.train.get("ema_warmup",

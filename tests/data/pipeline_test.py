@@ -54,6 +54,28 @@ def test_rows_are_the_poisson_sample_with_correct_masks():
     assert set(np.unique(b["mask"])) <= {0.0, 1.0}
 
 
+def test_cyclic_sampling_draws_only_the_steps_partition_at_rate_qb():
+  """bands=b: step t samples indices = t (mod b), each at rate q*b (the
+  sampling privacy.bandmf's accounting assumes); expected batch q*N."""
+  n, q, b, steps = 1000, 0.02, 4, 400
+  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=3, bands=b)
+  counts, sizes = np.zeros(n), []
+  for t in range(steps):
+    idx = loader.indices(t)
+    assert (idx % b == t % b).all() and (np.diff(idx) > 0).all()
+    counts[idx] += 1
+    sizes.append(idx.size)
+  # Each example is eligible on steps / b steps, sampled at q*b there.
+  rate = counts / (steps / b)
+  assert abs(rate.mean() - q * b) < 0.005
+  assert abs(np.mean(sizes) - q * n) < 1.5
+  # The batches themselves come from it (rows = the loader's indices).
+  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=7, bands=b)
+  for batch in _batches(n=n, q=q, steps=3, bands=b):
+    x = batch["example"]["x"].reshape(-1)[batch["mask"].reshape(-1) == 1]
+    np.testing.assert_array_equal(x, loader.indices(int(batch["step"])))
+
+
 def test_two_processes_partition_the_batch():
   b0 = list(_batches(process_index=0, process_count=2))
   b1 = list(_batches(process_index=1, process_count=2))
