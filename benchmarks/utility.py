@@ -40,8 +40,8 @@ VARIANTS = {
     "dpsgd": {},
     "bandmf b=4": {"privacy.mechanism": "bandmf", "privacy.bands": 4},
     "dpsgd + augment": {"data.augment": True},
-    "dpsgd + augment, augmult 4": {"data.augment": True, "train.augmult": 4},
-    "bandmf b=4 + augment, augmult 4": {
+    "dpsgd + augment + augmult 4": {"data.augment": True, "train.augmult": 4},
+    "bandmf b=4 + augment + augmult 4": {
         "privacy.mechanism": "bandmf", "privacy.bands": 4,
         "data.augment": True, "train.augmult": 4},
 }

@@ -74,7 +74,7 @@ def enter_phase(plan: settings_lib.PhasePlan, state: step_lib.TrainState,
   if plan.reset_opt_state is not None:
     inner = plan.reset_opt_state(step_lib.inner_opt_state(state.opt_state),
                                  step_lib.inner_opt_state(new))
-    new = (new[0], inner)
+    new = (new[0], inner, *new[2:])  # [2:]: the EMA (train.ema_decay).
   return state._replace(opt_state=new)
 
 

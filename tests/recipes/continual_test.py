@@ -158,7 +158,9 @@ def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("continual")
-  return workdir, recipes.run(small_config(), str(workdir))
+  config = small_config()
+  config.train.ema_decay = 0.9  # Kept across the public -> DP switch.
+  return workdir, recipes.run(config, str(workdir))
 
 
 def test_tiny_run_epsilon_counts_only_dp_steps(tiny_run):
@@ -192,6 +194,9 @@ def test_tiny_run_logs_diagnostics_and_evaluates(tiny_run):
               "eval/fine_tune/train_acc"):
     assert 0.0 <= results[key] <= 1.0
   assert results["eval/classifier/ce"] > 0
+  # The EMA survived the phase switch (the recipe's reset_opt_state keeps
+  # Adam's second moment; the EMA restarts at the DP phase's params).
+  assert 0.0 <= results["eval_ema/classifier/top1"] <= 1.0
 
 
 def test_hutchinson_estimate_matches_exact_trace_on_a_quadratic():
