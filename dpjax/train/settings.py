@@ -77,15 +77,16 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
   if mechanism == "dpsgd" and bands != 1:
     _fail("privacy.bands", bands, 'bands > 1 needs privacy.mechanism='
           '"bandmf"')
-  if bands < 1 or bands > steps or batch_size * bands > num_examples:
-    _fail("privacy.bands", bands, f"use 1 <= bands <= train.steps={steps} "
-          f"with batch_size * bands <= N={num_examples} (each step samples "
-          "one of `bands` partitions at rate q * bands)")
   if cfg.enabled and cfg.l2_clip_norm <= 0:
     _fail("privacy.l2_clip_norm", cfg.l2_clip_norm, "use a positive norm")
   if not 0 < batch_size <= num_examples:
     _fail("train.batch_size", batch_size,
           f"the expected batch must be in (0, N={num_examples}]")
+  if bands < 1 or (bands > 1 and (
+      bands > steps or batch_size * bands > num_examples)):
+    _fail("privacy.bands", bands, f"use 1 <= bands <= train.steps={steps} "
+          f"with batch_size * bands <= N={num_examples} (each step samples "
+          "one of `bands` partitions at rate q * bands)")
   # Default N^-1.1 < 1/N: delta = 1/N allows "release one record at random
   # in the clear", which is (0, 1/N)-DP; a default must be stricter.
   delta = cfg.delta if cfg.delta > 0 else float(num_examples) ** -1.1
