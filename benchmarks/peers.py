@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import dp_overhead
 from dpjax import privacy
 from dpjax.models import captioner
 from dpjax.models import vit
@@ -77,20 +78,10 @@ def _vit(cfg: dict, image: int, batch: int):
 
 
 def _captioner(batch: int, length: int = 32, image: int = 32):
-  cfg = captioner.captioner_config("tiny")
-  model = captioner.Captioner(**cfg)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, image, image, 3)),
-                      jnp.zeros((1, length), jnp.int32))["params"]
-
-  def loss_fn(p, ex):
-    logits = model.apply({"params": p}, ex["image"][None], ex["tokens"][None])
-    return captioner.caption_loss(logits, ex["tokens"][None, 1:])[0]
-
-  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-  vocab = cfg["decoder"]["vocab_size"]
-  data = {"image": jax.random.normal(k1, (batch, image, image, 3)),
-          "tokens": jax.random.randint(k2, (batch, length), 1, vocab)}
-  return params, loss_fn, data
+  """DP-Cap tiny, the same setting as dp_overhead.py's cap_tiny."""
+  params, loss_fn, batch_fn = dp_overhead._cap_setting(  # pylint: disable=protected-access
+      captioner.captioner_config("tiny"), image, length)
+  return params, loss_fn, batch_fn(batch)
 
 
 MODELS = {
