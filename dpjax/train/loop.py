@@ -400,9 +400,9 @@ def _run(task, config, workdir,
       _write_bad_records(r, workdir, writer, int(state.step))
     # Params alone, safe to publish; checkpoints/ keeps the secret keys.
     ckpt_lib.export_params(workdir, state.params)
-    if ema_lib.ema_of(state.opt_state) is not None:
-      ckpt_lib.export_params(workdir, ema_lib.ema_of(state.opt_state),
-                             "ema_params")
+    ema = ema_lib.ema_of(state.opt_state)
+    if ema is not None:
+      ckpt_lib.export_params(workdir, ema, "ema_params")
   results = r.describe()
   results.update(step=int(state.step), epsilon=r.epsilon(),
                  stopped_at_budget=stopped)
