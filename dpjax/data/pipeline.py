@@ -218,16 +218,13 @@ class StepLoader:
 
   def indices(self, step: int) -> np.ndarray:
     """Step `step`'s sorted global batch: Poisson at rate q over [0, N), or
-    with `bands` b > 1 over partition step mod b (indices i = step mod b
-    (mod b)) at rate q*b: the sampling BandMF's accounting assumes."""
+    with `bands` b > 1 b-cyclic Poisson (`privacy.sampling.
+    sample_cyclic_indices`): the sampling BandMF's accounting assumes."""
     if self.bands == 1:
       return sampling.sample_indices(self.seed, step, self.num_examples,
                                      self.sampling_rate)
-    r = step % self.bands
-    size = max(0, -(-(self.num_examples - r) // self.bands))
-    j = sampling.sample_indices(self.seed, step, size,
-                                min(1.0, self.sampling_rate * self.bands))
-    return r + j * self.bands
+    return sampling.sample_cyclic_indices(self.seed, step, self.num_examples,
+                                          self.sampling_rate, self.bands)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)

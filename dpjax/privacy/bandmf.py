@@ -13,8 +13,10 @@ Formal guarantee (add/remove-one, example level): with every clipped sum of
 sensitivity C_clip and b-cyclic Poisson sampling -- the examples split into
 b fixed partitions, at step t partition t mod b Poisson-sampled at rate
 q_b = q * b -- an example's participations are >= b steps apart, where the
-banded columns do not overlap: the run is ceil(T / b) independent Poisson-
-subsampled Gaussian mechanisms (rate q_b, noise multiplier sigma), i.e.
+banded columns do not overlap (the sampler:
+`privacy.sampling.sample_cyclic_indices`): the run is ceil(T / b)
+independent Poisson-subsampled Gaussian mechanisms (rate q_b, noise
+multiplier sigma), i.e.
 `epsilon(...)` below, DP-SGD's accounting with (q b, ceil(T / b)). b = 1 is
 DP-SGD exactly (same noise, same epsilon).
 
@@ -99,9 +101,7 @@ def bandmf_noise(sensitivity: noise_lib.Sensitivity, noise_multiplier: float,
   def update_fn(updates, state, params=None):
     del params
     key = jax.random.fold_in(state.rng_key, state.count)
-    # z_t: privatize with sigma 1, C 1, batch 1 on zeros is the bare draw.
-    z = noise_lib.privatize(jax.tree.map(jnp.zeros_like, updates), key, 1.0,
-                            1.0, 1.0)
+    z = noise_lib.standard_normal_like(updates, key)  # add_noise's z_t.
     # Steps before the phase's first have no noise: their w is zero.
     w = z
     for j, past in enumerate(state.past, start=1):
@@ -151,13 +151,6 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float,
       math.ceil(steps / bands), delta, accountant=accountant)
 
 
-def in_partition(indices: np.ndarray, step: int, bands: int) -> np.ndarray:
-  """bool mask: which example `indices` step `step` may sample under
-  b-cyclic Poisson sampling (partition = index mod b, fixed before
-  training and independent of the data)."""
-  return (np.asarray(indices) % bands) == (step % bands)
-
-
 __all__ = ["BandMFState", "bandmf_noise", "calibrate_noise_multiplier",
-           "coefficients", "cyclic_sampling_rate", "epsilon", "in_partition",
+           "coefficients", "cyclic_sampling_rate", "epsilon",
            "strategy_matrix"]

@@ -70,16 +70,29 @@ def privatize(clipped_sum: PyTree, key: jax.Array, l2_clip_norm: float,
   if expected_batch_size <= 0:
     raise ValueError(
         f"expected_batch_size must be > 0, got {expected_batch_size}.")
-  leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
-  keys = jax.random.split(key, max(len(leaves), 1))
   std = noise_multiplier * l2_clip_norm
-  # Leaf i's draw is normal(keys[i], shape_i). Leaves of one shape and dtype
-  # draw together, vmapped over their keys (the same values as one call per
-  # leaf): a ViT-B has ~10 distinct shapes among ~180 leaves, and each
-  # random op costs compile time (jit of this function on a ViT-B's leaves:
-  # 34 s per leaf, 15 s grouped, on a loaded 2-core CPU).
-  groups: dict[tuple, list[int]] = {}
+  z = standard_normal_like(clipped_sum, key)
+  return jax.tree_util.tree_map(
+      lambda leaf, n: (leaf.astype(n.dtype) + std * n) / expected_batch_size,
+      clipped_sum, z)
+
+
+def standard_normal_like(tree: PyTree, key: jax.Array) -> PyTree:
+  """One independent N(0, 1) draw per coordinate of `tree` (float32 or
+  wider, like each leaf promoted): the z of step key `key` that
+  ``privatize`` scales by sigma C, and that correlated-noise mechanisms
+  (``bandmf``) combine across steps.
+
+  Leaf i's draw is normal(split(key, n_leaves)[i], shape_i). Leaves of one
+  shape and dtype draw together, vmapped over their keys (the same values
+  as one call per leaf): a ViT-B has ~10 distinct shapes among ~180 leaves,
+  and each random op costs compile time (jit of this function on a ViT-B's
+  leaves: 34 s per leaf, 15 s grouped, on a loaded 2-core CPU).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
   dtypes = [jnp.promote_types(leaf.dtype, jnp.float32) for leaf in leaves]
+  groups: dict[tuple, list[int]] = {}
   for i, (leaf, dtype) in enumerate(zip(leaves, dtypes)):
     groups.setdefault((leaf.shape, dtype), []).append(i)
   draws = [None] * len(leaves)
@@ -89,9 +102,7 @@ def privatize(clipped_sum: PyTree, key: jax.Array, l2_clip_norm: float,
         group_keys)
     for j, i in enumerate(idx):
       draws[i] = batch[j]
-  out = [(leaf.astype(dtype) + std * z) / expected_batch_size
-         for leaf, dtype, z in zip(leaves, dtypes, draws)]
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return jax.tree_util.tree_unflatten(treedef, draws)
 
 
 class AddNoiseState(NamedTuple):

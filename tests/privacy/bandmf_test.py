@@ -69,11 +69,22 @@ def test_accounting_is_dp_sgd_over_partitions():
     bandmf.epsilon(1.0, 0.01, 100, 1e-5, bands=200)
 
 
-def test_partitions_are_disjoint_and_cover_every_example():
-  idx = np.arange(23)
-  masks = np.stack([bandmf.in_partition(idx, t, 4) for t in range(4)])
-  assert (masks.sum(0) == 1).all()  # Each example in exactly one.
-  np.testing.assert_array_equal(bandmf.in_partition(idx, 5, 4), masks[1])
+def test_cyclic_sampling_partitions_and_rates():
+  """Step t samples only indices = t (mod b), each at rate q b; over b
+  consecutive steps every example is eligible exactly once."""
+  n, q, b, steps = 23, 0.1, 4, 4000
+  counts = np.zeros(n)
+  for t in range(steps):
+    idx = privacy.sampling.sample_cyclic_indices(7, t, n, q, b)
+    assert (idx % b == t % b).all() and (np.diff(idx) > 0).all()
+    counts[idx] += 1
+  # Every example: steps / b eligible steps at rate q b = q per step overall.
+  np.testing.assert_allclose(counts / steps, q, atol=0.02)
+  np.testing.assert_array_equal(
+      privacy.sampling.sample_cyclic_indices(7, 5, n, q, 1),
+      privacy.sample_indices(7, 5, n, q))
+  with pytest.raises(ValueError, match="cycle=4"):
+    privacy.sampling.sample_cyclic_indices(7, 5, n, 0.3, 4)
 
 
 def test_default_key_is_secret_and_state_checkpoints_as_a_pytree():
