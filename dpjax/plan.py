@@ -7,7 +7,9 @@ materialised, no step runs), AOT-compiles both steps and prints per phase:
 parameter count, per-device memory (XLA memory_analysis) against the chip's
 HBM, FLOPs per microbatch / logical step / run (XLA cost_analysis), the
 Poisson batch tail, steps, examples, epochs, the epsilon the ledger will
-reach, and projected wall time and chip-hours at a stated MFU.
+reach, projected wall time and chip-hours at a stated MFU, and how long each
+step took to compile here (CPU XLA for the simulated devices: an indication
+of the jit cost at that size, not the accelerator compiler's time).
 
   python -m dpjax.plan --config=configs/dpcap.py:tiny --mesh=cpu:8
   python -m dpjax.plan --config=configs/dpcap.py --mesh=v5p-128 --workdir=/tmp/p
@@ -129,8 +131,8 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              phases=[])
   for phase in settings_lib.resolve_phases(config, task.phases):
     s = phase.privacy
-    c_acc, c_apply, opt_shapes, micro, jaxpr_dev = aot.compile_phase(
-        phase, config, mesh, chips, param_shapes)
+    (c_acc, c_apply, opt_shapes, micro, jaxpr_dev,
+     compile_s) = aot.compile_phase(phase, config, mesh, chips, param_shapes)
     mem_acc, mem_apply = aot.memory(c_acc), aot.memory(c_apply)
     # Param, optimizer and f32 accumulator bytes per device: real mesh.fsdp
     # minus the simulated one (0 unless fsdp exceeds the simulated devices).
@@ -171,7 +173,8 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              xla_flops_per_microbatch=xla_dev * chips,
              jaxpr_flops_per_microbatch=jaxpr_dev * chips,
              flops_apply=apply_dev * chips, flops_per_step=step_dev * chips,
-             flops_run=step_dev * chips * phase.steps)
+             flops_run=step_dev * chips * phase.steps,
+             compile_seconds=compile_s)
     if s is not None:
       p.update(noise_multiplier=phase.noise_multiplier, delta=s.delta,
                sampling_rate=phase.sampling_rate, accountant=s.accountant)
@@ -283,6 +286,9 @@ def format_plan(r: dict) -> str:
         f"{_g(p['flops_per_step'])}/step, {_g(p['flops_run'])}/run "
         f"(microbatch: XLA {_g(p['xla_flops_per_microbatch'])}, jaxpr "
         f"matmuls {_g(p['jaxpr_flops_per_microbatch'])})",
+        f"  compile (this host, XLA CPU): accumulate "
+        f"{p['compile_seconds']['accumulate']:.1f} s, apply (noise + "
+        f"optimizer) {p['compile_seconds']['apply']:.1f} s",
         f"  projected: {p['step_seconds']:.3g} s/step, "
         f"{p['wall_hours']:.3g} h wall, {p['chip_hours']:.4g} chip-hours"]
     if "epsilon" in p:

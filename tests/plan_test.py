@@ -117,8 +117,11 @@ def test_fields(result, tmp_path):
   assert p["chip_hours"] == pytest.approx(p["step_seconds"] * 50 * 8 / 3600)
   assert p["epsilon"] == pytest.approx(privacy.epsilon(
       1.0, 512 / 50_000, 50, p["delta"]))
+  assert set(p["compile_seconds"]) == {"accumulate", "apply"}
+  assert all(v > 0 for v in p["compile_seconds"].values())
   text = plan_lib.format_plan(result)
-  for s in ("params: ", "fits", "FLOPs: ", "jaxpr", "epsilon", "chip-hours"):
+  for s in ("params: ", "fits", "FLOPs: ", "jaxpr", "epsilon", "chip-hours",
+            "compile (this host"):
     assert s in text
   # Another chip reuses the compiled numbers (no second compile).
   v5p = plan_lib.plan(_config(), "cpu:8", chip=hardware.CHIPS["v5p"])

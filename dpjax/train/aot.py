@@ -7,6 +7,7 @@ materialised and no step runs.
 
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,9 @@ def memory(compiled) -> dict:
 def compile_phase(phase, config, mesh, chips: int, param_shapes):
   """AOT-compiles the loop's accumulate and apply of `phase` (a
   `train.settings.PhasePlan`: its sum function and step optimizer) on
-  `mesh`."""
+  `mesh`. Returns (compiled accumulate, compiled apply, optimizer state
+  shapes, per-device microbatch, jaxpr matmul FLOPs per device, {"accumulate":
+  s, "apply": s} seconds to lower + compile each on this host)."""
   rep = mesh_lib.replicated(mesh)
   params = abstract(param_shapes, mesh_lib.param_shardings(param_shapes, mesh))
   key = np.asarray(secrets.run_key(0))
@@ -130,7 +133,9 @@ def compile_phase(phase, config, mesh, chips: int, param_shapes):
   sum_fn = phase.sum_fn
   accumulate = jax.jit(functools.partial(step_lib.accumulate, sum_fn),
                        donate_argnums=(1,), out_shardings=acc_shard)
+  t0 = time.perf_counter()
   c_acc = accumulate.lower(params, acc, batch, mask).compile()
+  seconds = {"accumulate": time.perf_counter() - t0}
   # All sim devices' matmul FLOPs, loops (lax.scan) counted in full.
   loop_flops = flops_lib.count(functools.partial(step_lib.accumulate, sum_fn),
                                params, acc, batch, mask)
@@ -141,5 +146,7 @@ def compile_phase(phase, config, mesh, chips: int, param_shapes):
   apply = jax.jit(functools.partial(
       step_lib.apply, optimizer=phase.step_optimizer()), donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda x: x.sharding, state), rep))
+  t0 = time.perf_counter()
   c_apply = apply.lower(state, acc).compile()
-  return c_acc, c_apply, opt_shapes, micro, loop_flops / mesh.size
+  seconds["apply"] = time.perf_counter() - t0
+  return c_acc, c_apply, opt_shapes, micro, loop_flops / mesh.size, seconds
