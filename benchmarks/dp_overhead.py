@@ -34,8 +34,10 @@ from dpjax.models import vit
 C = 1.0  # clip norm; irrelevant to speed.
 
 
-def _vit_setting(cfg, image):
-  model = vit.ViT(**cfg)
+def _vit_setting(cfg, image, dtype=jnp.float32):
+  """(float32 params, per-example loss, batch_fn) of a ViT computing in
+  `dtype` (the same params for every dtype)."""
+  model = vit.ViT(**cfg, dtype=dtype)
   key = jax.random.PRNGKey(0)
   params = model.init(key, jnp.zeros((1, image, image, 3)))["params"]
   head = jax.random.normal(key, (cfg["width"], 10)) * 0.02
@@ -53,8 +55,9 @@ def _vit_setting(cfg, image):
   return params, loss_fn, batch_fn
 
 
-def _cap_setting(cfg, image, length):
-  model = captioner.Captioner(**cfg)
+def _cap_setting(cfg, image, length, dtype=jnp.float32):
+  """As `_vit_setting`, for a DP-Cap captioner."""
+  model = captioner.Captioner(**cfg, dtype=dtype)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, image, image, 3)),
                       jnp.zeros((1, length), jnp.int32))["params"]
 

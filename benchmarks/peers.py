@@ -60,38 +60,33 @@ VARIANTS = ("nonprivate", "plain_vmap", "optax", "jax_privacy", "dpjax_vmap",
             "dpjax_auto")
 
 
-def _vit(cfg: dict, image: int, batch: int):
-  model = vit.ViT(**cfg)
-  key = jax.random.PRNGKey(0)
-  params = model.init(key, jnp.zeros((1, image, image, 3)))["params"]
-  head = jax.random.normal(key, (cfg["width"], 10)) * 0.02
-
-  def loss_fn(p, ex):
-    tok = model.apply({"params": p}, ex["image"][None])
-    logits = jnp.mean(tok, axis=1) @ head
-    return -jax.nn.log_softmax(logits)[0, ex["label"]]
-
-  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-  data = {"image": jax.random.normal(k1, (batch, image, image, 3)),
-          "label": jax.random.randint(k2, (batch,), 0, 10)}
-  return params, loss_fn, data
-
-
-def _captioner(batch: int, length: int = 32, image: int = 32):
-  """DP-Cap tiny, the same setting as dp_overhead.py's cap_tiny."""
-  params, loss_fn, batch_fn = dp_overhead._cap_setting(  # pylint: disable=protected-access
-      captioner.captioner_config("tiny"), image, length)
+def _vit(cfg: dict, image: int, batch: int, dtype=jnp.float32):
+  """dp_overhead's ViT setting (CE of a linear head on mean-pooled tokens)
+  with a batch of `batch` random images."""
+  params, loss_fn, batch_fn = dp_overhead._vit_setting(  # pylint: disable=protected-access
+      cfg, image, dtype)
   return params, loss_fn, batch_fn(batch)
 
 
+def _captioner(batch: int, length: int = 32, image: int = 32,
+               dtype=jnp.float32):
+  """DP-Cap tiny, the same setting as dp_overhead.py's cap_tiny."""
+  params, loss_fn, batch_fn = dp_overhead._cap_setting(  # pylint: disable=protected-access
+      captioner.captioner_config("tiny"), image, length, dtype)
+  return params, loss_fn, batch_fn(batch)
+
+
+# name -> (make(batch, dtype=float32) -> (params, loss_fn, batch), default
+# batch, description). `dtype` is the compute dtype; params are float32.
 MODELS = {
-    "vit_narrow": (lambda b: _vit(dict(width=192, depth=4, mlp_dim=768,
-                                       num_heads=3, patch_size=4), 32, b),
-                   256, "ViT 192 x4 blocks, 64 tokens"),
-    "vit_b16": (lambda b: _vit(vit.vit_config("B/16", depth=2,
-                                              use_cls_token=True), 224, b),
+    "vit_narrow": (lambda b, dtype=jnp.float32: _vit(
+        dict(width=192, depth=4, mlp_dim=768, num_heads=3, patch_size=4), 32,
+        b, dtype), 256, "ViT 192 x4 blocks, 64 tokens"),
+    "vit_b16": (lambda b, dtype=jnp.float32: _vit(
+        vit.vit_config("B/16", depth=2, use_cls_token=True), 224, b, dtype),
                 16, "ViT-B/16 shape x2 blocks, 197 tokens"),
-    "captioner": (_captioner, 128, "DP-Cap tiny (32px, 32 tokens)"),
+    "captioner": (lambda b, dtype=jnp.float32: _captioner(b, dtype=dtype), 128,
+                  "DP-Cap tiny (32px, 32 tokens)"),
 }
 
 

@@ -10,6 +10,7 @@ secret OS entropy, so every run is an independent draw.
 Run (by hand, not in the test suite; prints a markdown table):
   python benchmarks/utility.py --preset=dp_linear
   python benchmarks/utility.py --preset=dp_continual --seeds=0,1
+  python benchmarks/utility.py --preset=vip --variants="dpsgd,bandmf b=4"
 """
 
 import argparse
@@ -23,6 +24,7 @@ from absl import logging
 
 from configs import dp_continual
 from configs import dp_linear
+from configs import vip
 from dpjax import recipes
 
 # preset -> (config factory, {metric name: results key}).
@@ -32,6 +34,11 @@ PRESETS = {
     # Fine-tuning and the tr(H) monitor off: time; the DP phase is the same.
     "dp_continual": (lambda: _continual(), {
         "top1": "classifier/top1", "probe": "linear_probe/label_acc"}),
+    # ViP: MAE pretraining (400 public + 200 DP steps); the encoder's linear
+    # probes of the shapes data's labels and the held-out MAE loss.
+    "vip": (lambda: vip.get_config("tiny"), {
+        "shape": "linear_probe/shape_acc", "color": "linear_probe/color_acc",
+        "mae loss": "mae/heldout_loss"}),
 }
 
 # variant -> flattened overrides. Augmult needs augmentation to differ from
