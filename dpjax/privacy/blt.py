@@ -39,9 +39,9 @@ import functools
 import math
 from typing import NamedTuple
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
-import dp_accounting
 import numpy as np
 import optax
 import scipy.optimize
