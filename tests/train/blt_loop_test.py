@@ -92,3 +92,20 @@ def test_plan_epsilon_is_blt_and_counts_the_buffers():
   # Three float32 buffers like the params (64 x 10 + 10) on top.
   assert (p["optimizer_bytes_per_device"] -
           dpsgd["optimizer_bytes_per_device"]) == 3 * 4 * 650
+
+
+def test_budget_stop_with_a_too_small_sigma(tmp_path):
+  """A fixed sigma below the calibrated one: the run stops at the last step
+  whose prefix (a Gaussian mechanism of multiplier sigma Delta_n / Delta_t)
+  stays within the target."""
+  config = _config(noise_multiplier=1.0)
+  results = recipes.run(config, str(tmp_path))
+  assert results["stopped_at_budget"] and 0 < results["step"] < 12
+  target = config.privacy.target_epsilon
+  assert results["epsilon"] <= target
+  plan = settings.resolve_phases(config, recipes.build(config).phases)[0]
+  ledger = privacy.PrivacyLedger(plan.num_examples, plan.privacy.delta)
+  plan.record(ledger, 0, results["step"])
+  assert results["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
+  plan.record(ledger, results["step"], 1)
+  assert ledger.epsilon() > target
