@@ -82,10 +82,10 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
   if mechanism == "blt" and (not isinstance(buffers, int) or
                              not 1 <= buffers <= 16):
     _fail("privacy.blt_buffers", buffers, "use an integer in [1, 16] (BLT "
-          "noise buffers kept like the params; 4 is near-optimal)")
+          "noise buffers, each the size of the params; default 4)")
   if mechanism == "dpsgd" and bands != 1:
     _fail("privacy.bands", bands, 'bands > 1 needs privacy.mechanism='
-          '"bandmf"')
+          '"bandmf" or "blt"')
   if cfg.enabled and cfg.l2_clip_norm <= 0:
     _fail("privacy.l2_clip_norm", cfg.l2_clip_norm, "use a positive norm")
   if not 0 < batch_size <= num_examples:
