@@ -1,4 +1,4 @@
-r"""Utility at equal epsilon: DP-SGD vs BandMF vs augmentation multiplicity,
+r"""Utility at equal epsilon: DP-SGD vs BandMF vs BLT vs augmentation multiplicity,
 each evaluated on its raw parameters and on their EMA.
 
 Every variant trains the same preset (same steps, expected batch and target
@@ -46,6 +46,9 @@ PRESETS = {
 VARIANTS = {
     "dpsgd": {},
     "bandmf b=4": {"privacy.mechanism": "bandmf", "privacy.bands": 4},
+    "blt b=4": {"privacy.mechanism": "blt", "privacy.bands": 4},
+    # dp_linear: the largest b with batch * b <= N (128 * 11 <= 1500).
+    "blt b=11": {"privacy.mechanism": "blt", "privacy.bands": 11},
     "dpsgd + augment": {"data.augment": True},
     "dpsgd + augment + augmult 4": {"data.augment": True, "train.augmult": 4},
     "bandmf b=4 + augment + augmult 4": {

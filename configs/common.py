@@ -62,8 +62,14 @@ def privacy_block() -> ml_collections.ConfigDict:
       # `bands` steps (dpjax/privacy/bandmf.py), with b-cyclic Poisson
       # sampling (example i in partition i mod b; step t samples partition
       # t mod b at rate q*b) and its accounting; bands=1 is DP-SGD.
+      # "blt": noise correlated across all steps through `blt_buffers`
+      # buffers (dpjax/privacy/blt.py), the same b-cyclic sampler with
+      # `bands` = b the minimum separation of an example's steps (batch =
+      # q*N; q*b = 1 samples each partition whole), accounted as one
+      # Gaussian mechanism per phase (no amplification by sampling).
       mechanism="dpsgd",
       bands=1,
+      blt_buffers=4,
       # TAN simulation (DP-Cap, Sander et al. 2023): > 0 means "simulate the
       # run at this reference batch": sigma is calibrated for the reference
       # batch and scaled by batch_size / reference. Not an epsilon run.

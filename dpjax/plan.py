@@ -184,9 +184,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
             min(1.0, s.tan_reference_batch_size / phase.num_examples),
             phase.steps, s.delta, accountant=s.accountant)
       else:
-        p["epsilon"] = privacy.bandmf.epsilon(
-            phase.noise_multiplier, phase.sampling_rate, phase.steps,
-            s.delta, s.bands, accountant=s.accountant)
+        p["epsilon"] = phase.epsilon()
     out["phases"].append(p)
   _MEASURED[key] = out
   return out

@@ -13,11 +13,14 @@ from ``epsilon`` / ``PrivacyLedger``. The noise key (in the optimizer state)
 and the sampling seed are secret OS entropy by default; an int seed is for
 tests only. See each module's docstring for the formal guarantees.
 ``bandmf_noise`` replaces ``add_noise`` with noise correlated across steps
-(banded matrix factorization; its accounting and sampler are in ``bandmf``).
+(banded matrix factorization; its accounting and sampler are in ``bandmf``);
+``blt_noise`` with noise correlated over all steps through a few buffers
+(buffered-linear-Toeplitz; strategy and accounting in ``blt``).
 """
 
 from dpjax.privacy import accounting
 from dpjax.privacy import bandmf
+from dpjax.privacy import blt
 from dpjax.privacy import clipping
 from dpjax.privacy import ledger
 from dpjax.privacy import noise
@@ -31,6 +34,7 @@ from dpjax.privacy.accounting import event_epsilon
 from dpjax.privacy.accounting import tan_simulation
 from dpjax.privacy.accounting import total_amount_of_noise
 from dpjax.privacy.bandmf import bandmf_noise
+from dpjax.privacy.blt import blt_noise
 from dpjax.privacy.clipping import BoundedSum
 from dpjax.privacy.clipping import clip_pytree
 from dpjax.privacy.clipping import clipped_grad

@@ -5,7 +5,12 @@ sampling, max_batch_size) entries with a step count (consecutive identical
 steps merge into one entry), computes epsilon(delta) of their composition,
 and serialises to a JSON-compatible dict for checkpoints, so that a resumed
 run continues its budget. Steps that touch no private data (public warm
-start) are recorded with ``record_public`` and cost nothing.
+start) are recorded with ``record_public`` and cost nothing. Mechanisms that
+are (parts of) Gaussian mechanisms without amplification (BLT noise,
+``privacy.blt``) are recorded with ``record_gaussian`` as rho = 1 / sigma^2:
+Gaussian mechanisms compose exactly by adding rho, so all such entries
+together are one Gaussian mechanism with noise multiplier 1 / sqrt(rho),
+composed with the DP-SGD entries.
 
 Epsilon is cached: for PLD each entry's one-step PLD is built once and
 self-composed per count, and the composition of all entries but the last is
@@ -18,6 +23,7 @@ import math
 from typing import Any, Optional
 
 import dp_accounting
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from dpjax.privacy import accounting
 
@@ -35,13 +41,26 @@ class _Entry:
             self.max_batch_size)
 
 
+@dataclasses.dataclass
+class _GaussianEntry:
+  """A Gaussian mechanism of noise multiplier rho^-1/2 over `count` steps."""
+  rho: float
+  count: int
+  kind: str = "gaussian"
+
+  def key(self) -> tuple[Any, ...]:
+    return (self.kind, self.rho)
+
+
 class PrivacyLedger:
   """Records private steps and reports their epsilon.
 
   Formal guarantees: ``epsilon(delta)`` upper-bounds the privacy loss of the
   adaptive composition of all recorded steps (dp_accounting, PLD or RDP), if
   every step really ran the recorded mechanism (clip to C, one Gaussian draw
-  of std sigma C, the recorded sampling on the ``num_examples`` dataset).
+  of std sigma C, the recorded sampling on the ``num_examples`` dataset);
+  for ``record_gaussian`` entries, that the steps together were a Gaussian
+  mechanism of the recorded rho).
 
   >>> ledger = PrivacyLedger(num_examples=60000, delta=1e-5)
   >>> ledger.record(1.1, 256 / 60000, steps=100)
@@ -84,6 +103,15 @@ class PrivacyLedger:
   def entries(self) -> list[dict[str, Any]]:
     return [dataclasses.asdict(e) for e in self._entries]
 
+  @property
+  def _dpsgd(self) -> list[_Entry]:
+    return [e for e in self._entries if isinstance(e, _Entry)]
+
+  @property
+  def rho(self) -> float:
+    """Sum of the Gaussian entries' rho (0: none)."""
+    return sum(e.rho for e in self._entries if isinstance(e, _GaussianEntry))
+
   def record(self, noise_multiplier: float, sampling_rate: float,
              steps: int = 1, sampling: str = "poisson",
              max_batch_size: Optional[int] = None) -> None:
@@ -115,6 +143,29 @@ class PrivacyLedger:
     else:
       self._entries.append(entry)
 
+  def record_gaussian(self, rho: float, steps: int = 1) -> None:
+    """Records ``steps`` private steps that are together a Gaussian
+    mechanism with noise multiplier rho^-1/2 (sensitivity / noise std,
+    squared), without sampling amplification. Consecutive calls add up
+    into one entry (rho adds under composition).
+
+    >>> ledger = PrivacyLedger(num_examples=1000, delta=1e-5)
+    >>> ledger.record_gaussian(0.25, steps=3)
+    >>> ledger.record_gaussian(0.75, steps=2)
+    >>> ledger.entries
+    [{'rho': 1.0, 'count': 5, 'kind': 'gaussian'}]
+    """
+    if steps < 0 or not rho >= 0:
+      raise ValueError(f"need steps >= 0 and rho >= 0, got {steps}, {rho}.")
+    if steps == 0:
+      return
+    last = self._entries[-1] if self._entries else None
+    if isinstance(last, _GaussianEntry):
+      last.rho += float(rho)
+      last.count += int(steps)
+    else:
+      self._entries.append(_GaussianEntry(float(rho), int(steps)))
+
   def record_public(self, steps: int = 1) -> None:
     """Records steps on public data only; they cost no privacy."""
     self.public_steps += int(steps)
@@ -128,15 +179,27 @@ class PrivacyLedger:
     return self._eps_cache[key]
 
   def _compute_epsilon(self, delta: float) -> float:
-    if not self._entries:
+    dpsgd, rho = self._dpsgd, self.rho
+    if not dpsgd and not rho:
       return 0.0
-    if any(e.noise_multiplier == 0 for e in self._entries):
+    if any(e.noise_multiplier == 0 for e in dpsgd) or rho == math.inf:
       return math.inf
     if self.accountant == "rdp":
-      events = [self._event(e) for e in self._entries]
+      events = [self._event(e) for e in dpsgd]
+      if rho:
+        events.append(dp_accounting.GaussianDpEvent(rho ** -0.5))
       return accounting.event_epsilon(
           dp_accounting.ComposedDpEvent(events), delta, "rdp")
-    return self._pld().get_epsilon_for_delta(delta)
+    pld = self._pld(dpsgd) if dpsgd else None
+    if rho:
+      # As dp_accounting's PLDAccountant builds a GaussianDpEvent's PLD.
+      gauss = pld_lib.from_gaussian_mechanism(
+          standard_deviation=rho ** -0.5,
+          value_discretization_interval=accounting.PLD_VALUE_DISCRETIZATION,
+          neighboring_relation=(
+              dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE))
+      pld = gauss if pld is None else pld.compose(gauss)
+    return pld.get_epsilon_for_delta(delta)
 
   def _event(self, e: _Entry):
     return accounting.dp_event(e.noise_multiplier, e.sampling_rate, e.count,
@@ -150,16 +213,16 @@ class PrivacyLedger:
           e.max_batch_size)
     return self._unit_plds[e.key()].self_compose(e.count)
 
-  def _pld(self):
-    """PLD of all entries; the prefix (all but the last) is cached."""
-    head = tuple((e.key(), e.count) for e in self._entries[:-1])
+  def _pld(self, entries: list[_Entry]):
+    """PLD of DP-SGD `entries`; the prefix (all but the last) is cached."""
+    head = tuple((e.key(), e.count) for e in entries[:-1])
     if self._prefix is None or self._prefix[0] != head:
       prefix = None
-      for e in self._entries[:-1]:
+      for e in entries[:-1]:
         p = self._composed_pld(e)
         prefix = p if prefix is None else prefix.compose(p)
       self._prefix = (head, prefix)
-    last = self._composed_pld(self._entries[-1])
+    last = self._composed_pld(entries[-1])
     prefix = self._prefix[1]
     return last if prefix is None else prefix.compose(last)
 
@@ -168,11 +231,17 @@ class PrivacyLedger:
                     max_batch_size: Optional[int] = None,
                     delta: Optional[float] = None) -> float:
     """Epsilon if ``steps`` more steps were recorded (ledger unchanged)."""
-    other = copy.copy(self)
-    other._entries = [dataclasses.replace(e) for e in self._entries]  # pylint: disable=protected-access
+    other = self.copy()
     other.record(noise_multiplier, sampling_rate, steps, sampling,
                  max_batch_size)
     return other.epsilon(delta)
+
+  def copy(self) -> "PrivacyLedger":
+    """A ledger with these entries that records independently (it shares
+    the epsilon caches, which are keyed by the entries)."""
+    other = copy.copy(self)
+    other._entries = [dataclasses.replace(e) for e in self._entries]  # pylint: disable=protected-access
+    return other
 
   def would_exceed(self, target_epsilon: float, noise_multiplier: float,
                    sampling_rate: float, steps: int = 1,
@@ -203,6 +272,9 @@ class PrivacyLedger:
     ledger = cls(int(d["num_examples"]), float(d["delta"]), d["accountant"])
     ledger.public_steps = int(d.get("public_steps", 0))
     for e in d["entries"]:
+      if e.get("kind") == "gaussian":
+        ledger.record_gaussian(e["rho"], e["count"])
+        continue
       ledger.record(e["noise_multiplier"], e["sampling_rate"], e["count"],
                     e["sampling"], e["max_batch_size"])
     return ledger

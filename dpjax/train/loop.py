@@ -103,6 +103,12 @@ class _Run:
         out[f"{phase.name}/l2_sensitivity"] = phase.l2_sensitivity
         out[f"{phase.name}/privacy_unit"] = phase.unit
         out[f"{phase.name}/clipping"] = phase.privacy.clipping
+        if phase.mechanism == "blt":  # The strategy, and its Delta_n.
+          theta, omega = phase.blt_strategy
+          out[f"{phase.name}/blt_theta"] = list(theta)
+          out[f"{phase.name}/blt_omega"] = list(omega)
+          out[f"{phase.name}/blt_sensitivity"] = privacy.blt.sensitivity(
+              theta, omega, phase.steps, phase.bands)
     if self.dp:
       p = self.config.privacy
       out.update(
@@ -112,7 +118,8 @@ class _Run:
           secret_noise=p.noise_seed < 0, secret_sampling=p.sampling_seed < 0,
           delta_rule=self.dp.delta_rule)
       out.update(delta=self.dp.delta, accountant=self.dp.accountant,
-                 mechanism="bandmf" if self.dp.bands > 1 else "dpsgd",
+                 mechanism=next(p for p in self.plans
+                                if p.private).mechanism,
                  bands=self.dp.bands,
                  target_epsilon=self.dp.target_epsilon,
                  tan_simulation=self.dp.is_simulation)
@@ -131,8 +138,11 @@ def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
   if not phase.private or remaining <= 0 or run.dp.is_simulation:
     return remaining
   target = phase.privacy.target_epsilon
-  eps = lambda t: run.ledger.epsilon_after(
-      phase.noise_multiplier, phase.ledger_rate, phase.records(done, t))
+
+  def eps(t):
+    ledger = run.ledger.copy()
+    phase.record(ledger, done, t)
+    return ledger.epsilon()
   if eps(remaining) <= target:
     return remaining
   lo, hi = 0, remaining  # eps(lo) <= target < eps(hi).
@@ -198,8 +208,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     state, metrics = apply(state, acc)
     phase_step += 1
     since += 1
-    if phase.private and phase.records(phase_step - 1, 1):
-      run.ledger.record(phase.noise_multiplier, phase.ledger_rate)
+    if phase.private:
+      phase.record(run.ledger, phase_step - 1, 1)
     gstep = int(state.step)
     last = phase_step == end
     if gstep % config.train.log_every == 0 or last:

@@ -40,8 +40,12 @@ class PrivacySettings:
   # TAN simulation: the reference run this one simulates (0 = not a sim).
   tan_reference_batch_size: int = 0
   tan_reference_noise_multiplier: float = 0.0
-  # BandMF noise over `bands` steps (1: DP-SGD; privacy/bandmf.py).
+  # BandMF noise over `bands` steps (1: DP-SGD; privacy/bandmf.py); under
+  # BLT the min separation b of an example's steps (b-cyclic sampling).
   bands: int = 1
+  # "dpsgd", "bandmf" or "blt" (privacy/blt.py, with `blt_buffers` buffers).
+  mechanism: str = "dpsgd"
+  blt_buffers: int = 4
 
   @property
   def is_simulation(self) -> bool:
@@ -72,11 +76,16 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
   if cfg.method not in ("vmap", "ghost", "auto"):
     _fail("privacy.method", cfg.method, 'use "vmap", "ghost" or "auto"')
   mechanism, bands = cfg.get("mechanism", "dpsgd"), int(cfg.get("bands", 1))
-  if mechanism not in ("dpsgd", "bandmf"):
-    _fail("privacy.mechanism", mechanism, 'use "dpsgd" or "bandmf"')
+  if mechanism not in ("dpsgd", "bandmf", "blt"):
+    _fail("privacy.mechanism", mechanism, 'use "dpsgd", "bandmf" or "blt"')
+  buffers = cfg.get("blt_buffers", 4)
+  if mechanism == "blt" and (not isinstance(buffers, int) or
+                             not 1 <= buffers <= 16):
+    _fail("privacy.blt_buffers", buffers, "use an integer in [1, 16] (BLT "
+          "noise buffers, each the size of the params; default 4)")
   if mechanism == "dpsgd" and bands != 1:
     _fail("privacy.bands", bands, 'bands > 1 needs privacy.mechanism='
-          '"bandmf"')
+          '"bandmf" or "blt"')
   if cfg.enabled and cfg.l2_clip_norm <= 0:
     _fail("privacy.l2_clip_norm", cfg.l2_clip_norm, "use a positive norm")
   if not 0 < batch_size <= num_examples:
@@ -105,6 +114,9 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       _fail("privacy.tan_reference_batch_size", ref_b,
             f"the simulated reference batch must exceed train.batch_size="
             f"{batch_size}")
+    if mechanism == "blt":
+      _fail("privacy.mechanism", mechanism, "TAN simulation is DP-SGD's: "
+            'use "dpsgd"')
     if bands > 1:
       _fail("privacy.bands", bands, "TAN simulation is DP-SGD's: use 1")
     ref_sigma = sigma if sigma > 0 else privacy.calibrate_noise_multiplier(
@@ -113,7 +125,11 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
     sigma = privacy.tan_simulation(ref_sigma, ref_b, batch_size)
   else:
     ref_sigma = 0.0
-    if cfg.enabled and sigma <= 0:
+    if cfg.enabled and sigma <= 0 and mechanism == "blt":
+      # One Gaussian mechanism per phase: independent of q, T and b.
+      sigma = privacy.blt.calibrate_noise_multiplier(
+          cfg.target_epsilon, delta, accountant=cfg.accountant)
+    elif cfg.enabled and sigma <= 0:
       sigma = privacy.bandmf.calibrate_noise_multiplier(
           cfg.target_epsilon, batch_size / num_examples, steps, delta,
           bands, accountant=cfg.accountant)
@@ -125,7 +141,8 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
       delta_rule="config" if cfg.delta > 0 else "N^-1.1",
       target_epsilon=cfg.target_epsilon if cfg.enabled else math.inf,
       method=cfg.method, tan_reference_batch_size=ref_b,
-      tan_reference_noise_multiplier=float(ref_sigma), bands=bands)
+      tan_reference_noise_multiplier=float(ref_sigma), bands=bands,
+      mechanism=mechanism, blt_buffers=int(buffers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +180,46 @@ class PhasePlan:
 
   @property
   def bands(self) -> int:
-    """BandMF bands b (1: DP-SGD, and every public phase)."""
+    """BandMF bands b (1: DP-SGD, and every public phase); under BLT the
+    min separation b (the sampler is b-cyclic either way)."""
     return self.privacy.bands if self.privacy else 1
+
+  @property
+  def mechanism(self) -> str:
+    """"dpsgd" (every public phase, and BandMF with b = 1), "bandmf" or
+    "blt"."""
+    if self.privacy and self.privacy.mechanism == "blt":
+      return "blt"
+    return "bandmf" if self.bands > 1 else "dpsgd"
+
+  @property
+  def blt_strategy(self) -> privacy.blt.Strategy:
+    """BLT's (theta, omega) for this phase: deterministic in (steps, b, d)
+    (cached), so a resumed run rebuilds the same one."""
+    return privacy.blt.optimize(self.phase.steps, self.bands,
+                                self.privacy.blt_buffers)
+
+  def record(self, ledger: privacy.PrivacyLedger, start: int,
+             steps: int) -> None:
+    """Records phase steps [start, start + steps) in `ledger`: DP-SGD and
+    BandMF entries (`records`, at `ledger_rate`), or BLT's Gaussian rho
+    (`privacy.blt.ledger_rho`)."""
+    if self.mechanism == "blt":
+      ledger.record_gaussian(privacy.blt.ledger_rho(
+          self.blt_strategy, self.phase.steps, self.bands,
+          self.noise_multiplier, start, steps), steps)
+    else:
+      ledger.record(self.noise_multiplier, self.ledger_rate,
+                    self.records(start, steps))
+
+  def epsilon(self) -> float:
+    """Epsilon of the whole phase alone (at its delta and accountant)."""
+    s = self.privacy
+    if self.mechanism == "blt":
+      return privacy.blt.epsilon(self.noise_multiplier, s.delta, s.accountant)
+    return privacy.bandmf.epsilon(self.noise_multiplier, self.sampling_rate,
+                                  self.phase.steps, s.delta, self.bands,
+                                  accountant=s.accountant)
 
   def records(self, start: int, steps: int) -> int:
     """Ledger entries of phase steps [start, start + steps): each step
@@ -204,7 +259,9 @@ class PhasePlan:
         self.phase.optimizer, sum_fn=self.sum_fn,
         noise_multiplier=self.noise_multiplier,
         expected_batch_size=float(self.phase.batch_size),
-        noise_key=noise_key, first_step=first_step, bands=self.bands, **ema)
+        noise_key=noise_key, first_step=first_step, bands=self.bands,
+        blt=((self.blt_strategy, self.phase.steps)
+             if self.mechanism == "blt" else None), **ema)
 
 
 def resolve_phases(config: ml_collections.ConfigDict,
@@ -243,6 +300,11 @@ def resolve_phases(config: ml_collections.ConfigDict,
       raise ValueError(
           f"phase {phase.name}: its clipped_sum_fn states no sensitivity; "
           "return a privacy.clipping.BoundedSum(fn, l2_sensitivity, unit)")
+    if s is not None and s.mechanism == "blt" and (
+        phase.make_batches is not None or phase.clipped_sum_fn is not None):
+      _fail("privacy.mechanism", s.mechanism, f"phase {phase.name!r} "
+            "samples users with its own batching: BLT's cyclic sampler is "
+            "example-level; use privacy.mechanism=\"dpsgd\"")
     if s is not None and s.bands > 1 and (
         phase.make_batches is not None or phase.clipped_sum_fn is not None):
       _fail("privacy.bands", s.bands, f"phase {phase.name!r} samples "

@@ -24,5 +24,6 @@ def test_public_api_names():
                "epsilon", "calibrate_noise_multiplier", "dp_event",
                "PrivacyLedger", "poisson_sample", "sample_indices",
                "total_amount_of_noise", "tan_simulation", "clipping",
-               "noise", "optimizers", "sampling", "accounting", "ledger"):
+               "noise", "optimizers", "sampling", "accounting", "ledger",
+               "bandmf", "bandmf_noise", "blt", "blt_noise"):
     assert hasattr(privacy, name), name

@@ -104,3 +104,35 @@ def test_unsupported_sampling_raises():
   led = ledger_lib.PrivacyLedger(N, accountant="rdp")
   led.record(SIGMA, Q, 10, "without_replacement")
   assert 0 < led.epsilon() < math.inf
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_gaussian_entries_add_rho_and_compose_with_dp_sgd(accountant):
+  """record_gaussian: rho adds up (Gaussian mechanisms compose exactly so),
+  all Gaussian entries are one GaussianDpEvent(rho^-1/2), composed with the
+  DP-SGD entries; the ledger serialises and resumes them."""
+  led = ledger_lib.PrivacyLedger(N, delta=1e-5, accountant=accountant)
+  for _ in range(4):
+    led.record_gaussian(0.0625, steps=1)  # Four quarters of sigma = 2.
+  assert led.steps == 4 and led.rho == 0.25 and len(led.entries) == 1
+  gauss = dp_accounting.GaussianDpEvent(2.0)
+  assert led.epsilon() == pytest.approx(
+      accounting.event_epsilon(gauss, 1e-5, accountant), rel=1e-9)
+  led.record(SIGMA, Q, steps=100)
+  led.record_gaussian(0.25, steps=2)  # Another phase: rho 0.5 in all.
+  assert [e.get("kind") for e in led.entries] == ["gaussian", None,
+                                                  "gaussian"]
+  want = accounting.event_epsilon(dp_accounting.ComposedDpEvent([
+      dp_accounting.GaussianDpEvent(0.5 ** -0.5),
+      accounting.dp_event(SIGMA, Q, 100)]), 1e-5, accountant)
+  assert led.epsilon() == pytest.approx(want, rel=1e-3)
+  back = ledger_lib.PrivacyLedger.from_dict(json.loads(json.dumps(
+      led.to_dict())))
+  assert back.to_dict() == led.to_dict() and back.epsilon() == led.epsilon()
+  other = led.copy()
+  other.record_gaussian(1.0)
+  assert other.epsilon() > led.epsilon() and led.rho == 0.5
+  led.record_gaussian(0.0, steps=0)  # Nothing.
+  assert led.steps == 106
+  with pytest.raises(ValueError, match="rho >= 0"):
+    led.record_gaussian(-1.0)

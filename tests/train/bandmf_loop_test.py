@@ -48,7 +48,7 @@ def test_ledger_entries_one_per_band():
 
 @pytest.mark.parametrize("overrides,field", [
     (dict(mechanism="dpsgd", bands=2), "privacy.bands=2"),
-    (dict(mechanism="blt"), "privacy.mechanism='blt'"),
+    (dict(mechanism="blt3"), "privacy.mechanism='blt3'"),
     (dict(bands=13), "privacy.bands=13"),
     (dict(bands=12), "privacy.bands=12"),  # batch 128 x 12 > N = 1500.
 ])

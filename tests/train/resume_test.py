@@ -1,7 +1,7 @@
 """Preemption: SIGTERM -> finish the step, checkpoint, exit 0; rerun resumes.
 
 Runs keep their SECRET noise and sampling keys (the default: OS entropy;
-here with a parameter EMA and BandMF noise, whose state resumes too):
+here with a parameter EMA and BandMF or BLT noise, whose state resumes too):
 the keys come back from the checkpoint, so a run resumed from a checkpoint of
 an uninterrupted run ends with exactly its parameters, optimizer state, keys
 and epsilon (Grain iterator position and privacy ledger come back from the
@@ -9,6 +9,7 @@ checkpoint's meta item), and a run killed with SIGTERM exits 0 and resumes
 with the keys it was killed with.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -38,11 +39,15 @@ OVERRIDES = [
     "--config.train.log_every=2", "--config.train.checkpoint_every=100",
     "--config.data.num_examples=1000", "--config.data.eval_num_examples=8",
     "--config.privacy.noise_multiplier=1.0",
-    # The EMA and BandMF's noise buffer (b=2) resume bit for bit too.
-    "--config.train.ema_decay=0.9", "--config.privacy.mechanism=bandmf",
-    "--config.privacy.bands=2",
+    # The EMA and the correlated noise's buffers resume bit for bit too.
+    "--config.train.ema_decay=0.9", "--config.privacy.bands=2",
 ] + [f"--config.evals.{k}.log_steps=-1"  # off.
      for k in dpcap_config.get_config("tiny").evals]
+MECHANISMS = {  # BandMF (b=2), BLT (3 buffers, min separation 2).
+    "bandmf": ("--config.privacy.mechanism=bandmf",),
+    "blt": ("--config.privacy.mechanism=blt",
+            "--config.privacy.blt_buffers=3"),
+}
 
 
 def stalled(marker: str, at: int | str) -> tuple[str, ...]:
@@ -72,15 +77,16 @@ app.run(main.main)
 
 
 def _start(workdir: str, cache_dir: str, *extra: str,
-           launcher: tuple[str, ...] = ("-m", "dpjax.main")
-           ) -> subprocess.Popen:
+           launcher: tuple[str, ...] = ("-m", "dpjax.main"),
+           mechanism: str = "bandmf") -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return subprocess.Popen(
       [sys.executable, *launcher, "--config=configs/dpcap.py:tiny",
-       f"--workdir={workdir}", *OVERRIDES, *extra], cwd=REPO, env=env,
+       f"--workdir={workdir}", *OVERRIDES, *MECHANISMS[mechanism], *extra],
+      cwd=REPO, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -98,14 +104,16 @@ def _state(workdir: str):
   return steps, state, meta
 
 
+@pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
 def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
-    tmp_path):
+    tmp_path, mechanism):
   cache = str(tmp_path / "jax_cache")
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  uninterrupted = _start(full, cache, "--config.train.checkpoint_every=2",
-                         "--config.train.keep_checkpoints=10")
+  start = functools.partial(_start, mechanism=mechanism)
+  uninterrupted = start(full, cache, "--config.train.checkpoint_every=2",
+                        "--config.train.keep_checkpoints=10")
   marker = str(tmp_path / "at_step_2")
-  proc = _start(killed, cache, launcher=stalled(marker, 2))
+  proc = start(killed, cache, launcher=stalled(marker, 2))
   deadline = time.time() + 300
   while not os.path.exists(marker):  # Mid-training: step 2 done.
     assert proc.poll() is None, proc.communicate()[0][-4000:]
@@ -123,8 +131,12 @@ def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
   assert steps == [2], steps
   assert meta["phase_step"] == steps[0]
   assert meta["data"]["next_step"] == steps[0]  # Iterator position saved.
-  # BandMF: one ledger entry per 2 steps (at rate 2q).
-  assert meta["ledger"]["entries"][0]["count"] == -(-steps[0] // 2)
+  entry = meta["ledger"]["entries"][0]
+  if mechanism == "bandmf":  # One ledger entry per 2 steps (at rate 2q).
+    assert entry["count"] == -(-steps[0] // 2)
+  else:  # BLT: one Gaussian entry, rho growing with every step.
+    assert entry["kind"] == "gaussian" and entry["count"] == steps[0]
+    assert 0 < entry["rho"] < 1.0
   assert not os.path.exists(os.path.join(killed, "results.json"))
   _finish(uninterrupted)
 
@@ -133,8 +145,8 @@ def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
   replay = str(tmp_path / "replay")
   shutil.copytree(os.path.join(full, "checkpoints", "2"),
                   os.path.join(replay, "checkpoints", "2"))
-  resumed = _start(killed, cache)  # The same command resumes.
-  out = _finish(_start(replay, cache))
+  resumed = start(killed, cache)  # The same command resumes.
+  out = _finish(start(replay, cache))
   assert "resumed at step 2" in out
   assert "resumed at step" in _finish(resumed)
 
