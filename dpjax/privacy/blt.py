@@ -12,8 +12,8 @@ post-processing of C x + z, a Gaussian mechanism; a lower-triangular C
 keeps this valid for adaptively chosen x (Denisov et al., NeurIPS 2022).
 
 Sensitivity: participations are >= b = `min_separation` steps apart
-(b-cyclic Poisson sampling, `bandmf.in_partition`: partition t mod b sampled
-at rate q b). C >= 0 and c_k decreasing (k >= 1) make (C^T C)_ij >= 0,
+(b-cyclic Poisson sampling, `sampling.sample_cyclic_indices`: partition
+t mod b sampled at rate q b). C >= 0 and c_k decreasing (k >= 1) make (C^T C)_ij >= 0,
 decreasing in |i - j| and in max(i, j), so the worst set of participations
 in steps [0, t) is S_0 = {0, b, 2b, ...}: Delta_t = ||(C 1_{S_0})[:t]||_2
 (`prefix_sensitivity`; tested against a brute-force maximum).
@@ -30,7 +30,7 @@ here: the bound does not depend on q, n or b.
 
 Strategy: (theta, omega) minimise the prefix-sum error
 Delta_n^2 ||A C^{-1}||_F^2 (A: lower-triangular ones), numpy float64 and
-scipy L-BFGS-B from fixed starts, rounded to float32 (the numbers the device
+scipy Nelder-Mead from fixed starts, rounded to float32 (the numbers the device
 uses are then exactly those the accounting uses): deterministic in
 (n, b, d) and cached, so a resumed run rebuilds the same strategy.
 """
@@ -223,10 +223,7 @@ def blt_noise(sensitivity: noise_lib.Sensitivity, noise_multiplier: float,
   def update_fn(updates, state, params=None):
     del params
     key = jax.random.fold_in(state.rng_key, state.count)
-    # z_t: privatize with sigma 1, C 1, batch 1 on zeros is the bare draw.
-    z = noise_lib.privatize(jax.tree.map(jnp.zeros_like, updates), key, 1.0,
-                            1.0, 1.0)
-    w = z
+    w = noise_lib.standard_normal_like(updates, key)  # add_noise's z_t.
     for wi, s in zip(omega, state.buffers):
       w = jax.tree.map(lambda a, b, wi=wi: a - np.float32(wi) * b, w, s)
     buffers = tuple(
