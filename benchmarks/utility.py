@@ -49,6 +49,8 @@ VARIANTS = {
     "blt b=4": {"privacy.mechanism": "blt", "privacy.bands": 4},
     # dp_linear: the largest b with batch * b <= N (128 * 11 <= 1500).
     "blt b=11": {"privacy.mechanism": "blt", "privacy.bands": 11},
+    # DP continual tiny: 256 * 77 <= 19,800 private images (2.6 epochs).
+    "blt b=77": {"privacy.mechanism": "blt", "privacy.bands": 77},
     "dpsgd + augment": {"data.augment": True},
     "dpsgd + augment + augmult 4": {"data.augment": True, "train.augmult": 4},
     "bandmf b=4 + augment + augmult 4": {
