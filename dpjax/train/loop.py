@@ -91,24 +91,7 @@ class _Run:
     """Public facts of the run for logs and results.json."""
     out = dict(recipe=self.config.recipe, total_steps=self.total_steps)
     for phase in self.plans:
-      out[f"{phase.name}/private"] = phase.private
-      out[f"{phase.name}/steps"] = phase.steps
-      out[f"{phase.name}/batch_size"] = phase.batch_size
-      out[f"{phase.name}/num_examples"] = phase.num_examples
-      if phase.private:
-        out[f"{phase.name}/noise_multiplier"] = phase.noise_multiplier
-        out[f"{phase.name}/sampling_rate"] = phase.sampling_rate
-        out[f"{phase.name}/l2_clip_norm"] = phase.privacy.l2_clip_norm
-        # The noise's scale: the sum function's bound per privacy unit.
-        out[f"{phase.name}/l2_sensitivity"] = phase.l2_sensitivity
-        out[f"{phase.name}/privacy_unit"] = phase.unit
-        out[f"{phase.name}/clipping"] = phase.privacy.clipping
-        if phase.mechanism == "blt":  # The strategy, and its Delta_n.
-          theta, omega = phase.blt_strategy
-          out[f"{phase.name}/blt_theta"] = list(theta)
-          out[f"{phase.name}/blt_omega"] = list(omega)
-          out[f"{phase.name}/blt_sensitivity"] = privacy.blt.sensitivity(
-              theta, omega, phase.steps, phase.bands)
+      out.update(phase.describe())
     if self.dp:
       p = self.config.privacy
       out.update(

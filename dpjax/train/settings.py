@@ -221,6 +221,26 @@ class PhasePlan:
                                   self.phase.steps, s.delta, self.bands,
                                   accountant=s.accountant)
 
+  def describe(self) -> dict:
+    """Public facts of this phase for logs and results.json, keyed
+    "<phase name>/<fact>"."""
+    out = dict(private=self.private, steps=self.steps,
+               batch_size=self.batch_size, num_examples=self.num_examples)
+    if self.private:
+      out.update(
+          noise_multiplier=self.noise_multiplier,
+          sampling_rate=self.sampling_rate,
+          l2_clip_norm=self.privacy.l2_clip_norm,
+          # The noise's scale: the sum function's bound per privacy unit.
+          l2_sensitivity=self.l2_sensitivity, privacy_unit=self.unit,
+          clipping=self.privacy.clipping)
+      if self.mechanism == "blt":  # The strategy, and its Delta_n.
+        theta, omega = self.blt_strategy
+        out.update(blt_theta=list(theta), blt_omega=list(omega),
+                   blt_sensitivity=privacy.blt.sensitivity(
+                       theta, omega, self.steps, self.bands))
+    return {f"{self.name}/{k}": v for k, v in out.items()}
+
   def records(self, start: int, steps: int) -> int:
     """Ledger entries of phase steps [start, start + steps): each step
     under DP-SGD; under BandMF one per b steps (those with t % b == 0, at
