@@ -74,7 +74,10 @@ def privacy_block() -> ml_collections.ConfigDict:
       # run at this reference batch": sigma is calibrated for the reference
       # batch and scaled by batch_size / reference. Not an epsilon run.
       tan_reference_batch_size=0,
-      method="vmap",  # per-example clipping: "vmap" | "ghost" | "auto".
+      # Per-example clipping: "auto" (ghost norms + book-keeping where a
+      # layer allows, vmap elsewhere; at least as fast as vmap and never
+      # more memory in benchmarks/peers.py) | "ghost" | "vmap".
+      method="auto",
       # The two secrets the guarantee rests on. -1 (default): OS entropy
       # filling the whole PRNG key, broadcast from process 0, kept in the
       # resumable checkpoint (never in export/, never logged). Independent of

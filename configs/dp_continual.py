@@ -219,7 +219,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_examples=2000, steps=200, batch_size=128, learning_rate=3e-3,
         b2=0.95, weight_decay=0.005, warmup_steps=30))
     c.privacy.accountant = "pld"  # tighter than RDP at this q.
-    c.privacy.method = "vmap"
     c.mesh.fsdp = 1
     c.train.update(dict(
         inner_microbatch=0,

@@ -194,7 +194,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.privacy.delta = -1.0  # dpjax's default, N^-1.1.
     c.privacy.accountant = "pld"  # tighter than RDP at this q; no RDP
                                   # convergence warnings at small sigma.
-    c.privacy.method = "vmap"
     c.mesh.fsdp = 1
     c.train.update(dict(
         inner_microbatch=0,

@@ -238,7 +238,7 @@ def clipped_grad(
     microbatch_size: Optional[int] = None,
     clipping: str = "clip",
     normalize_gamma: float = 0.01,
-    method: str = "vmap",
+    method: str = "auto",
     compute_dtype: Optional[Any] = None,
 ) -> Callable[[PyTree, PyTree, Optional[jax.Array]], tuple[PyTree, dict]]:
   """Sum over real examples of clipped per-example gradients.
@@ -274,12 +274,15 @@ def clipped_grad(
       params); the batch size must be divisible by it.
     clipping: "clip" (standard) or "normalize" (automatic clipping).
     normalize_gamma: stabiliser gamma > 0 of "normalize".
-    method: how per-example norms are computed. "vmap" (default): per-example
-      gradients by vmap. "ghost" / "auto": fast clipping for Flax models
-      (``ghost.py``: ghost norms + book-keeping, no per-example gradients for
-      Dense / DenseGeneral / patch Conv / Embed layers, exact per-example
-      fallback for all other params; "auto" picks the cheaper norm formula
-      per layer). Same guarantee and outputs; imports Flax lazily.
+    method: how per-example norms are computed. "auto" (default) / "ghost":
+      fast clipping (``ghost.py``: ghost norms + book-keeping, no per-example
+      gradients for Flax Dense / DenseGeneral / patch Conv / Embed layers,
+      exact per-example gradients by vmap for all other params, so any JAX
+      function works; "auto" picks the cheaper norm formula per layer).
+      "vmap": per-example gradients of every param by vmap. Same guarantee
+      and outputs (to float rounding); "auto"/"ghost" import Flax lazily.
+      "auto" is the default because it was at least as fast as "vmap" on
+      every model of ``benchmarks/peers.py`` and never uses more memory.
     compute_dtype: "ghost"/"auto" only: operand dtype of the norm and sum
       matmuls (e.g. jnp.bfloat16); norms and sums stay float32.
 

@@ -55,7 +55,7 @@ def zeros_accumulator(params) -> dict:
 
 def private_sum_fn(loss_fn, l2_clip_norm: float, *, clipping: str = "clip",
                    normalize_gamma: float = 0.01, inner_microbatch: int = 0,
-                   method: str = "vmap") -> privacy.clipping.BoundedSum:
+                   method: str = "auto") -> privacy.clipping.BoundedSum:
   """Per-example clipped-gradient sum of `loss_fn` (privacy.clipped_grad)."""
   return privacy.clipped_grad(
       loss_fn, l2_clip_norm, clipping=clipping,

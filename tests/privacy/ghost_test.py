@@ -286,4 +286,5 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="method"):
     privacy.clipped_grad(loss_fn, 1.0, method="fast")
   with pytest.raises(ValueError, match="compute_dtype"):
-    privacy.clipped_grad(loss_fn, 1.0, compute_dtype=jnp.bfloat16)
+    privacy.clipped_grad(loss_fn, 1.0, method="vmap",
+                         compute_dtype=jnp.bfloat16)
