@@ -215,6 +215,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       _evaluate(run, state, writer, gstep, periodic=True)  # End: all.
       t0 += time.time() - t_eval  # Throughput counts training time only.
     meta = lambda: dict(phase=index, phase_step=phase_step,
+                        noise=phase.noise_signature(),
                         ledger=run.ledger.to_dict(),
                         data=iterator.get_state(),
                         bad_records=run.bad.allgather(
@@ -347,6 +348,8 @@ def _run(task, config, workdir,
   meta = dict(phase=0, phase_step=0, ledger=None, data=None)
   if restoring:
     rmeta = r.ckpt.restore_meta()
+    phases[rmeta["phase"]].check_resumable(rmeta.get("noise", {}),
+                                           rmeta["phase_step"])
     if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
       state = state._replace(opt_state=state_lib.init_opt(
           phases[rmeta["phase"]], state.params, r.mesh,

@@ -241,6 +241,41 @@ class PhasePlan:
                        theta, omega, self.steps, self.bands))
     return {f"{self.name}/{k}": v for k, v in out.items()}
 
+  def noise_signature(self) -> dict:
+    """What a resumed private phase must keep (saved in each checkpoint):
+    the mechanism, sigma and b, and for BLT its strategy's steps and
+    buffers. Empty for a public phase."""
+    if not self.private:
+      return {}
+    out = dict(mechanism=self.mechanism,
+               noise_multiplier=self.noise_multiplier, bands=self.bands)
+    if self.mechanism == "blt":
+      out.update(steps=self.steps, blt_buffers=self.privacy.blt_buffers)
+    return out
+
+  def check_resumable(self, saved: dict, phase_step: int) -> None:
+    """Raises a ConfigError if a checkpoint taken `phase_step` steps into
+    this phase, with `saved` = its `noise_signature()`, cannot continue
+    under this config. DP-SGD's ledger records each step's own (sigma, q),
+    so it may change between steps; correlated noise (BandMF, BLT) ties a
+    phase's steps together and is accounted for one sigma, one b and (BLT)
+    one strategy, so changing them mid-phase would void the epsilon."""
+    now = self.noise_signature()
+    if not saved or not phase_step or saved == now or (
+        saved.get("mechanism") == now.get("mechanism") == "dpsgd"):
+      return
+    fields = dict(mechanism="privacy.mechanism", bands="privacy.bands",
+                  noise_multiplier="privacy.noise_multiplier",
+                  steps="train.steps", blt_buffers="privacy.blt_buffers")
+    key = next(k for k in fields if saved.get(k) != now.get(k))
+    mechanism = saved.get("mechanism")
+    _fail(fields[key], now.get(key), f"the checkpoint of phase "
+          f"{self.name!r} (step {phase_step} of it) ran with {saved.get(key)!r}"
+          f"; {mechanism} noise is correlated across the phase's steps and "
+          "accounted for the values it started with (sigma comes from "
+          "privacy.target_epsilon and delta unless set). Resume with the "
+          "checkpoint's values, or start a new workdir")
+
   def records(self, start: int, steps: int) -> int:
     """Ledger entries of phase steps [start, start + steps): each step
     under DP-SGD; under BandMF one per b steps (those with t % b == 0, at

@@ -55,3 +55,28 @@ def test_ledger_entries_one_per_band():
 def test_bad_settings_name_the_field(overrides, field):
   with pytest.raises(errors.ConfigError, match=f"config.{field}"):
     recipes.run(_config(**overrides), "/nonexistent-never-written")
+
+
+def test_resuming_with_another_sigma_is_refused_unless_dpsgd(tmp_path):
+  """Correlated noise is accounted for the sigma a phase started with, so a
+  resumed BandMF phase refuses a new one; DP-SGD's ledger records each
+  step's sigma, so it continues (here to step 16)."""
+  for mechanism, bands in (("bandmf", 4), ("dpsgd", 1)):
+    workdir = str(tmp_path / mechanism)
+    recipes.run(_config(mechanism=mechanism, bands=bands,
+                        noise_multiplier=1.0, target_epsilon=50.0), workdir)
+    config = _config(mechanism=mechanism, bands=bands, noise_multiplier=2.0,
+                     target_epsilon=50.0)
+    config.train.steps = 16
+    if mechanism == "bandmf":
+      with pytest.raises(errors.ConfigError,
+                         match=r"privacy.noise_multiplier=2.0 .*ran with 1.0"):
+        recipes.run(config, workdir)
+    else:
+      results = recipes.run(config, workdir)
+      assert results["step"] == 16
+      n = config.data.num_train
+      ledger = privacy.PrivacyLedger(n, results["delta"])
+      ledger.record(1.0, 128 / n, 12)
+      ledger.record(2.0, 128 / n, 4)
+      assert results["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)

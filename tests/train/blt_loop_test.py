@@ -109,3 +109,14 @@ def test_budget_stop_with_a_too_small_sigma(tmp_path):
   assert results["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
   plan.record(ledger, results["step"], 1)
   assert ledger.epsilon() > target
+
+
+def test_resuming_under_another_strategy_is_refused(tmp_path):
+  """A checkpoint taken 12 steps into a BLT phase cannot continue with
+  train.steps=16: the strategy and its Delta_n are the phase's, so the
+  accounting would no longer describe the noise."""
+  recipes.run(_config(), str(tmp_path))
+  config = _config()
+  config.train.steps = 16
+  with pytest.raises(errors.ConfigError, match=r"train.steps=16 .*ran with 12"):
+    recipes.run(config, str(tmp_path))
