@@ -30,6 +30,7 @@ import numpy as np
 from dpjax.privacy import accounting
 from dpjax.privacy import audit_stats
 from dpjax.privacy import bandmf
+from dpjax.privacy import blt
 from dpjax.privacy import clipping
 from dpjax.privacy import noise
 
@@ -273,6 +274,62 @@ def bandmf_step_scores(l2_clip_norm: float, noise_multiplier: float,
   return scores.ravel()
 
 
+def blt_step_scores(l2_clip_norm: float, noise_multiplier: float,
+                    min_separation: int, included: np.ndarray, *, steps: int,
+                    seed: int, buffers: int = 4,
+                    canary_norm: Optional[float] = None,
+                    microbatch_size: int = 500) -> np.ndarray:
+  """White-box scores of Dirac canaries through the real BLT step.
+
+  The m = ``included.size`` canaries are split into b = ``min_separation``
+  residue classes of d = m / b: canary (r, j) owns coordinate r d + j of an
+  m-vector and takes part in EVERY step t = r (mod b) of the ``steps``-step
+  phase: the worst participation pattern BLT's sensitivity Delta_n is
+  computed for (r = 0). Its per-example gradient is a Dirac of norm
+  ``canary_norm`` (default 2C), clipped by ``clipping.clipped_grad``; the
+  noise is ``blt.blt_noise`` with the strategy ``blt.optimize(steps, b,
+  buffers)`` (key ``seed``). The adversary undoes the correlation: with y the
+  noisy updates, C y = C x + sigma C_clip Delta_n z, and canary (r, j)'s
+  score is <(C y)[:, r d + j], v_r> / ||v_r||, v_r = C 1_{t = r mod b}, the
+  matched filter of its participations. W.r.t. each canary this is ONE
+  Gaussian mechanism with noise multiplier sigma Delta_n / ||v_r|| >= sigma.
+
+  Returns:
+    float64 [m] scores, in the order of ``included``.
+  """
+  m, b, n = included.size, min_separation, steps
+  if m % b or n < b:
+    raise ValueError(f"num canaries {m} must be divisible by min_separation "
+                     f"{b}, and steps {n} >= it.")
+  d = m // b
+  norm = 2.0 * l2_clip_norm if canary_norm is None else canary_norm
+  strategy = blt.optimize(n, b, buffers)
+  # Example = its coordinate; gradient = norm * e_coord (a Dirac canary).
+  loss = lambda p, ex: norm * p[ex["coord"]]
+  clipped_sum = clipping.clipped_grad(loss, l2_clip_norm, method="vmap",
+                                      microbatch_size=min(microbatch_size, d))
+  tx = blt.blt_noise(clipped_sum, noise_multiplier, d / 2, strategy, n, b,
+                     seed=seed)
+  params = jnp.zeros(m, jnp.float32)
+  masks = jnp.asarray(included.reshape(b, d), jnp.float32)
+
+  def one_step(state, step):
+    r = step % b
+    coords = r * d + jnp.arange(d, dtype=jnp.int32)
+    total, _ = clipped_sum(params, {"coord": coords}, masks[r])
+    update, state = tx.update(total, state)
+    return state, update
+
+  _, ys = jax.jit(lambda t: jax.lax.scan(one_step, tx.init(params), t))(
+      jnp.arange(n))
+  c = blt.strategy_matrix(*strategy, n)
+  cy = c @ np.asarray(ys, np.float64)  # [n, m]
+  pattern = (np.arange(n)[None, :] % b) == np.arange(b)[:, None]  # [b, n]
+  v = pattern.astype(np.float64) @ c.T  # [b, n]: v_r = C 1_{S_r}
+  v /= np.linalg.norm(v, axis=1, keepdims=True)
+  return np.einsum("trd,rt->rd", cy.reshape(n, b, d), v).ravel()
+
+
 def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
                         num_canaries: int, *, method: str = "one_run",
                         canaries_per_step: Optional[int] = None,
@@ -281,11 +338,14 @@ def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
                                                         1 / 30),
                         seed: int = 0,
                         noise_scale_error: float = 1.0,
-                        bands: int = 1) -> AuditResult:
+                        bands: int = 1, mechanism: Optional[str] = None,
+                        steps: int = 0) -> AuditResult:
   """White-box audit of the DP step (clip -> sum -> Gaussian noise).
 
-  Runs ``gaussian_step_scores`` (``bands`` > 1: ``bandmf_step_scores``,
-  the BandMF step, whose claim per canary is the same) with noise multiplier
+  Runs ``gaussian_step_scores`` (``mechanism`` "bandmf", the default when
+  ``bands`` > 1: ``bandmf_step_scores``; "blt": ``blt_step_scores`` with
+  min separation ``bands`` over ``steps`` steps, default 4 b; the claim per
+  canary is the same for all three) with noise multiplier
   ``noise_multiplier * noise_scale_error`` (1.0: the real step; 0.5: a
   deliberately broken step with half the noise; 0: no noise), and compares
   the empirical bound with the epsilon CLAIMED for ``noise_multiplier``:
@@ -311,7 +371,15 @@ def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
   if canaries_per_step is None:
     canaries_per_step = 1000 if method == "one_run" else 1
   included = choose_included(num_canaries, seed)
-  if bands > 1:
+  mechanism = mechanism or ("bandmf" if bands > 1 else "dpsgd")
+  if mechanism not in ("dpsgd", "bandmf", "blt"):
+    raise ValueError(f"mechanism must be 'dpsgd', 'bandmf' or 'blt', got "
+                     f"{mechanism!r}.")
+  if mechanism == "blt":
+    scores = blt_step_scores(
+        l2_clip_norm, noise_multiplier * noise_scale_error, bands, included,
+        steps=steps or 4 * bands, seed=seed + 1)
+  elif mechanism == "bandmf":
     scores = bandmf_step_scores(
         l2_clip_norm, noise_multiplier * noise_scale_error, bands, included,
         canaries_per_step=canaries_per_step, seed=seed + 1)
