@@ -44,10 +44,8 @@ import numpy as np
 import optax
 
 from dpjax import evaluate
-from dpjax.data import arrays
 from dpjax.data import clients
 from dpjax.data import pipeline
-from dpjax.data import sources
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.data import users as users_lib
@@ -56,129 +54,10 @@ from dpjax.evaluate import linear_probe
 from dpjax.models import embedder
 from dpjax.privacy import clipping
 from dpjax.privacy import user_level
+from dpjax.recipes import fedemb_data
 from dpjax.train import task as task_lib
 
 PHASES = ("public", "dp")
-
-
-def _source(spec: str, split: str, config, *, num_identities: int = 0,
-            first_identity: int = 0, user_keyed: bool = True):
-  """A synthetic or real source; real ones renamed to image / label (and
-  user, from data.user_key, unless ``user_keyed`` is False: the public
-  data, e.g. tfds:mnist, has no user field)."""
-  d = config.data
-  fields = {"image": d.image_key, "label": d.label_key}
-  if d.user_key and user_keyed:
-    fields["user"] = d.user_key
-  kwargs = {}
-  if spec == "synthetic:identities":
-    kwargs = dict(num_identities=num_identities,
-                  images_per_identity=d.images_per_identity,
-                  first_identity=first_identity)
-  return sources.from_config(spec, split=split, seed=config.seed,
-                             image_size=d.image_size, data_dir=d.data_dir,
-                             fields=fields, **kwargs)
-
-
-def _heldout_fraction(config, spec: str) -> float:
-  """data.heldout_user_fraction for a real user-keyed source; 0 otherwise."""
-  d = config.data
-  frac = float(d.heldout_user_fraction)
-  if not 0.0 <= frac < 1.0:
-    raise ConfigError(f"config.data.heldout_user_fraction={frac}: use [0, 1)")
-  if frac and spec == "synthetic:identities":
-    raise ConfigError(
-        f"config.data.heldout_user_fraction={frac} applies to real user-keyed "
-        "sources; synthetic identities are held out by construction "
-        "(disjoint identity ranges): set it to 0")
-  if frac and not d.user_key:
-    raise ConfigError("config.data.heldout_user_fraction needs data.user_key")
-  return frac
-
-
-def private_source(config: ml_collections.ConfigDict):
-  """The user-partitioned private source (num_users, user_indices).
-
-  Real sources: users (values of data.user_key) held out for evaluation by
-  `data.users.is_heldout_user(user, data.heldout_user_fraction)` are left
-  out entirely: never sampled, never trained on.
-  """
-  d = config.data
-  frac = _heldout_fraction(config, d.source)
-  src = _source(d.source, d.split, config, num_identities=d.num_users)
-  if not hasattr(src, "num_users"):
-    src = users_lib.UserKeyedSource(
-        src, "user", "label",
-        tuple(d.train_label_range) if d.train_label_range else None,
-        keep_user=(lambda u: not users_lib.is_heldout_user(u, frac))
-        if frac else None)
-  return src
-
-
-def public_source(config: ml_collections.ConfigDict):
-  d = config.data
-  return _source(d.public_source, d.public_split, config,
-                 num_identities=d.public_num_identities,
-                 first_identity=d.num_users, user_keyed=False)
-
-
-def eval_source(config: ml_collections.ConfigDict):
-  """The evaluation records (before the hold-out and label filters)."""
-  d = config.data
-  return _source(d.eval_source, d.eval_split, config,
-                 num_identities=d.eval_num_identities,
-                 first_identity=d.num_users + d.public_num_identities)
-
-
-def _transforms(config, label_field: str) -> list:
-  s = config.data.image_size
-  return [transforms_lib.DecodeImage(), transforms_lib.Resize(s),
-          transforms_lib.Normalize(),
-          transforms_lib.Rename({label_field: "label"}),
-          transforms_lib.Keep(["image", "label"])]
-
-
-def _label_field(spec: str) -> str:
-  return "identity" if spec == "synthetic:identities" else "label"
-
-
-def eval_indices(config: ml_collections.ConfigDict, src) -> list[int]:
-  """Indices of the evaluation records of ``src`` (= `eval_source`).
-
-  Records with a label in data.eval_label_range and, for real user-keyed
-  sources with data.heldout_user_fraction > 0, only those of held-out users
-  (`data.users.is_heldout_user`), the users `private_source` drops: the
-  evaluation never sees a trained-on user. At most data.eval_num_examples,
-  in source order.
-  """
-  d = config.data
-  frac = _heldout_fraction(config, d.eval_source)
-  label_field = _label_field(d.eval_source)
-  lo, hi = d.eval_label_range or (-np.inf, np.inf)
-  out = []
-  for i in range(len(src)):
-    if len(out) >= d.eval_num_examples:
-      break
-    rec = src[i]
-    if not lo <= int(rec[label_field]) < hi:
-      continue
-    if frac and not users_lib.is_heldout_user(rec["user"], frac):
-      continue
-    out.append(i)
-  return out
-
-
-def eval_arrays(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """Held-out (open-set) "image" float32[n, S, S, 3] and "identity" int[n]."""
-  d = config.data
-  src = eval_source(config)
-  ts = _transforms(config, _label_field(d.eval_source))
-  idx = eval_indices(config, src)
-  if not idx:
-    raise ValueError(f"no evaluation records in {d.eval_source!r} (check "
-                     "data.eval_label_range / data.heldout_user_fraction)")
-  out = arrays.materialise(src, ts, idx, keep=("image", "label"))
-  return {"image": out["image"], "identity": out["label"].astype(np.int64)}
 
 
 def local_labels(labels: jax.Array, mask: jax.Array,
@@ -277,8 +156,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   out = []
   if "public" in phases:
-    src = public_source(config)
-    ts = _transforms(config, _label_field(d.public_source))
+    src = fedemb_data.public_source(config)
+    ts = fedemb_data.transforms(config,
+                                fedemb_data.label_field(d.public_source))
     out.append(task_lib.Phase(
         name="public", private=False, source=src, transforms=ts,
         loss_fn=public_loss, steps=p.steps, batch_size=p.batch_size,
@@ -293,7 +173,7 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   context = evaluate.Context(
       "dpfedemb", fns={"embed": lambda params, x: embed(params["backbone"], x)},
-      data={"test": lambda: eval_arrays(config)})
+      data={"test": lambda: fedemb_data.eval_arrays(config)})
   return task_lib.Task(init_params=init_params, phases=out,
                        evaluators=evaluate.from_config(config.evals, context))
 
@@ -302,8 +182,8 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
               embed_fn) -> task_lib.Phase:
   """The user-level phase: virtual clients, clipped backbone deltas."""
   d, f, t = config.data, config.fedemb, config.train
-  src = private_source(config)
-  ts = _transforms(config, _label_field(d.source))
+  src = fedemb_data.private_source(config)
+  ts = fedemb_data.transforms(config, fedemb_data.label_field(d.source))
   k = f.users_per_client
   if t.batch_size > src.num_users:
     raise ConfigError(f"config.train.batch_size={t.batch_size} (expected "
@@ -358,7 +238,7 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
     clipped_sum_fn = clipping.BoundedSum(clipped_sum_fn, core.l2_sensitivity,
                                          core.unit)
 
-  label_field = _label_field(d.source)
+  label_field = fedemb_data.label_field(d.source)
   # The loop passes the source it runs (audit canary users appended) and q.
   make_batches = lambda source, **kw: clients.virtual_client_batches(
       source, ts, users_per_client=k,

@@ -25,7 +25,7 @@ from dpjax import recipes
 from dpjax.data import arrays
 from dpjax.data import transforms
 from dpjax.recipes import continual
-from dpjax.recipes import fedemb
+from dpjax.recipes import fedemb_data
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -90,8 +90,8 @@ def test_fedemb_paper_public_source_reads_mnist_without_a_user_field():
   config = fedemb_config.get_config("paper")
   assert config.data.public_source == "tfds:mnist" and config.data.user_key
   with tfds.testing.mock_data(num_examples=_NUM):
-    src = fedemb.public_source(config)
-    ts = fedemb._transforms(config, "label")  # pylint: disable=protected-access
+    src = fedemb_data.public_source(config)
+    ts = fedemb_data.transforms(config, "label")
     rec = transforms.apply(ts, dict(src[0]),
                                          np.random.default_rng(0))
   size = config.data.image_size

@@ -12,6 +12,7 @@ from dpjax.data import clients
 from dpjax.data import users as users_lib
 from dpjax.privacy import clipping
 from dpjax.recipes import fedemb
+from dpjax.recipes import fedemb_data
 
 
 def small_config(**overrides):
@@ -101,7 +102,7 @@ def test_users_outside_the_sample_contribute_nothing(dp_setup):
 
 def test_rounds_hash_poisson_sampled_users_into_g_clients():
   config = small_config()
-  src = fedemb.private_source(config)
+  src = fedemb_data.private_source(config)
   k, q, e = config.fedemb.users_per_client, 32 / 200, 4
   g = 32 // k  # G = expected users / k, from the config alone.
   keys = users_lib.user_keys(src)  # synthetic: the user index.
@@ -161,35 +162,38 @@ class _FakeWriters:
 
 def test_paper_preset_evaluates_on_held_out_writers(monkeypatch):
   fake = _FakeWriters()
-  monkeypatch.setattr(fedemb.sources, "make_source",
+  monkeypatch.setattr(fedemb_data.sources, "make_source",
                       lambda spec, **kw: fake)
   config = fedemb_config.get_config("paper")
   assert config.data.heldout_user_fraction > 0
-  train = fedemb.private_source(config)
+  train = fedemb_data.private_source(config)
   train_users = {train.user_id(u) for u in range(train.num_users)}
-  evals = fedemb.eval_source(config)
-  eval_users = {evals[i]["user"] for i in fedemb.eval_indices(config, evals)}
+  evals = fedemb_data.eval_source(config)
+  eval_users = {evals[i]["user"]
+                for i in fedemb_data.eval_indices(config, evals)}
   all_users = {r["user"] for r in fake.recs}
   assert train_users and eval_users
   assert not train_users & eval_users  # whole writers held out.
   assert train_users | eval_users == all_users
   assert all(fake[i]["label"] < 36 for u in range(train.num_users)
              for i in train.user_indices(u))
-  arrays = fedemb.eval_arrays(config)
+  arrays = fedemb_data.eval_arrays(config)
   assert arrays["image"].shape[1:] == (28, 28, 3)
   assert set(arrays["identity"].tolist()) <= set(range(36, 62))
 
 
 def test_tiny_preset_evaluates_on_held_out_identities():
   config = fedemb_config.get_config("tiny")
-  private, public = fedemb.private_source(config), fedemb.public_source(config)
-  evals = fedemb.eval_source(config)
+  private = fedemb_data.private_source(config)
+  public = fedemb_data.public_source(config)
+  evals = fedemb_data.eval_source(config)
   ranges = [(s.first_identity, s.first_identity + s.num_users)
             for s in (private, public, evals)]
   assert ranges == sorted(ranges)
   assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint.
   with pytest.raises(ValueError, match="heldout_user_fraction"):
-    fedemb.private_source(small_config(**{"data.heldout_user_fraction": 0.1}))
+    fedemb_data.private_source(
+        small_config(**{"data.heldout_user_fraction": 0.1}))
 
 
 def test_accounting_counts_rounds_not_examples_and_trains_end_to_end(
