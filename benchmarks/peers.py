@@ -11,9 +11,9 @@ For each model, the same params and batch go through jitted functions of
   jax_privacy  jax_privacy.clipped_grad(..., keep_batch_dim=False) (NaN-safe
                by default), when the package is installed (`pip install
                -e .[bench]`), else reported "not installed"
-  dpjax_vmap   dpjax.privacy.clipped_grad(method="vmap")  (dpjax's default)
+  dpjax_vmap   dpjax.privacy.clipped_grad(method="vmap")
   dpjax_auto   dpjax.privacy.clipped_grad(method="auto")  (ghost norms +
-               book-keeping)
+               book-keeping; dpjax's default since these runs)
 Before timing, every DP variant's clipped sum is checked against plain_vmap
 (allclose; the run stops if one differs). Then the variants are timed
 INTERLEAVED (rep r runs each once, back to back), so ratios share the
