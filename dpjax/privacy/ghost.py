@@ -9,10 +9,13 @@ How. ``loss_fn`` is vmapped over the batch inside ``nn.intercept_methods``.
 A first abstract trace (``jax.make_jaxpr``, no FLOPs) finds every call of a
 supported layer (``ghost_layers.describe``: Dense, DenseGeneral, patch Conv,
 Embed), the params it reads (by tracer identity), and, from the jaxpr, every
-other use of those params. A call is handled by the fast path ("ghost") only
-if each of its params is used by that call and nothing else (a layer called
-twice, a tied ``Embed.attend``, a param read outside the layer, a layer
-inside ``nn.remat``/``nn.scan`` or a cast of the params all fail this). All
+other use of those params. Calls reading the same params form a group (one
+call, or a layer called K times, e.g. on K augmented copies of an example:
+its per-example gradient sums over the calls, so their rows are
+concatenated into one call of sum(T) rows). A group takes the fast path
+("ghost") only if its params are used by its calls and nothing else (a
+tied ``Embed.attend``, a param read outside the layer, a layer inside
+``nn.remat``/``nn.scan`` or a cast of the params all fail this). All
 other params take the exact fallback ("copy"): the same per-example
 backward (``vmap(grad)``) returns their per-example gradients (cheap for
 LayerNorm, biases, position embeddings, CLS tokens). Unused params get
@@ -136,33 +139,51 @@ def _analyze(loss_fn, leaves, treedef, batch, method) -> dict:
       if leaf is not None:
         claims.setdefault(leaf, []).append(k)
 
-  ghost_calls, mode = [], ["copy"] * len(leaves)
+  # Calls reading the same params form a group (a layer called K times,
+  # e.g. on K augmented copies of one example): its per-example gradient is
+  # the sum over the calls, i.e. the concatenation of their rows, so the
+  # norm and the book-keeping treat the group as one call of sum(T) rows.
+  by_leaves: dict[tuple, list[int]] = {}
   for k, rec in enumerate(calls):
-    desc, leaf_of = rec["desc"], rec["leaf_of"]
+    by_leaves.setdefault(tuple(sorted(rec["leaf_of"].items())), []).append(k)
+  ghost_calls, groups, mode = [], [], ["copy"] * len(leaves)
+  for ks in by_leaves.values():
+    recs = [calls[k] for k in ks]
+    desc, leaf_of = recs[0]["desc"], recs[0]["leaf_of"]
+    marks = [_mark(k) for k in ks]
     ok = (desc is not None and set(leaf_of) == set(desc["params"]) and
-          all(leaf is not None and claims[leaf] == [k] and consumers[leaf]
-              and all(_mark(k) in s for s in consumers[leaf])
+          all(r["desc"] == desc and r["dtype"] == recs[0]["dtype"]
+              for r in recs) and
+          all(leaf is not None and claims[leaf] == ks and consumers[leaf]
+              and all(any(m in s for m in marks) for s in consumers[leaf])
               for leaf in leaf_of.values()))
     if ok:
-      ghost_calls.append(dict(rec, index=k))
+      groups.append(list(range(len(ghost_calls), len(ghost_calls) + len(ks))))
+      ghost_calls += [dict(calls[k], index=k) for k in ks]
       for leaf in leaf_of.values():
         mode[leaf] = "ghost"
-  # Dense calls on the very same input tensor (query/key/value) share one
-  # stored activation and one input Gram matrix: "leader" = first such call.
+  single = {g[0] for g in groups if len(g) == 1}
+  # Single Dense calls on the very same input tensor (query/key/value) share
+  # one stored activation and one input Gram matrix: "leader" = first such.
   for j, rec in enumerate(ghost_calls):
-    rec["leader"] = next(
+    rec["leader"] = j if j not in single else next(
         i for i, r in enumerate(ghost_calls[:j + 1])
-        if r["input"] is rec["input"] and _share_key(r) == _share_key(rec)
-        or i == j)
-  for j, rec in enumerate(ghost_calls):
+        if i in single and r["input"] is rec["input"] and
+        _share_key(r) == _share_key(rec) or i == j)
+  for g in groups:
+    rec = ghost_calls[g[0]]
     share = sum(r["leader"] == rec["leader"] for r in ghost_calls)
-    rec["mode"] = ghost_layers.pick_mode(rec["desc"], rec["t"], method, share)
+    mode_g = ghost_layers.pick_mode(
+        rec["desc"], sum(ghost_calls[j]["t"] for j in g), method, share)
+    for j in g:
+      ghost_calls[j]["mode"] = mode_g
   for rec in calls + ghost_calls:  # Drop the tracers.
     rec.pop("input", None)
   for i in range(len(leaves)):
     if mode[i] == "copy" and not consumers[i]:
       mode[i] = "zero"
-  return dict(calls=ghost_calls, mode=mode, num_candidates=len(calls))
+  return dict(calls=ghost_calls, groups=groups, mode=mode,
+              num_candidates=len(calls))
 
 
 def _share_key(rec):
@@ -307,11 +328,18 @@ def clipped_sum_fn(
 
     sq = jnp.zeros((b,), jnp.float32)
     mats, grams = [], {}
-    for rec, gz in zip(plan["calls"], g_zs):
-      a, g = acts[rec["leader"]], gz.reshape(b, rec["t"], -1)
+    for group in plan["groups"]:
+      rec = plan["calls"][group[0]]
+      gs = [g_zs[j].reshape(b, plan["calls"][j]["t"], -1) for j in group]
+      if len(group) == 1:
+        a, g = acts[rec["leader"]], gs[0]
+      else:  # One layer called len(group) times: its rows concatenated.
+        a = jnp.concatenate([acts[j] for j in group], axis=1)
+        g = jnp.concatenate(gs, axis=1)
       mats.append((rec, a, g))
       a_gram = None
-      if rec["mode"] == "gram" and rec["desc"]["kind"] == "dense":
+      if (len(group) == 1 and rec["mode"] == "gram" and
+          rec["desc"]["kind"] == "dense"):
         if rec["leader"] not in grams:
           grams[rec["leader"]] = ghost_layers.gram(a, dtype)
         a_gram = grams[rec["leader"]]

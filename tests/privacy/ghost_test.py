@@ -109,7 +109,9 @@ def test_layer_norms_and_sums_match_vmap(name):
 
 
 class _Shared(nn.Module):
-  """Layers the fast path must NOT take: each needs the exact fallback."""
+  """Params read more than once. A layer called twice (and nothing else
+  reading its params) takes the fast path, its calls' rows concatenated;
+  the others need the exact fallback."""
 
   @nn.compact
   def __call__(self, x, ids):
@@ -126,13 +128,15 @@ class _Shared(nn.Module):
     return nn.Dense(3, name="fast")(out * scale)
 
 
-def test_unsupported_layers_take_the_exact_fallback():
+def test_shared_params_take_the_exact_fallback_or_concatenated_rows():
   loss_fn, params, batch = _setup(_Shared(), _SEQ, _IDS)
   plan = ghost.clipping_plan(loss_fn, params, batch)
-  for name in ("twice", "tied", "read", "remat"):
+  for name in ("tied", "read", "remat"):
     assert all(plan[p] == "copy" for p in plan if p.startswith(name)), plan
   assert plan["raw"] == "copy" and plan["unused"] == "zero"
-  assert plan["fast/kernel"].startswith("ghost:")
+  for name in ("fast", "twice"):
+    assert plan[f"{name}/kernel"].startswith("ghost:"), plan
+    assert plan[f"{name}/bias"].startswith("ghost:"), plan
   _check(loss_fn, params, batch)
 
 

@@ -73,6 +73,12 @@ def test_mean_of_copies_then_one_clip_equals_brute_force(method):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
   assert float(aux["count"]) == 3.0
+  if method == "auto":  # The K copies are one example's rows: no fallback.
+    from dpjax.privacy import ghost  # pylint: disable=g-import-not-at-top
+    plan = ghost.clipping_plan(augmult.mean_over_copies(loss_fn, K), params,
+                               batch)
+    kernels = [p for p in plan if p.endswith("kernel")]
+    assert kernels and all(plan[p].startswith("ghost:") for p in kernels)
 
 
 def _phase(**kw):
