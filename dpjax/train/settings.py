@@ -355,16 +355,14 @@ def resolve_phases(config: ml_collections.ConfigDict,
       raise ValueError(
           f"phase {phase.name}: its clipped_sum_fn states no sensitivity; "
           "return a privacy.clipping.BoundedSum(fn, l2_sensitivity, unit)")
-    if s is not None and s.mechanism == "blt" and (
+    if s is not None and (s.mechanism == "blt" or s.bands > 1) and (
         phase.make_batches is not None or phase.clipped_sum_fn is not None):
-      _fail("privacy.mechanism", s.mechanism, f"phase {phase.name!r} "
-            "samples users with its own batching: BLT's cyclic sampler is "
-            "example-level; use privacy.mechanism=\"dpsgd\"")
-    if s is not None and s.bands > 1 and (
-        phase.make_batches is not None or phase.clipped_sum_fn is not None):
-      _fail("privacy.bands", s.bands, f"phase {phase.name!r} samples "
-            "users with its own batching: BandMF's cyclic sampler is "
-            "example-level; use privacy.mechanism=\"dpsgd\"")
+      blt = s.mechanism == "blt"  # BLT names its mechanism, BandMF its b.
+      _fail("privacy.mechanism" if blt else "privacy.bands",
+            s.mechanism if blt else s.bands, f"phase {phase.name!r} samples "
+            f"users with its own batching: {'BLT' if blt else 'BandMF'}'s "
+            "cyclic sampler is example-level; use "
+            "privacy.mechanism=\"dpsgd\"")
     out.append(PhasePlan(phase, source, n, s, sum_fn,
                          ema_decay=float(config.train.get("ema_decay", 0.0)),
                          ema_warmup=bool(config.train.get("ema_warmup",

@@ -14,13 +14,14 @@ from dpjax.privacy import bandmf
 
 
 def _noises(tx, dim: int, steps: int):
+  """float64 [steps, dim]: the noisy updates of zero sums, step by step."""
   params = {"w": jnp.zeros(dim)}
   state = tx.init(params)
   update = jax.jit(tx.update)
   out = []
   for _ in range(steps):
     noisy, state = update(params, state)
-    out.append(np.asarray(noisy["w"]))
+    out.append(np.asarray(noisy["w"], np.float64))
   return np.stack(out)  # [steps, dim]
 
 

@@ -15,19 +15,9 @@ import pytest
 from dpjax import privacy
 from dpjax.privacy import bandmf
 from dpjax.privacy import blt
+from tests.privacy.bandmf_test import _noises
 
 STRATEGY = blt.Strategy((0.9, 0.5), (0.3, 0.2))
-
-
-def _noises(tx, dim: int, steps: int):
-  params = {"w": jnp.zeros(dim)}
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = []
-  for _ in range(steps):
-    noisy, state = update(params, state)
-    out.append(np.asarray(noisy["w"], np.float64))
-  return np.stack(out)  # [steps, dim]
 
 
 def test_coefficients_inverse_and_matrix_agree():
