@@ -12,8 +12,10 @@ post-processing of C x + z, a Gaussian mechanism; a lower-triangular C
 keeps this valid for adaptively chosen x (Denisov et al., NeurIPS 2022).
 
 Sensitivity: participations are >= b = `min_separation` steps apart
-(b-cyclic Poisson sampling, `sampling.sample_cyclic_indices`: partition
-t mod b sampled at rate q b). C >= 0 and c_k decreasing (k >= 1) make (C^T C)_ij >= 0,
+(b-cyclic Poisson sampling, `sampling.sample_cyclic_indices`: each example
+in its own secret, uniform partition fixed for the phase, partition t mod b
+sampled at rate q b; the bound below holds for every fixed partition, so
+for the random one by joint convexity, as that docstring says). C >= 0 and c_k decreasing (k >= 1) make (C^T C)_ij >= 0,
 decreasing in |i - j| and in max(i, j), so the worst set of participations
 in steps [0, t) is S_0 = {0, b, 2b, ...}: Delta_t = ||(C 1_{S_0})[:t]||_2
 (`prefix_sensitivity`; tested against a brute-force maximum).
