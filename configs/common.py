@@ -60,8 +60,9 @@ def privacy_block() -> ml_collections.ConfigDict:
       sampling="poisson",  # Poisson subsampling (the accounted mechanism).
       # "dpsgd": fresh noise each step. "bandmf": noise correlated across
       # `bands` steps (dpjax/privacy/bandmf.py), with b-cyclic Poisson
-      # sampling (example i in partition i mod b; step t samples partition
-      # t mod b at rate q*b) and its accounting; bands=1 is DP-SGD.
+      # sampling (each example in its own secret uniform partition; step t
+      # samples partition t mod b at rate q*b) and its accounting; bands=1
+      # is DP-SGD.
       # "blt": noise correlated across all steps through `blt_buffers`
       # buffers (dpjax/privacy/blt.py), the same b-cyclic sampler with
       # `bands` = b the minimum separation of an example's steps (batch =

@@ -218,8 +218,11 @@ class StepLoader:
 
   def indices(self, step: int) -> np.ndarray:
     """Step `step`'s sorted global batch: Poisson at rate q over [0, N), or
-    with `bands` b > 1 b-cyclic Poisson (`privacy.sampling.
-    sample_cyclic_indices`): the sampling BandMF's accounting assumes."""
+    with `bands` b > 1 exchangeable b-cyclic Poisson (`privacy.sampling.
+    sample_cyclic_indices`: each index in its own secret uniform partition,
+    partition t mod b at rate q*b): the sampling BandMF's and BLT's
+    accounting assume. Both decide per record from secret randomness, never
+    from its neighbours (add/remove adjacency)."""
     if self.bands == 1:
       return sampling.sample_indices(self.seed, step, self.num_examples,
                                      self.sampling_rate)

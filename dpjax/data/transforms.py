@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from dpjax.data import BadRecord
+from dpjax.privacy import sampling
 
 Record = dict[str, Any]
 
@@ -28,16 +29,9 @@ _RNG_TAG = 0xA11CE  # per-example "rng" leaf
 _AUG_TAG = 0xB0B  # augmentation Generator
 
 
-def mix(*keys: np.ndarray) -> np.ndarray:
-  """SplitMix64-style hash of uint64 arrays (broadcast) -> uint64."""
-  with np.errstate(over="ignore"):
-    h = np.uint64(0x9E3779B97F4A7C15)
-    for k in keys:
-      z = h ^ np.asarray(k).astype(np.uint64)
-      z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-      z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-      h = z ^ (z >> np.uint64(31))
-  return h
+# SplitMix64-style hash of uint64 arrays (broadcast) -> uint64: the one keyed
+# hash of the code base (privacy.sampling's b-cyclic partitions use it too).
+mix = sampling.mix
 
 
 def example_keys(seed: int, step: int, indices: np.ndarray) -> np.ndarray:

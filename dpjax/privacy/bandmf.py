@@ -11,14 +11,19 @@ are: less noise in the model at the same epsilon.
 
 Formal guarantee (add/remove-one, example level): with every clipped sum of
 sensitivity C_clip and b-cyclic Poisson sampling -- the examples split into
-b fixed partitions, at step t partition t mod b Poisson-sampled at rate
-q_b = q * b -- an example's participations are >= b steps apart, where the
-banded columns do not overlap (the sampler:
-`privacy.sampling.sample_cyclic_indices`): the run is ceil(T / b)
+b partitions fixed for the run, at step t partition t mod b Poisson-sampled
+at rate q_b = q * b -- an example's participations are >= b steps apart,
+where the banded columns do not overlap: the run is ceil(T / b)
 independent Poisson-subsampled Gaussian mechanisms (rate q_b, noise
 multiplier sigma), i.e.
 `epsilon(...)` below, DP-SGD's accounting with (q b, ceil(T / b)). b = 1 is
-DP-SGD exactly (same noise, same epsilon).
+DP-SGD exactly (same noise, same epsilon). The sampler
+(`privacy.sampling.sample_cyclic_indices`) draws each example's partition
+secretly and i.i.d. uniform, independent of the data, not as i mod b (which
+breaks add/remove adjacency: removing one example shifts every later one
+into another partition); given the partitions the bound above holds, and a
+mixture of such mechanisms over the differing example's partition meets it
+by joint convexity (the sampler's docstring has the argument).
 
 Strategy: the banded square root of the prefix-sum workload (Kalinin &
 Lampert, NeurIPS 2024), c_j = binom(2j, j) / 4^j for j < b, scaled to unit

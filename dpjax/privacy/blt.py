@@ -12,11 +12,17 @@ post-processing of C x + z, a Gaussian mechanism; a lower-triangular C
 keeps this valid for adaptively chosen x (Denisov et al., NeurIPS 2022).
 
 Sensitivity: participations are >= b = `min_separation` steps apart
-(b-cyclic Poisson sampling, `sampling.sample_cyclic_indices`: partition
-t mod b sampled at rate q b). C >= 0 and c_k decreasing (k >= 1) make (C^T C)_ij >= 0,
-decreasing in |i - j| and in max(i, j), so the worst set of participations
+(b-cyclic Poisson sampling, `sampling.sample_cyclic_indices`: each example
+in its own secret, uniform partition fixed for the phase, partition t mod b
+sampled at rate q b; the bound below holds for every fixed partition, so
+for the random one by joint convexity, as that docstring says). C >= 0 and
+c_k decreasing (k >= 1) make (C^T C)_ij >= 0, decreasing in |i - j| and in
+max(i, j), so the worst set of participations
 in steps [0, t) is S_0 = {0, b, 2b, ...}: Delta_t = ||(C 1_{S_0})[:t]||_2
-(`prefix_sensitivity`; tested against a brute-force maximum).
+(`prefix_sensitivity`; tested against a brute-force maximum). Proven for
+theta in (0, 1)^d, omega > 0 only: other strategies (negative omega, theta
+outside (0, 1)), where this closed form can fall far below the true
+maximum, are refused (`check_strategy`).
 
 Formal guarantee (add/remove-one, example level): with every clipped sum of
 sensitivity C_clip, b-cyclic Poisson sampling and noise std
@@ -104,9 +110,40 @@ def strategy_matrix(theta, omega, steps: int) -> np.ndarray:
   return np.where(d >= 0, c[np.clip(d, 0, None)], 0.0)
 
 
+def check_strategy(theta, omega) -> None:
+  """Refuses a strategy outside the range where `prefix_sensitivity` is
+  proven (module doc): d >= 1 buffers, every theta_i in (0, 1), every
+  omega_i > 0 (finite). Outside it the closed form can underestimate the
+  worst participation set by far (negative omega, theta > 1 or < 0), and
+  the exact maximum is a hard combinatorial search.
+
+  Raises:
+    ValueError: naming the parameter, its value and the allowed range.
+  """
+  theta, omega = tuple(theta), tuple(omega)
+  if not theta or len(theta) != len(omega):
+    raise ValueError(f"BLT strategy needs as many omega as theta, >= 1 "
+                     f"each: got {len(theta)} theta, {len(omega)} omega")
+  for i, t in enumerate(theta):
+    if not 0.0 < float(t) < 1.0:
+      raise ValueError(f"BLT strategy theta[{i}]={float(t)!r} is outside the "
+                       "allowed range (0, 1), where its sensitivity is "
+                       "proven; use privacy.blt.optimize")
+  for i, w in enumerate(omega):
+    if not (math.isfinite(float(w)) and float(w) > 0.0):
+      raise ValueError(f"BLT strategy omega[{i}]={float(w)!r} is outside the "
+                       "allowed range (0, inf), where its sensitivity is "
+                       "proven; use privacy.blt.optimize")
+
+
 def prefix_sensitivity(theta, omega, steps: int,
                        min_separation: int = 1) -> np.ndarray:
-  """float64[steps + 1]: Delta_t, t = 0..steps (module doc; Delta_0 = 0)."""
+  """float64[steps + 1]: Delta_t, t = 0..steps (module doc; Delta_0 = 0).
+
+  Raises:
+    ValueError: for a strategy outside the proven range (`check_strategy`).
+  """
+  check_strategy(theta, omega)
   p, q = _polys(theta, omega)
   y = scipy.signal.lfilter(p, q, (np.arange(steps) % min_separation) == 0)
   return np.sqrt(np.concatenate([[0.0], np.cumsum(y * y)]))
@@ -276,6 +313,6 @@ def _prefix_sq(strategy: Strategy, steps: int, min_separation: int):
 
 
 __all__ = ["BLTState", "Strategy", "blt_noise", "calibrate_noise_multiplier",
-           "coefficients", "epsilon", "inverse_coefficients", "ledger_rho",
+           "check_strategy", "coefficients", "epsilon", "inverse_coefficients", "ledger_rho",
            "loss", "optimize", "prefix_sensitivity", "sensitivity",
            "strategy_matrix"]

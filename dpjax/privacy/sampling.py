@@ -34,6 +34,7 @@ import numpy as np
 # random bits with each other or with other users of (seed, step).
 _SAMPLE_TAG = 0x5A4D9E1
 _TRUNCATE_TAG = 0x7C0FFEE
+_PARTITION_TAG = 0xC7C11C  # b-cyclic partitions: no step, fixed per phase.
 
 
 class PoissonBatch(NamedTuple):
@@ -129,24 +130,77 @@ def sample_indices(seed: int, step: int, num_examples: int,
   return _uniform_subset(rng, num_examples, k)
 
 
+def mix(*keys) -> np.ndarray:
+  """SplitMix64-style hash of uint64 arrays (broadcast) -> uint64.
+
+  The finaliser of SplitMix64 chained over the inputs: with one input a
+  secret 64-bit seed, the outputs at distinct other inputs behave as
+  independent uniform 64-bit draws (the keyed hash the per-record draws of
+  ``dpjax.data`` and ``partition_of`` use).
+  """
+  with np.errstate(over="ignore"):
+    h = np.uint64(0x9E3779B97F4A7C15)
+    for k in keys:
+      z = h ^ np.asarray(k).astype(np.uint64)
+      z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+      z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+      h = z ^ (z >> np.uint64(31))
+  return h
+
+
+def partition_of(seed: int, indices: np.ndarray, cycle: int) -> np.ndarray:
+  """int64[n]: the b-cyclic partition of each index, in [0, cycle).
+
+  A keyed hash of (tag, secret seed, index) mod b: with the seed secret,
+  each index's partition is its own i.i.d. draw, uniform over [0, b) (up to
+  a bias < b / 2**64), independent of the data and of the step, so fixed
+  for the whole phase.
+  """
+  if seed < 0:
+    raise ValueError(f"seed must be >= 0, got {seed=}.")
+  h = mix(np.uint64(_PARTITION_TAG), np.uint64(seed),
+          np.asarray(indices, np.int64).astype(np.uint64))
+  return (h % np.uint64(cycle)).astype(np.int64)
+
+
 def sample_cyclic_indices(seed: int, step: int, num_examples: int,
                           sampling_rate: float, cycle: int) -> np.ndarray:
-  """b-cyclic Poisson sampling: step t samples only partition t mod b.
+  """Exchangeable b-cyclic Poisson sampling: step t samples partition t mod b.
 
-  The partitions are the index classes i mod b (fixed before training,
-  independent of the data): partition t mod b is Poisson-subsampled at rate
-  q b (``sample_indices`` over its members), so an example can take part
-  only every b-th step and at rate q b when it does. This is the sampling
-  BandMF's amplified accounting assumes (``privacy.bandmf``); cycle = 1 is
-  ``sample_indices``. Cost O(batch size), independent of N.
+  Each index i has its own secret partition p_i = ``partition_of(seed, i,
+  b)``, i.i.d. uniform over [0, b) and fixed for the phase. Step t draws
+  candidates Poisson at rate min(1, q b) over all of [0, N)
+  (``sample_indices``, the step's own stream) and keeps those with
+  p_i = t mod b. So, given the partitions, each member of partition
+  t mod b joins step t independently with probability q b, and an example
+  can take part only every b-th step; over the partition draw every index
+  joins every step with probability q. cycle = 1 is ``sample_indices``
+  exactly. Cost O(q b N) = O(b * batch) expected, never O(N).
+
+  Formal guarantee (add/remove-one, example level): the run is as private
+  as b-cyclic Poisson sampling with a FIXED partition (what BandMF's and
+  BLT's accounting assume: ``privacy.bandmf``, ``privacy.blt``):
+  - The partition is independent of the data and of the other records.
+  - Fix the other records' partitions: D and its neighbour D' differ in
+    one record, whose partition is uniform and independent. The output
+    distribution is then a mixture, over that record's partition, of
+    fixed-partition b-cyclic mechanisms, each meeting the bound; by joint
+    convexity of the hockey-stick divergence the mixture meets it too (this
+    holds for any law of that partition, so the 2**-64 bias is harmless).
+  - The other records' partitions have the same joint law in D and D'
+    (i.i.d. over indices), and so do their Poisson draws: the shift of
+    index of every record after a removed one changes nothing in
+    distribution. (With p_i = i mod b, it changed every later record's
+    partition: a distinguisher at the first step; hence the hash.)
+  The seed must be secret (``secret_seed()``), as for ``sample_indices``.
 
   >>> idx = sample_cyclic_indices(0, step=5, num_examples=1000,
   ...                             sampling_rate=0.05, cycle=4)
-  >>> set((idx % 4).tolist())  # Partition 5 mod 4.
+  >>> set(partition_of(0, idx, 4).tolist())  # Partition 5 mod 4.
   {1}
 
   Returns:
-    int64[k] sorted distinct indices i in [0, N) with i = t (mod b).
+    int64[k] sorted distinct indices i in [0, N) with p_i = t (mod b).
 
   Raises:
     ValueError: if cycle < 1 or q b > 1.
@@ -154,10 +208,11 @@ def sample_cyclic_indices(seed: int, step: int, num_examples: int,
   if cycle < 1 or sampling_rate * cycle > 1 + 1e-12:
     raise ValueError(f"cyclic sampling needs cycle >= 1 and rate q * cycle "
                      f"<= 1, got cycle={cycle}, q={sampling_rate:.3g}")
-  r = step % cycle
-  size = max(0, -(-(num_examples - r) // cycle))  # Members r, r+b, ... < N.
-  j = sample_indices(seed, step, size, min(1.0, sampling_rate * cycle))
-  return r + j * cycle
+  candidates = sample_indices(seed, step, num_examples,
+                              min(1.0, sampling_rate * cycle))
+  if cycle == 1:
+    return candidates
+  return candidates[partition_of(seed, candidates, cycle) == step % cycle]
 
 
 def poisson_sample(seed: int, step: int, num_examples: int,

@@ -55,14 +55,16 @@ def test_rows_are_the_poisson_sample_with_correct_masks():
 
 
 def test_cyclic_sampling_draws_only_the_steps_partition_at_rate_qb():
-  """bands=b: step t samples indices = t (mod b), each at rate q*b (the
-  sampling privacy.bandmf's accounting assumes); expected batch q*N."""
+  """bands=b: step t samples the indices of partition t mod b (each
+  index's own secret partition), each at rate q*b (the sampling
+  privacy.bandmf's accounting assumes); expected batch q*N."""
   n, q, b, steps = 1000, 0.02, 4, 400
   loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=3, bands=b)
   counts, sizes = np.zeros(n), []
   for t in range(steps):
     idx = loader.indices(t)
-    assert (idx % b == t % b).all() and (np.diff(idx) > 0).all()
+    assert (sampling.partition_of(3, idx, b) == t % b).all()
+    assert (np.diff(idx) > 0).all()
     counts[idx] += 1
     sizes.append(idx.size)
   # Each example is eligible on steps / b steps, sampled at q*b there.

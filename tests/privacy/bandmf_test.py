@@ -71,16 +71,26 @@ def test_accounting_is_dp_sgd_over_partitions():
 
 
 def test_cyclic_sampling_partitions_and_rates():
-  """Step t samples only indices = t (mod b), each at rate q b; over b
+  """Step t samples only the indices of partition t mod b (each index's own
+  secret partition, fixed across steps), each at rate q b; over b
   consecutive steps every example is eligible exactly once."""
   n, q, b, steps = 23, 0.1, 4, 4000
+  part = privacy.sampling.partition_of(7, np.arange(n), b)
   counts = np.zeros(n)
   for t in range(steps):
     idx = privacy.sampling.sample_cyclic_indices(7, t, n, q, b)
-    assert (idx % b == t % b).all() and (np.diff(idx) > 0).all()
+    assert (part[idx] == t % b).all() and (np.diff(idx) > 0).all()
     counts[idx] += 1
   # Every example: steps / b eligible steps at rate q b = q per step overall.
   np.testing.assert_allclose(counts / steps, q, atol=0.02)
+  # The partition is a secret per-index draw, not i mod b: uniform over b,
+  # and another seed gives another partition.
+  big = privacy.sampling.partition_of(7, np.arange(40_000), b)
+  np.testing.assert_allclose(np.bincount(big, minlength=b) / 40_000,
+                             1 / b, atol=0.01)
+  assert abs(np.mean(big == np.arange(40_000) % b) - 1 / b) < 0.01
+  other = privacy.sampling.partition_of(8, np.arange(40_000), b)
+  assert abs(np.mean(big == other) - 1 / b) < 0.01
   np.testing.assert_array_equal(
       privacy.sampling.sample_cyclic_indices(7, 5, n, q, 1),
       privacy.sample_indices(7, 5, n, q))

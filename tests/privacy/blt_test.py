@@ -57,19 +57,74 @@ def test_covariance_across_steps():
   assert abs(noise.mean()) < 0.02 * sigma * clip * delta
 
 
+def _brute_force_sensitivity(strategy, steps: int, b: int) -> float:
+  """The largest ||C 1_S|| over every participation set S with gaps >= b."""
+  m = blt.strategy_matrix(*strategy, steps)
+  best = 0.0
+  for mask in itertools.product((0, 1), repeat=steps):
+    idx = np.flatnonzero(mask)
+    if len(idx) and (np.diff(idx) >= b).all():
+      best = max(best, np.linalg.norm(m[:, idx].sum(1)))
+  return best
+
+
 @pytest.mark.parametrize("steps,b", [(9, 1), (10, 3), (11, 4), (8, 8)])
 def test_sensitivity_is_the_worst_participation_set(steps, b):
   for strategy in (STRATEGY, blt.optimize(steps, b, 3)):
-    m = blt.strategy_matrix(*strategy, steps)
-    best = 0.0
-    for mask in itertools.product((0, 1), repeat=steps):
-      idx = np.flatnonzero(mask)
-      if len(idx) and (np.diff(idx) >= b).all():
-        best = max(best, np.linalg.norm(m[:, idx].sum(1)))
+    best = _brute_force_sensitivity(strategy, steps, b)
     assert blt.sensitivity(*strategy, steps, b) == pytest.approx(best)
     prefix = blt.prefix_sensitivity(*strategy, steps, b)
     assert prefix[0] == 0 and (np.diff(prefix) > 0).all()
     assert prefix[-1] == pytest.approx(best)
+
+
+def test_closed_form_holds_over_the_allowed_range():
+  """Random strategies in the proven range (theta in (0, 1), omega > 0,
+  sum omega above 1 too): the closed form is the brute-force maximum."""
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    d, steps, b = rng.integers(1, 4), int(rng.integers(6, 10)), int(
+        rng.integers(1, 4))
+    strategy = blt.Strategy(tuple(rng.uniform(0.01, 0.99, d)),
+                            tuple(np.exp(rng.uniform(-4, 2, d))))
+    assert blt.sensitivity(*strategy, steps, b) == pytest.approx(
+        _brute_force_sensitivity(strategy, steps, b))
+
+
+@pytest.mark.parametrize("theta,omega,b,field", [
+    ((0.5,), (-0.9,), 1, r"omega\[0\]=-0.9 .*\(0, inf\)"),
+    ((0.9, 0.5), (0.3, -0.2), 2, r"omega\[1\]=-0.2 .*\(0, inf\)"),
+    ((-0.9,), (0.5,), 2, r"theta\[0\]=-0.9 .*\(0, 1\)"),
+    ((1.2,), (0.3,), 2, r"theta\[0\]=1.2 .*\(0, 1\)"),
+    ((0.5,), (float("nan"),), 1, r"omega\[0\]=nan"),
+    ((0.5, 0.2), (0.3,), 1, "as many omega as theta"),
+])
+def test_strategy_outside_the_proven_range_is_refused(theta, omega, b,
+                                                       field):
+  """Every entry point that would use the closed-form sensitivity refuses a
+  strategy outside theta in (0, 1), omega > 0, naming the parameter, its
+  value and the allowed range."""
+  steps, strategy = 8, blt.Strategy(theta, omega)
+  with pytest.raises(ValueError, match=field):
+    blt.sensitivity(theta, omega, steps, b)
+  with pytest.raises(ValueError, match=field):
+    blt.blt_noise(1.0, 1.0, 1.0, strategy, steps, b, seed=0)
+  with pytest.raises(ValueError, match=field):
+    blt.ledger_rho(strategy, steps, b, 1.0, 0, 1)
+
+
+@pytest.mark.parametrize("theta,omega,b", [((0.5,), (-0.9,), 1),
+                                           ((-0.9,), (0.5,), 2)])
+def test_why_refused_the_closed_form_underestimates_outside_the_range(
+    theta, omega, b):
+  """The closed form (the every-b-th-step pattern) is 27% / 18% below the
+  brute-force maximum for these strategies: accepting them would add too
+  little noise."""
+  steps = 8
+  closed = np.linalg.norm(
+      blt.strategy_matrix(theta, omega, steps)[:, ::b].sum(1))
+  assert closed < 0.85 * _brute_force_sensitivity(
+      blt.Strategy(theta, omega), steps, b)
 
 
 def _identity_loss(n, b):  # DP-SGD, no amplification: C = I.

@@ -68,6 +68,20 @@ def test_two_billion_examples_is_fast():
   assert idx.max() > n // 2
 
 
+def test_cyclic_sampling_of_two_billion_examples_is_fast():
+  """O(b * batch), never O(N): the partition is hashed for the candidates
+  only; batches average q N and hold only the step's partition."""
+  n, q, b = 2_000_000_000, 100 / 2_000_000_000, 8
+  start = time.perf_counter()
+  sizes = []
+  for step in range(50):
+    idx = sampling.sample_cyclic_indices(0, step, n, q, b)
+    assert (sampling.partition_of(0, idx, b) == step % b).all()
+    sizes.append(idx.size)
+  assert time.perf_counter() - start < 2.0
+  assert 60 < np.mean(sizes) < 140
+
+
 def test_poisson_sample_pads_with_mask():
   b = sampling.poisson_sample(0, 0, 1000, 0.01, 64)
   assert b.indices.shape == (64,) and b.indices.dtype == np.int64
