@@ -223,11 +223,14 @@ def public_private_split(source: Any, fraction: float, seed: int, *,
   n_pub = int(public.sum())
   if not 0 < n_pub < len(source):
     empty = "public" if n_pub == 0 else "private"
+    unread = int((~readable).sum())
+    why = (f" ({unread} records could not be read and went to the private "
+           "share: fix the data or data.fields first)" if unread else "")
     raise ConfigError(
         f"config.{field}={fraction!r} is invalid: the split of N="
         f"{len(source)} records left the {empty} share empty ({n_pub} "
-        f"public); use a {'larger' if n_pub == 0 else 'smaller'} "
-        f"{field}, more data, or a second public source")
+        f"public){why}; use a {'larger' if n_pub == 0 else 'smaller'} "
+        f"{field}, more data, or a second public source (public.source)")
   return (Subset(source, np.flatnonzero(public), "public"),
           Subset(source, np.flatnonzero(~public), "private"))
 

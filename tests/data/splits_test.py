@@ -147,6 +147,13 @@ def test_unreadable_records_go_private():
   assert not set(range(0, 700, 7)) & set(pub.source_indices().tolist())
   assert set(range(0, 700, 7)) <= set(priv.source_indices().tolist())
 
+  class Unreadable(list):
+    def __getitem__(self, i):
+      raise BadRecord("missing_field", "no such field")
+
+  with pytest.raises(ConfigError, match="700 records could not be read"):
+    splits.public_private_split(Unreadable(range(700)), 0.5, 0)
+
 
 def test_views_pickle_for_grain_workers():
   pub, priv = splits.public_private_split(_records(range(300)), 0.3, 2)
