@@ -8,13 +8,15 @@ One run, two phases (`dpjax/recipes/continual.py`):
      clipping g C/(|g|+gamma) + one Gaussian draw per step, then AdamW) on the
      private rest. At the switch AdamW's first moment m is re-initialised and
      the second moment v and the step count are kept (paper's "R1").
-The public share is a deterministic index split of `data.source`
-(`data.public_fraction`) or a second source (`public.source`); the private
-phase samples from a view over ONLY the private indices, and epsilon, delta
-(N_priv^-1.1) and N cover only the private share and the DP steps. The
-guarantee covers the private share only: the public share must really be
-public (released data, or data whose owners consented); an index split of
-one private dataset gives its public share NO protection.
+The public share is a split of `data.source` decided record by record
+(public with probability `data.public_fraction` by a keyed hash of the
+record and `data.split_seed`: one record added or removed moves no other)
+or a second source (`public.source`); the private phase samples from a view
+over ONLY the private records, and epsilon, delta (N_priv^-1.1) and N cover
+only the private share and the DP steps. The guarantee covers the private
+share only: the public share must really be public (released data, or data
+whose owners consented); a split of one private dataset gives its public
+share NO protection.
 
 Paper preset (default): supervised ViT-B/16 from scratch; public =
 ImageNet-1k-sized share, private = ImageNet-11k (ImageNet-21k-P), epsilon 8.
@@ -39,7 +41,7 @@ webdataset tars with .cls members: --format=webdataset --label_key=cls):
   ... :tiny --config.switch.reset=none  (keep m; "both" re-inits m and v)
 
 `:tiny` trains a 64-d x 3 ViT (patch 8, 32x32) on the embedded 30-class
-shapes data (`synthetic:classes`; 1% = 200 public images, DP batch 256)
+shapes data (`synthetic:classes`; 1% public: 191 images, DP batch 256)
 on a CPU in about 2-3 minutes per arm.
 
 `:paper,smoke` runs the paper's model at full size (supervised ViT-B/16 at
@@ -93,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 # ImageNet-21k-P fall11 train [verify].
       # Public share of data.source when public.source is "" (paper: 10%).
       public_fraction=0.1,
-      split_seed=0,  # seed of the deterministic public/private split.
+      split_seed=0,  # public seed of the record-wise public/private split.
       image_key="image",  # record fields of real sources.
       label_key="label",
       num_classes=11_221,  # ImageNet-21k-P fall11 classes [verify].
@@ -212,7 +214,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(
         source="synthetic:classes", num_examples=20_000, num_classes=30,
         image_size=32, augment=False, flip=False,
-        public_fraction=0.01,  # 200 public images: "limited" public data.
+        public_fraction=0.01,  # ~200 (191) public: "limited" public data.
         eval_source="synthetic:classes", eval_split="test",
         eval_num_examples=2000))
     c.public.update(dict(

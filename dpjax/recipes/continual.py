@@ -2,8 +2,9 @@
 
 Glue only. A supervised ViT classifier (`models/classifier.py`) with a
 per-example softmax cross-entropy is trained in up to two phases:
-  "public": non-private AdamW on the public share (a deterministic index
-    split of `data.source`, `data/splits.py`, or a second source); spends no
+  "public": non-private AdamW on the public share (of `data.source`, each
+    record's share decided by a keyed hash of that record and the public
+    `data.split_seed`, `data/splits.py`; or a second source); spends no
     privacy and records nothing in the ledger.
   "dp": the loop's DP step (Poisson sampling over the PRIVATE view only,
     per-example automatic clipping, one Gaussian draw) followed by AdamW,
@@ -75,10 +76,12 @@ def public_private_sources(config: ml_collections.ConfigDict
                            ) -> tuple[Any, Any]:
   """(public source, private source); disjoint when split from one source.
 
-  With `public.source` empty, `data.source` is split by
-  `data.public_fraction` into two index-remapped views: the private one
-  covers ONLY private indices, so a sampler over [0, len(private)) can never
-  reach a public example.
+  With `public.source` empty, `data.source` is split record by record
+  (`splits.public_private_split`: public iff a keyed hash of the record and
+  `data.split_seed` falls below `data.public_fraction`, so one record added
+  or removed moves no other) into two index-remapped views: the private one
+  covers ONLY private records, so a sampler over [0, len(private)) can never
+  reach a public example, and N_priv = len(private) is the accountant's N.
   """
   d, p = config.data, config.public
   full = _source(config, d.source, split=d.split,

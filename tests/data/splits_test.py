@@ -1,58 +1,171 @@
-"""Public/private splits: disjoint, complete, deterministic views."""
+"""Public/private splits: decided record by record, disjoint, complete."""
 
-import math
+import pickle
 
 import numpy as np
 import pytest
 
+from dpjax.data import BadRecord
 from dpjax.data import pipeline
 from dpjax.data import splits
 from dpjax.data import synthetic
 from dpjax.data import transforms
+from dpjax.errors import ConfigError
 
 
-class _Ids:
-  """A source whose record i is {"id": i}."""
+def _records(ids):
+  """Plain dict records (no key field): shares come from their content."""
+  return [{"image": np.full((2, 2), i % 256, np.uint8), "label": int(i)}
+          for i in ids]
 
-  def __init__(self, n):
-    self.n = n
 
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    if not 0 <= i < self.n:
-      raise IndexError(i)
-    return {"id": np.int64(i)}
+def _shares(source, fraction=0.1, seed=0):
+  """(public labels, private labels) of a split of ``source``."""
+  pub, priv = splits.public_private_split(source, fraction, seed)
+  return ({source[i]["label"] for i in pub.source_indices()},
+          {source[i]["label"] for i in priv.source_indices()})
 
 
 @pytest.mark.parametrize("n,fraction,seed", [
-    (1000, 0.1, 0), (997, 0.1, 3), (1024, 0.25, 7), (3, 0.34, 1),
-    (30_000, 0.1, 12)])
+    (1000, 0.1, 0), (997, 0.1, 3), (1024, 0.25, 7), (40, 0.5, 1)])
 def test_split_is_disjoint_and_complete(n, fraction, seed):
-  pub, priv = splits.public_private_split(_Ids(n), fraction, seed)
+  src = _records(range(n))
+  pub, priv = splits.public_private_split(src, fraction, seed)
   a, b = pub.source_indices(), priv.source_indices()
-  assert len(pub) == round(fraction * n) and len(pub) + len(priv) == n
-  assert not set(a.tolist()) & set(b.tolist())
+  assert a.dtype == b.dtype == np.int64
+  assert len(pub) + len(priv) == n and not set(a.tolist()) & set(b.tolist())
   np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.arange(n))
-  assert [priv[i]["id"] for i in range(len(priv))] == b.tolist()
+  assert [priv[i]["label"] for i in range(len(priv))] == b.tolist()
+  assert [pub.source_index(i) for i in range(len(pub))] == a.tolist()
 
 
-def test_split_is_deterministic_and_seeded():
-  s = lambda seed: splits.public_private_split(_Ids(5000), 0.1, seed)
-  np.testing.assert_array_equal(s(0)[0].source_indices(),
-                                s(0)[0].source_indices())
-  assert set(s(0)[0].source_indices()) != set(s(1)[0].source_indices())
+@pytest.mark.parametrize("change", ["insert_first", "append", "remove"])
+def test_one_record_added_or_removed_moves_no_other(change):
+  """Exact adjacency: the neighbour's shares, by content, are the original
+  ones with only the changed record added or removed."""
+  base = _records(range(3000))
+  new = {"image": np.full((2, 2), 7, np.uint8), "label": -1}
+  if change == "insert_first":
+    other, changed = [new] + base, -1
+  elif change == "append":
+    other, changed = base + [new], -1
+  else:
+    other, changed = base[:1234] + base[1235:], 1234
+  pub, priv = _shares(base)
+  pub2, priv2 = _shares(other)
+  assert pub ^ pub2 <= {changed} and priv ^ priv2 <= {changed}
+  assert len(pub ^ pub2) + len(priv ^ priv2) == 1
+
+
+def test_public_fraction_is_binomial():
+  """N_pub ~ Binomial(N, f): within 5 standard deviations, several seeds."""
+  n, f = 20_000, 0.1
+  src = _records(range(n))
+  keys, _ = splits.source_keys(src)
+  for seed in range(5):
+    n_pub = int((splits.share_uniforms(keys, seed) < f).sum())
+    assert abs(n_pub - f * n) <= 5 * np.sqrt(n * f * (1 - f)), (seed, n_pub)
+  pub, priv = splits.public_private_split(src, f, 0)
+  assert len(pub) == int((splits.share_uniforms(keys, 0) < f).sum())
 
 
 def test_public_share_is_spread_over_the_index_range():
-  pub, _ = splits.public_private_split(_Ids(10_000), 0.1, 0)
+  pub, _ = splits.public_private_split(_records(range(10_000)), 0.1, 0)
   counts = np.bincount(pub.source_indices() // 1000, minlength=10)
-  assert counts.min() >= 80 and counts.max() <= 120  # 100 expected per bin.
+  assert counts.min() >= 60 and counts.max() <= 140  # 100 +- 3.3 sd.
+
+
+def test_different_seeds_give_independent_splits():
+  """Overlap of two seeds' public shares ~ f^2 N, as for independent coins."""
+  n, f = 20_000, 0.2
+  keys, _ = splits.source_keys(_records(range(n)))
+  a = splits.share_uniforms(keys, 0) < f
+  b = splits.share_uniforms(keys, 1) < f
+  both = int((a & b).sum())
+  sd = np.sqrt(n * f * f * (1 - f * f))
+  assert abs(both - f * f * n) <= 5 * sd, both
+  np.testing.assert_array_equal(a, splits.share_uniforms(keys, 0) < f)
+
+
+def test_exact_duplicates_land_in_the_same_share():
+  src = _records(range(500)) + _records(range(500))[::-1]
+  pub, priv = _shares(src)
+  assert not pub & priv and len(pub | priv) == 500
+
+
+def test_key_field_decides_when_present():
+  """Same keys, other order and other content: the same shares by key."""
+  n = 2000
+  a = [{"key": f"{i:09d}", "image": np.zeros((2, 2), np.uint8), "label": i}
+       for i in range(n)]
+  b = [{"key": f"{i:09d}", "image": np.ones((3, 3), np.uint8), "label": i}
+       for i in reversed(range(n))]
+  assert _shares(a) == _shares(b)
+  assert splits.record_key(a[5]) == splits.record_key({"key": "000000005"})
+  assert splits.record_key(a[5]) != splits.record_key(a[6])
+
+
+def test_record_key_hashes_canonical_content():
+  key = splits.record_key
+  assert key({"a": 1, "b": "x"}) == key({"b": "x", "a": np.int64(1)})
+  assert key({"a": 1}) != key({"a": np.int32(1)})  # dtype counts.
+  assert key({"a": np.zeros((2, 3))}) != key({"a": np.zeros((3, 2))})
+  assert key({"a": b"x"}) != key({"a": "x"})
+  assert key({"a": [1, 2]}) != key({"a": [[1, 2]]})
+  assert key({"a": None}) != key({})
+
+
+def test_synthetic_keys_identify_the_content_and_skip_rendering():
+  src = synthetic.Classes(num_examples=2000, image_size=8, seed=0)
+  keys = src.record_keys()
+  content = [splits.record_key(src[i]) for i in range(len(src))]
+  assert len(set(keys.tolist())) == len(set(content)) == len(src)
+  other = synthetic.Classes(num_examples=3000, image_size=8, seed=0)
+  np.testing.assert_array_equal(other.record_keys()[:2000], keys)
+  assert not set(synthetic.Classes(num_examples=2000, image_size=8,
+                                   seed=1).record_keys().tolist()) & set(
+                                       keys.tolist())
+
+  class NoRender(synthetic.Classes):
+    def __getitem__(self, i):
+      raise AssertionError("the split rendered a record")
+
+  pub, priv = splits.public_private_split(
+      NoRender(num_examples=20_000, image_size=32, seed=0), 0.01, 0)
+  assert len(pub) + len(priv) == 20_000 and 100 < len(pub) < 300
+
+
+def test_unreadable_records_go_private():
+  class Bad(list):
+    def __getitem__(self, i):
+      if i % 7 == 0:
+        raise BadRecord("read", "unreadable")
+      return list.__getitem__(self, i)
+
+  src = Bad(_records(range(700)))
+  pub, priv = splits.public_private_split(src, 0.5, 0)
+  assert not set(range(0, 700, 7)) & set(pub.source_indices().tolist())
+  assert set(range(0, 700, 7)) <= set(priv.source_indices().tolist())
+
+  class Unreadable(list):
+    def __getitem__(self, i):
+      raise BadRecord("missing_field", "no such field")
+
+  with pytest.raises(ConfigError, match="700 records could not be read"):
+    splits.public_private_split(Unreadable(range(700)), 0.5, 0)
+
+
+def test_views_pickle_for_grain_workers():
+  pub, priv = splits.public_private_split(_records(range(300)), 0.3, 2)
+  for view in (pub, priv):
+    back = pickle.loads(pickle.dumps(view))
+    np.testing.assert_array_equal(back.source_indices(),
+                                  view.source_indices())
+    assert back[3]["label"] == view[3]["label"]
 
 
 def test_view_rejects_out_of_range_indices():
-  pub, priv = splits.public_private_split(_Ids(100), 0.1, 0)
+  pub, priv = splits.public_private_split(_records(range(100)), 0.1, 0)
   for view in (pub, priv):
     with pytest.raises(IndexError):
       view[len(view)]
@@ -80,17 +193,19 @@ def test_private_poisson_batches_never_yield_a_public_example():
   assert seen > 300
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.0001])
-def test_invalid_fractions_are_rejected(fraction):
-  with pytest.raises(ValueError):
-    splits.public_private_split(_Ids(100), fraction, 0)
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_fractions_outside_0_1_are_rejected(fraction):
+  with pytest.raises(ConfigError, match=r"config\.data\.public_fraction="):
+    splits.public_private_split(_records(range(100)), fraction, 0)
 
 
-def test_affine_permutation_is_a_bijection():
-  for n in (1, 2, 6, 30, 64, 97, 210):
-    a, b = splits.affine_permutation(n, 5)
-    assert math.gcd(a, n) == 1 or n == 1
-    assert sorted((a * np.arange(n) + b) % n) == list(range(n))
+def test_an_empty_share_names_the_field_value_and_fix():
+  with pytest.raises(ConfigError, match=r"config\.data\.public_fraction="
+                     r"0\.0001 .*public share empty.*larger"):
+    splits.public_private_split(_records(range(100)), 0.0001, 0)
+  with pytest.raises(ConfigError, match=r"=0\.9999 .*private share empty"
+                     r".*smaller"):
+    splits.public_private_split(_records(range(100)), 0.9999, 0)
 
 
 def test_appended_records_follow_the_source_and_nothing_else():

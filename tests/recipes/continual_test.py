@@ -12,6 +12,7 @@ from configs import dp_continual as continual_config
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.data import splits
+from dpjax.data import synthetic
 from dpjax.recipes import continual
 from dpjax.train import metrics
 from dpjax.train import settings
@@ -34,15 +35,30 @@ def small_config(**overrides):
   return c
 
 
+def _private_indices(config) -> np.ndarray:
+  """The private share re-derived from the rule: record i of `data.source`
+  is public iff the keyed hash of its key and data.split_seed is <
+  data.public_fraction."""
+  d = config.data
+  src = synthetic.Classes(num_examples=d.num_examples,
+                          image_size=d.image_size, seed=config.seed)
+  u = splits.share_uniforms(src.record_keys(), d.split_seed)
+  return np.flatnonzero(u >= d.public_fraction)
+
+
 def test_public_and_private_phases_see_disjoint_indices():
-  task = continual.build(small_config(**{"monitor.enabled": False}))
+  config = small_config(**{"monitor.enabled": False})
+  task = continual.build(config)
   pub, dp = task.phases
   assert (pub.name, pub.private, dp.name, dp.private) == (
       "public", False, "dp", True)
   assert isinstance(dp.source, splits.Subset)
   a, b = pub.source.source_indices(), dp.source.source_indices()
-  assert len(a) == 100 and len(b) == 900 and not set(a) & set(b)
-  assert dp.num_examples == len(dp.source) == 900  # N = N_priv.
+  assert len(a) + len(b) == 1000 and not set(a) & set(b)
+  np.testing.assert_array_equal(b, _private_indices(config))
+  n_priv = len(b)
+  assert abs(n_priv - 900) <= 5 * 9.5  # Binomial(1000, 0.9): sd 9.5.
+  assert dp.num_examples == len(dp.source) == n_priv  # N = N_priv.
   # Every index the private Poisson sampler can draw maps into the private
   # share: the sampler ranges over [0, N_priv) of the private VIEW.
   public = set(a.tolist())
@@ -166,8 +182,9 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_epsilon_counts_only_dp_steps(tiny_run):
   workdir, results = tiny_run
   assert results["step"] == 4 and results["public/private"] is False
-  assert results["dp/num_examples"] == 900
-  assert results["delta"] == pytest.approx(900 ** -1.1)  # N_priv^-1.1.
+  n_priv = len(_private_indices(small_config()))
+  assert results["dp/num_examples"] == n_priv
+  assert results["delta"] == pytest.approx(n_priv ** -1.1)  # N_priv^-1.1.
   assert results["dp/clipping"] == "normalize"
   want = privacy.epsilon(results["dp/noise_multiplier"],
                          results["dp/sampling_rate"], 2, results["delta"],

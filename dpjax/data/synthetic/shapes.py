@@ -146,6 +146,19 @@ class ShapesCaptions:
   def num_classes(self) -> int:
     return len(SHAPES) * len(COLORS)
 
+  def record_keys(self) -> np.ndarray:
+    """uint64[N]: record i's generator key, a hash of everything the record
+    is a pure function of (seed, split, index, image size, max shapes).
+
+    Equal keys mean equal records; distinct keys (distinct i, exactly)
+    render distinct records (24 continuous draws each), so the key
+    identifies the content and ``splits.public_private_split`` uses it
+    instead of rendering every image (vectorized: ~20 ns per record).
+    """
+    return common.hash_u64(0x5EC0DE, self.seed, self._tag, self.image_size,
+                           self.max_shapes,
+                           indices=np.arange(self.num_examples))
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if not 0 <= index < self.num_examples:
