@@ -353,8 +353,6 @@ def _split_contents(source, fraction, seed) -> tuple[set, set]:
           {key(private[i]) for i in range(len(private))})
 
 
-@pytest.mark.xfail(reason="split by record lands in the split branch",
-                   strict=True)
 def test_continual_public_private_split_is_decided_per_record():
   """Exact: DP continual's split puts each record in a share by the record
   (its key or bytes) and the split seed only: inserting one record first
