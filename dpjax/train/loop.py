@@ -207,7 +207,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       if phase.monitor is not None:
         m.update(phase.monitor(state.params, gstep))
       writer.write(gstep, m)
-      writer.progress(gstep, {"loss": m[prefix + "loss"],
+      writer.progress(gstep, {prefix + "loss": m[prefix + "loss"],
                               "ref_eps" if run.is_simulation else "eps": m_eps,
                               "ex/s": m["examples_per_sec"]})
       t0, since = time.time(), 0
@@ -381,7 +381,9 @@ def _run(task, config, workdir,
             "so its epsilon is not a guarantee (tests and reproducible "
             "experiments only; leave it at -1 for real runs).", name,
             config.privacy[name], name.split("_")[0])
-  writer = metrics_lib.MetricWriter(workdir, r.total_steps, int(state.step))
+  writer = metrics_lib.MetricWriter(
+      workdir, r.total_steps, int(state.step),
+      show_private=config.train.get("progress_private", False))
   stopped = False
   with preempt.critical():  # Steps and checkpoint writes complete.
     if not config.eval_only:
