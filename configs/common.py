@@ -112,6 +112,9 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
       decay_steps=0,  # cosine horizon; 0 means `steps` (can exceed steps:
                       # DP-Cap truncates its cosine at 5,708 of 10,000).
       log_every=10,  # steps between log lines (loss, epsilon, examples/s).
+      # True: the progress bar also shows the private/ training loss
+      # (computed on private data, not DP). Default: public values only.
+      progress_private=False,
       checkpoint_every=50,  # steps between Orbax checkpoints.
       keep_checkpoints=2,
       dtype="float32",  # activation dtype: "float32" | "bfloat16".

@@ -186,7 +186,7 @@ class VirtualClientLoader:
   users_per_client: int
   max_examples_per_user: int
   clients_per_chunk: int
-  seed: int
+  seed: int = dataclasses.field(repr=False)  # Secret: never printed.
   num_clients: int = 0  # G (k >= 2): num_virtual_clients(expected users, k).
   client_capacity: int = 0  # K (k >= 2); 0 = 2k. Ignored for k = 1.
   process_index: int = 0

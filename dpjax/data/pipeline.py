@@ -90,7 +90,7 @@ class RowLoader:
   """Loads and transforms one example (row) of a batch."""
   source: Any
   transforms: Sequence[Any]
-  seed: int
+  seed: int = dataclasses.field(repr=False)  # Secret: never printed.
 
   def load(self, index: int, step: int) -> dict[str, Any]:
     rng = transforms_lib.example_generator(self.seed, step, index)
@@ -188,13 +188,14 @@ def process_slots(size: int, micro: int, process_index: int,
 class StepLoader:
   """step -> this process's share of the Poisson batch (see module doc).
 
-  Picklable; runs inside grain worker processes.
+  Picklable; runs inside grain worker processes. Its repr (and so str()
+  of a Grain dataset built on it) leaves out the secret seed.
   """
   source: Any
   transforms: Sequence[Any]
   sampling_rate: float
   global_microbatch: int
-  seed: int
+  seed: int = dataclasses.field(repr=False)  # Secret: never printed.
   process_index: int = 0
   process_count: int = 1
   add_rng: bool = True

@@ -8,7 +8,7 @@ image bytes, or an image folder with ``captions.jsonl`` / ``.csv``. Output:
 ``data-XXXXX-of-YYYYY.arrayrecord`` (msgpack records: "image" bytes, "key",
 and "caption" / "user" / "label" when asked for), ``manifest.json``
 (``manifest``), ``dropped.jsonl`` (every input record not written, with its
-reason) and, user-keyed, ``users.jsonl`` (+ ``labels.npy``). Train on it
+reason; owner-only, 0600: derived from the private data) and, user-keyed, ``users.jsonl`` (+ ``labels.npy``). Train on it
 with ``data.source="arrayrecord:<output>"``.
 
 Passes: (1) stage every input shard in parallel: decode, drop unusable
@@ -39,6 +39,7 @@ from absl import flags
 import numpy as np
 import tqdm
 
+from dpjax import private_files
 from dpjax.data import manifest as manifest_lib
 from dpjax.data import prepare_plan
 from dpjax.data import prepare_stage
@@ -128,7 +129,8 @@ def _write_side_files(out: str, work: str, names: Sequence[str],
   """dropped.jsonl (+ users.jsonl, labels.npy); returns drops by reason."""
   counts: dict[str, int] = {}
   where = plan.output_index()
-  with open(os.path.join(out, "dropped.jsonl"), "w", encoding="utf-8") as f:
+  # Which records were dropped, and duplicates of which: owner-only.
+  with private_files.open_private(os.path.join(out, "dropped.jsonl")) as f:
     for k, name in enumerate(names):
       lo = staged["offsets"][k]
       for key, reason in staged["summaries"][k]["dropped"]:

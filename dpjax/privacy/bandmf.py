@@ -42,6 +42,7 @@ import optax
 
 from dpjax.privacy import accounting
 from dpjax.privacy import noise as noise_lib
+from dpjax.privacy import redact
 
 
 def coefficients(bands: int) -> np.ndarray:
@@ -76,6 +77,7 @@ class BandMFState(NamedTuple):
   count: jax.Array
   rng_key: jax.Array
   past: tuple
+  __repr__ = redact.namedtuple_repr("rng_key")  # Never print the key.
 
 
 def bandmf_noise(sensitivity: noise_lib.Sensitivity, noise_multiplier: float,

@@ -55,6 +55,7 @@ import scipy.signal
 
 from dpjax.privacy import accounting
 from dpjax.privacy import noise as noise_lib
+from dpjax.privacy import redact
 
 
 class Strategy(NamedTuple):
@@ -230,6 +231,7 @@ class BLTState(NamedTuple):
   count: jax.Array
   rng_key: jax.Array
   buffers: tuple
+  __repr__ = redact.namedtuple_repr("rng_key")  # Never print the key.
 
 
 def blt_noise(sensitivity: noise_lib.Sensitivity, noise_multiplier: float,

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from dpjax.privacy import clipping
+from dpjax.privacy import redact
 
 PyTree = Any
 
@@ -111,6 +112,7 @@ class AddNoiseState(NamedTuple):
   key is ``fold_in(rng_key, count)``."""
   count: jax.Array  # int32 scalar
   rng_key: jax.Array  # raw PRNG key (uint32[2] for threefry)
+  __repr__ = redact.namedtuple_repr("rng_key")  # Never print the key.
 
 
 Seed = Union[int, jax.Array, None]

@@ -65,6 +65,20 @@ def unit_clip_norm(l2_clip_norm: float, users_per_unit: int) -> float:
   return float(l2_clip_norm) if users_per_unit == 1 else l2_clip_norm / 2.0
 
 
+def _zero_padding(example: PyTree, mask: jax.Array) -> PyTree:
+  """The unit's examples with every padding row (mask 0) set to zeros.
+
+  Done BEFORE any product: a padding row multiplied by a 0 mask, or
+  selected away with `where` after the loss, still sends 0 * NaN = NaN
+  into the gradient when it holds NaN/inf. A zeroed row does not, so
+  whatever a padding row holds cannot reach the unit's delta (for a loss
+  that is finite on a zero input)."""
+  real = mask > 0
+  return jax.tree.map(
+      lambda x: jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 1)),
+                          x, jnp.zeros((), x.dtype)), example)
+
+
 def _local_order(rng: jax.Array, mask: jax.Array, n_batches: int,
                  batch_size: int) -> tuple[jax.Array, jax.Array]:
   """A random order of the real examples, padded: (idx, valid) [n, b]."""
@@ -90,7 +104,10 @@ def local_training(loss_fn: LocalLossFn,
   Each epoch shuffles the unit's real examples (padding last) and scans over
   local batches of ``batch_size``; each batch takes one step of both
   optimizers on the batch-mean loss over real examples (a batch with no real
-  example changes nothing, optimizer state included). The first
+  example changes nothing, optimizer state included). Padding rows (mask 0)
+  are zeroed before anything reads them (``init_local`` included), so a
+  NaN/inf padding row changes nothing: the delta is exactly that with a
+  zero padding row. The first
   ``reconst_steps`` local steps with data train the fresh local params only
   (the shared params stay fixed: "reconstruction" of the local head).
 
@@ -124,10 +141,11 @@ def local_training(loss_fn: LocalLossFn,
 
   def local_train(shared, unit):
     mask = unit["mask"]
+    data = _zero_padding(unit["example"], mask)
     e = mask.shape[0]
     n_batches = -(-e // batch_size)
     init_key, order_key = jax.random.split(unit["rng"])
-    local = (init_local(init_key, shared, unit["example"], mask)
+    local = (init_local(init_key, shared, data, mask)
              if init_from_data else init_local(init_key))
     params = (shared, local)
     opt_state = (shared_optimizer.init(shared), local_optimizer.init(local))
@@ -135,7 +153,7 @@ def local_training(loss_fn: LocalLossFn,
     def step(carry, batch):
       params, opt_state, loss_sum, steps = carry
       idx, valid = batch
-      examples = jax.tree.map(lambda x: x[idx], unit["example"])
+      examples = jax.tree.map(lambda x: x[idx], data)
       loss, (g_shared, g_local) = grad_fn(params, examples, valid)
       u_shared, s_shared = shared_optimizer.update(
           g_shared, opt_state[0], params[0])

@@ -4,10 +4,11 @@ Before training, the recipe's private phase makes ``m`` canary records
 (`Phase.canaries`); each is appended to the private data independently with
 probability 1/2 (`privacy.audit.choose_included`), so the inserted ones are
 ordinary members of the dataset: Poisson-sampled, clipped, noised and counted
-in N (and so in the run's delta = 1/N). After training every canary is
-scored (by default ``-loss_fn(final params, canary)``; a recipe may define
-`Phase.canary_scores`) and the one-run audit of Steinke, Nasr and
-Jagielski (2023) turns the scores into an empirical epsilon lower bound at
+in N, from which the run's delta is computed (N^-1.1 by default; a
+`:paper` preset states its paper's; PRIVACY.md). After training every
+canary is scored (by default ``-loss_fn(final params, canary)``; a recipe
+may define `Phase.canary_scores`) and the one-run audit of Steinke, Nasr
+and Jagielski (2023) turns the scores into an empirical epsilon lower bound at
 ``config.audit.delta``, written to ``<workdir>/audit.json`` beside the
 accountant's epsilon at the same delta.
 

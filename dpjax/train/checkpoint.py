@@ -6,6 +6,14 @@ the privacy ledger, the Grain iterator state, the phase and its step. A
 resumed run therefore continues the same noise keys, the same Poisson batch
 sequence and the same privacy account. Works with any path Orbax/tensorstore
 accepts (local, gs://...).
+
+The checkpoints hold both secret keys, so a local `checkpoints/` is
+owner-only whatever the umask (`dpjax.private_files`): created 0700 before
+Orbax writes into it (nothing below a 0700 folder is reachable by others),
+step folders 0700 through Orbax's `path_permission_mode`, and every entry
+below set to 0700 / 0600 once each save has finished (`wait`, `close`, and
+before the next save). A bucket's checkpoints are protected by the bucket's
+access control (PRIVACY.md).
 """
 
 import os
@@ -15,19 +23,26 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpjax import private_files
+
 
 class Checkpointer:
   """Saves/restores (state, meta) under `<workdir>/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
     path = workdir.rstrip("/") + "/checkpoints"
-    if "://" not in path:
+    local = private_files.is_local(path)
+    if local:
       path = os.path.abspath(path)
+    self._path = private_files.make_private_dir(path)
+    # Buckets take no `mode=` (etils' gfile backend refuses one).
+    modes = ocp.options.FileOptions(
+        path_permission_mode=private_files.DIR_MODE if local else None)
     self._manager = ocp.CheckpointManager(
         path,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save),
+            enable_async_checkpointing=async_save, file_options=modes),
         # Handlers declared up front (not deferred to the first save), so a
         # fresh Checkpointer can read item metadata (restore_params/_numpy).
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
@@ -38,6 +53,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False):
     """Saves asynchronously; call `wait()` before exiting."""
+    # Orbax waits for the previous save here anyway: restrict what it wrote.
+    self.wait()
     self._manager.save(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -91,10 +108,13 @@ class Checkpointer:
     return jax.tree.map(np.asarray, state), meta
 
   def wait(self):
+    """Waits for the save in flight; then every entry is owner-only."""
     self._manager.wait_until_finished()
+    private_files.restrict_tree(self._path)
 
   def close(self):
     self._manager.close()
+    private_files.restrict_tree(self._path)
 
 
 def _abs(path: str) -> str:

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 
 from dpjax import privacy
+from dpjax import private_files
 from dpjax.data import bad_records
 from dpjax.data import pipeline
 from dpjax.train import canaries as canaries_lib
@@ -206,7 +207,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       if phase.monitor is not None:
         m.update(phase.monitor(state.params, gstep))
       writer.write(gstep, m)
-      writer.progress(gstep, {"loss": m[prefix + "loss"],
+      writer.progress(gstep, {prefix + "loss": m[prefix + "loss"],
                               "ref_eps" if run.is_simulation else "eps": m_eps,
                               "ex/s": m["examples_per_sec"]})
       t0, since = time.time(), 0
@@ -273,27 +274,32 @@ def _audit(run: _Run, params, workdir: str) -> dict:
 def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
   """End of the run, every process: gathers the bad records met in
   training, writes <workdir>/private_bad_records.json (derived from private
-  data) and the aggregate private/bad_records (nonprivate/ for public
-  phases) to the metrics; this is the only place they are reported."""
+  data: owner-only, 0600) and the aggregate private/bad_records
+  (nonprivate/ for public phases) to the metrics; this is the only place
+  they are reported, and the log line labels them like every private/
+  metric."""
   phases = run.task.phases
   bad = run.bad.allgather([p.name for p in phases])
   if jax.process_index() != 0:
     return
   report = bad.report([(p.name, p.private, p.source) for p in run.plans],
                       run.startup_bad)
-  (epath.Path(workdir) / bad_records.BAD_RECORDS_FILE).write_text(
+  private_files.write_private_text(
+      workdir.rstrip("/") + "/" + bad_records.BAD_RECORDS_FILE,
       json.dumps(report, indent=1))
   m = {}
   for private, prefix in ((True, "private/"), (False, "nonprivate/")):
     names = [p.name for p in phases if p.private == private]
     if names:
       m[prefix + "bad_records"] = bad.num_records(names)
+      if bad.num_records(names):
+        logging.info(
+            "%sbad_records=%d (%d draws)%s; listed in %s", prefix,
+            bad.num_records(names), bad.num_draws(names),
+            " (computed on private data without noise: NOT differentially "
+            "private, not for publication)" if private else "",
+            bad_records.BAD_RECORDS_FILE)
   writer.write(step, m)
-  if bad.num_records():
-    logging.info("%d bad records were zero rows in training (%d draws); "
-                 "listed in %s (derived from private data)",
-                 bad.num_records(), bad.num_draws(),
-                 bad_records.BAD_RECORDS_FILE)
 
 
 def _finished(task: task_lib.Task, workdir: str) -> dict | None:
@@ -375,7 +381,9 @@ def _run(task, config, workdir,
             "so its epsilon is not a guarantee (tests and reproducible "
             "experiments only; leave it at -1 for real runs).", name,
             config.privacy[name], name.split("_")[0])
-  writer = metrics_lib.MetricWriter(workdir, r.total_steps, int(state.step))
+  writer = metrics_lib.MetricWriter(
+      workdir, r.total_steps, int(state.step),
+      show_private=config.train.get("progress_private", False))
   stopped = False
   with preempt.critical():  # Steps and checkpoint writes complete.
     if not config.eval_only:

@@ -4,6 +4,13 @@ Metrics computed on private data (training loss, gradient norms, clipped
 fraction) are NOT differentially private: they are written under the
 "private/" prefix so nobody mistakes them for released statistics. Only
 aggregates are ever passed here, never per-example values.
+
+metrics.csv and tensorboard/ are the operator's (PRIVACY.md): they hold the
+private/ values. Neither records a wall-clock time per row (a private
+step's duration tracks its realised batch size): metrics.csv has no time
+column, and every TensorBoard event carries the writer's start time. The
+progress bar shows no private/ value unless asked (`show_private`,
+config.train.progress_private).
 """
 
 import csv
@@ -28,21 +35,43 @@ def local_dir(workdir: str) -> str:
   return local
 
 
+COLUMNS = ("step", "name", "value")
+
+
+def is_private(name: str) -> bool:
+  """Whether a metric name marks a value computed on private data."""
+  return name.startswith("private/")
+
+
+def _header(path: str) -> list[str] | None:
+  """The header of an existing metrics.csv (None if there is none)."""
+  if not os.path.exists(path) or not os.path.getsize(path):
+    return None
+  with open(path, newline="") as f:
+    return next(csv.reader(f))
+
+
 class MetricWriter:
   """Writes scalars to <workdir>/metrics.csv (long format) and TensorBoard."""
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0,
+               show_private: bool = False):
     self._active = jax.process_index() == 0
+    self._show_private = show_private
     if not self._active:
       return
     workdir = local_dir(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.csv")
-    new = not os.path.exists(path)
+    header = _header(path)
     self._csv_file = open(path, "a", newline="")
     self._csv = csv.writer(self._csv_file)
-    if new:
-      self._csv.writerow(["step", "name", "value", "time"])
+    if header is None:
+      header = list(COLUMNS)
+      self._csv.writerow(header)
+    # A file from an older version has a time column: left empty.
+    self._pad = [""] * (len(header) - len(COLUMNS))
+    self._walltime = time.time()  # Every TensorBoard event's wall time.
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
                           dynamic_ncols=True, mininterval=1.0)
@@ -50,18 +79,20 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]):
     if not self._active:
       return
-    now = time.time()
     for name, value in scalars.items():
       value = float(value)
-      self._csv.writerow([step, name, value, now])
-      self._tb.add_scalar(name, value, step)
+      self._csv.writerow([step, name, value] + self._pad)
+      self._tb.add_scalar(name, value, step, walltime=self._walltime)
     self._csv_file.flush()
 
   def progress(self, step: int, postfix: Mapping[str, float]):
+    """Moves the bar to `step` and shows `postfix`, except its "private/"
+    values unless the writer was made with `show_private`."""
     if not self._active:
       return
     self._bar.n = step
-    self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()},
+    self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()
+                           if self._show_private or not is_private(k)},
                           refresh=True)
 
   def close(self):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dpjax import privacy
+from dpjax.privacy import redact
 from dpjax.train import ema as ema_lib
 
 # Aggregates over real rows of a microbatch. num_nonfinite: real rows whose
@@ -44,6 +45,8 @@ class TrainState(NamedTuple):
   params: Any
   opt_state: Any
   sampling_key: jax.Array
+  # Never print the sampling key (the noise key's state hides its own).
+  __repr__ = redact.namedtuple_repr("sampling_key")
 
 
 def zeros_accumulator(params) -> dict:

@@ -114,6 +114,39 @@ def test_padding_units_contribute_nothing_whatever_their_data():
   assert _dist(base, only) < 1e-5
 
 
+def _masked_mean_init(rng, shared, example, mask):
+  """A data-dependent local init that multiplies by the mask (NaN * 0 is
+  NaN: it would see a non-finite padding row if it were not zeroed)."""
+  del rng
+  mean_x = jnp.sum(example["x"] * mask[:, None], 0) / jnp.sum(mask)
+  return {"h": jnp.outer(jnp.tanh(mean_x @ shared["w"]), jnp.ones(L))}
+
+
+@pytest.mark.parametrize("from_data", [False, True])
+def test_a_non_finite_padding_row_changes_nothing(from_data):
+  """Padding rows are zeroed before any product: a unit whose padding row
+  holds NaN, inf or anything else gets exactly the delta it gets with a
+  zero padding row, and is not dropped as non-finite."""
+  train = user_level.local_training(
+      _loss, _masked_mean_init if from_data else _init_local,
+      shared_optimizer=optax.sgd(0.5), local_optimizer=optax.sgd(0.5),
+      batch_size=4, epochs=2, init_from_data=from_data)
+  fn = jax.jit(user_level.clipped_delta_sum(train, 10.0))
+  units = _units(1)
+  units["mask"][0, [2, 5]] = 0.0  # Two padding rows, inside batches.
+  units["example"]["x"][0, [2, 5]] = 0.0
+  want, want_aux = fn(SHARED, units, jnp.ones(1))
+  assert float(clipping.global_norm(want)) > 0.01  # A real delta.
+  for junk in (np.nan, np.inf, -np.inf, 1e3):
+    padded = jax.tree.map(np.copy, units)
+    padded["example"]["x"][0, 2] = junk
+    padded["example"]["x"][0, 5, 1] = np.nan
+    out, aux = fn(SHARED, padded, jnp.ones(1))
+    assert _dist(out, want) == 0.0, junk
+    assert float(aux["num_nonfinite"]) == 0.0
+    assert float(aux["loss_sum"]) == float(want_aux["loss_sum"])
+
+
 def test_output_is_shared_params_only_and_each_unit_is_clipped():
   fn = jax.jit(_fn(0.1))
   units = _units(4)
