@@ -399,8 +399,9 @@ def _run(task, config, workdir,
   with preempt.critical():  # results.json last: it marks the run as ended.
     if jax.process_index() == 0:  # epath: local or bucket (gs://) workdirs.
       out = epath.Path(workdir)
-      if samples is not None:
+      if samples is not None:  # Of public held-out images: exported too.
         (out / "samples.json").write_text(json.dumps(samples, indent=1))
+        publish.write_json(workdir, "samples.json", samples)
       publish.write_results(workdir, results)  # The public copy.
       (out / "results.json").write_text(
           json.dumps(results, indent=1, default=float))

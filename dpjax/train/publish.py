@@ -2,9 +2,10 @@
 
 It holds the params (`checkpoint.export_params`: export/params and, with an
 EMA, export/ema_params), `export/results.json` (the run's public facts:
-results.json without any private value) and `export/metrics.json` (the
-public evaluations per evaluation step, without wall times: a step's time
-grows with its realised batch size). Everything else in the workdir (its own
+results.json without any private value), `export/metrics.json` (the public
+evaluations per evaluation step, without wall times: a step's time grows
+with its realised batch size) and the task's summary of public held-out
+data (`export/samples.json`, DP-Cap's captions). Everything else in the workdir (its own
 results.json, metrics.csv, tensorboard/, checkpoints/, private_*) and the
 console are the operator's (PRIVACY.md, "What you may publish").
 
@@ -44,12 +45,16 @@ def public_evals(metrics: Mapping[str, float]) -> dict[str, float]:
           if k.split("/", 1)[0] in PUBLIC_EVAL_PREFIXES}
 
 
-def write_results(workdir: str, results: Mapping[str, Any]) -> None:
-  """export/results.json: `public_results(results)`."""
+def write_json(workdir: str, name: str, value: Any) -> None:
+  """export/<name>: `value` as JSON (the caller vouches it is public)."""
   root = _root(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  (root / "results.json").write_text(
-      json.dumps(public_results(results), indent=1, default=float))
+  (root / name).write_text(json.dumps(value, indent=1, default=float))
+
+
+def write_results(workdir: str, results: Mapping[str, Any]) -> None:
+  """export/results.json: `public_results(results)`."""
+  write_json(workdir, "results.json", public_results(results))
 
 
 def add_metrics(workdir: str, step: int, metrics: Mapping[str, float]) -> None:

@@ -110,7 +110,7 @@ class Task:
       the end, and logs them under "eval/" (public; also exported) or
       "private_eval/" (not DP; never exported).
     summary: optional params -> dict of extra artefacts (e.g. captions) to
-      write to the workdir at the end (public data only).
+      write to the workdir and export/ at the end (public data only).
   """
   init_params: Callable[[Any], Params]
   phases: Sequence[Phase]

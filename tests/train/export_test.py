@@ -53,7 +53,10 @@ def _read(workdir, name):
 def test_export_holds_params_results_and_metrics(exported):
   workdir, _ = exported
   assert sorted(os.listdir(os.path.join(workdir, "export"))) == [
-      "ema_params", "metrics.json", "params", "results.json"]
+      "ema_params", "metrics.json", "params", "results.json",
+      "samples.json"]  # DP-Cap's captions of public held-out images.
+  with open(os.path.join(workdir, "samples.json")) as f:
+    assert _read(workdir, "samples.json") == json.load(f)
 
 
 def test_a_private_source_evaluation_is_private_eval_and_not_exported(
