@@ -10,12 +10,12 @@ are still private data: their metrics are private_eval/* (not DP, never
 in <workdir>/export/) unless data.eval_public names a public source. LeNet
 backbone -> 128-d embedding; 200 rounds of 256 expected users (Poisson)
 hashed into 32 virtual clients of ~8 writers (at most 16), client SGD batch
-16, 1 epoch, fresh local head; server SGD lr 0.1 momentum 0.9 [verify the paper's
-client/server lr]. TFDS `emnist` has NO writer ids: export federated EMNIST
-(e.g. TFF's `emnist`) as a folder ({"file", "writer_id", "label"} lines in
-captions.jsonl) or parquet (image bytes, writer_id, label) and convert it
-user-keyed (keep the default exact dedup; near dedup would merge different
-writers' glyphs):
+16, 1 epoch, fresh local head; server SGD lr 0.1 momentum 0.9 [verify the
+paper's client/server lr]. TFDS `emnist` has NO writer ids: export federated
+EMNIST (e.g. TFF's `emnist`) as a folder ({"file", "writer_id", "label"}
+lines in captions.jsonl) or parquet (image bytes, writer_id, label) and
+convert it user-keyed (keep the default exact dedup; near dedup would merge
+different writers' glyphs):
   python -m dpjax.data.prepare --input=/data/femnist --format=folder \
       --caption_key= --user_key=writer_id --label_key=label \
       --output=/data/femnist-ar

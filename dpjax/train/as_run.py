@@ -179,6 +179,11 @@ def restore(meta: dict[str, Any], plans) -> AsRun:
   """The record of a checkpoint's `meta`, checked against `plans`
   (`AsRun.check`); a checkpoint without one gets `AsRun.legacy`."""
   index, step = meta["phase"], meta["phase_step"]
+  if index >= len(plans):
+    raise errors.ConfigError(
+        f"config: the checkpoint is in phase {index}, but this config has "
+        f"{len(plans)} phases: resume with the checkpoint's phases (e.g. "
+        "config.phases) or start a new workdir")
   if "as_run" in meta:
     out = AsRun.from_dict(meta["as_run"])
   else:

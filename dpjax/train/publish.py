@@ -5,9 +5,10 @@ EMA, export/ema_params), `export/results.json` (the run's public facts:
 results.json without any private value), `export/metrics.json` (the public
 evaluations per evaluation step, without wall times: a step's time grows
 with its realised batch size) and the task's summary of public held-out
-data (`export/samples.json`, DP-Cap's captions). Everything else in the workdir (its own
-results.json, metrics.csv, tensorboard/, checkpoints/, private_*) and the
-console are the operator's (PRIVACY.md, "What you may publish").
+data (`export/samples.json`, DP-Cap's captions). Everything else in the
+workdir (its own results.json, metrics.csv, tensorboard/, checkpoints/,
+private_*) and the console are the operator's (PRIVACY.md, "What you may
+publish").
 
 Process 0 writes; `epath` handles local and bucket (gs://) workdirs.
 """

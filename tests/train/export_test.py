@@ -37,7 +37,8 @@ class _Eval:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  config = secrets_test._config(noise_seed=0)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  config = secrets_test._config(noise_seed=0)
   config.train.ema_decay = 0.9
   task = recipes.build(config)
   task.evaluators = {"public": _Eval(True), "heldout_users": _Eval(False)}

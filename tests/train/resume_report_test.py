@@ -166,3 +166,9 @@ def test_a_checkpoint_without_the_record_is_not_called_secret():
   record = as_run.restore(dict(phase=0, phase_step=3), plans)
   assert not record.secret_sampling and not record.secret_noise
   assert record.describe(plans)["dp/steps"] == 3
+
+
+def test_a_checkpoint_in_a_phase_this_config_lacks_is_refused():
+  meta = dict(phase=1, phase_step=2)
+  with pytest.raises(errors.ConfigError, match="checkpoint is in phase 1"):
+    as_run.restore(meta, [_Plan("dp")])
