@@ -71,8 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Which arm to train; all arms use public.steps + train.steps steps:
   #   "continual": public phase (public.steps) then DP phase (train.steps);
   #   "private_only": DP from scratch on the private share for all steps;
-  #   "public_only": non-private on the public share for all steps (eps 0);
-  #   "nonprivate": non-private on public + private data (no-DP reference).
+  #   "public_only": non-private on the public share for all steps (never
+  #     reads the private share; no private phase: epsilon null);
+  #   "nonprivate": non-private on public + private data (no-DP reference;
+  #     results.json: private false, epsilon null).
   c.arm = "continual"
 
   c.model = ml_collections.ConfigDict(dict(

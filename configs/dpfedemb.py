@@ -5,15 +5,17 @@ federated EMNIST); train on classes 0-35, evaluate open-set on the unseen
 classes 36-61 of HELD-OUT writers: 10% of the writers, chosen by a public
 hash of the writer id (data.heldout_user_fraction), are never trained on
 and are the only ones evaluated (FEMNIST's test split has the same writers
-as train, so it is not held-out data for user-level DP). LeNet backbone ->
-128-d embedding; 200 rounds of 256 expected users (Poisson) hashed into 32
-virtual clients of ~8 writers (at most 16), client SGD batch 16, 1 epoch,
-fresh local head; server SGD lr 0.1 momentum 0.9 [verify the paper's
-client/server lr]. TFDS `emnist` has NO writer ids: export federated EMNIST
-(e.g. TFF's `emnist`) as a folder ({"file", "writer_id", "label"} lines in
-captions.jsonl) or parquet (image bytes, writer_id, label) and convert it
-user-keyed (keep the default exact dedup; near dedup would merge different
-writers' glyphs):
+as train, so it is not held-out data for user-level DP). Held-out writers
+are still private data: their metrics are private_eval/* (not DP, never
+in <workdir>/export/) unless data.eval_public names a public source. LeNet
+backbone -> 128-d embedding; 200 rounds of 256 expected users (Poisson)
+hashed into 32 virtual clients of ~8 writers (at most 16), client SGD batch
+16, 1 epoch, fresh local head; server SGD lr 0.1 momentum 0.9 [verify the
+paper's client/server lr]. TFDS `emnist` has NO writer ids: export federated
+EMNIST (e.g. TFF's `emnist`) as a folder ({"file", "writer_id", "label"}
+lines in captions.jsonl) or parquet (image bytes, writer_id, label) and
+convert it user-keyed (keep the default exact dedup; near dedup would merge
+different writers' glyphs):
   python -m dpjax.data.prepare --input=/data/femnist --format=folder \
       --caption_key= --user_key=writer_id --label_key=label \
       --output=/data/femnist-ar
@@ -110,6 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_source="arrayrecord:/data/femnist-ar",
       eval_split="train",
       heldout_user_fraction=0.1,  # writers held out of training for eval.
+      # Whether eval_source is PUBLIC data (its metrics eval/*, exported).
+      # False: it derives from the private source (held-out writers are
+      # private people), so its metrics are private_eval/* (not DP, never
+      # in export/). True is refused with heldout_user_fraction > 0.
+      eval_public=False,
       eval_num_identities=0,  # synthetic: held-out identities.
       eval_num_examples=20_000,  # cap on eval images (all-pairs metrics).
       eval_label_range=(36, 62),  # EMNIST: unseen classes 36-61.
@@ -200,8 +207,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_num_identities=150, eval_num_examples=900,
         eval_label_range=(),
         # Held out by construction: eval identities are a range disjoint
-        # from the private and public ones (first_identity offsets).
-        heldout_user_fraction=0.0))
+        # from the private and public ones (first_identity offsets); they
+        # are synthetic, so public.
+        heldout_user_fraction=0.0, eval_public=True))
     c.public.update(steps=100, batch_size=128, microbatch_size=128,
                     learning_rate=3e-3)
     # Local: 3 epochs of 3 steps on the client's 48 images; the fresh
@@ -240,6 +248,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(
         num_users=64, train_label_range=(), eval_label_range=(),
         heldout_user_fraction=0.0, eval_num_examples=48,
+        eval_public=True,  # the stand-in's synthetic identities.
         # The paper's 10-way public head: 10 public identities.
         public_num_identities=10))
     c.public.update(dict(steps=1, batch_size=4, microbatch_size=2))

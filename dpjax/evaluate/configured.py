@@ -5,6 +5,9 @@
 at the end of the run; < 0: off) and that type's own fields; `prefix`
 (default: the name) starts its metric names. Everything is checked when the
 task is built; an evaluator is built, and its data loaded, on first use.
+An evaluator that reads a data set the recipe marks as derived from the
+private source (`Context.private_data`) is not public (`Scheduled.public`):
+the loop logs it under "private_eval/" and never exports it.
 """
 
 from collections.abc import Callable, Mapping
@@ -21,11 +24,14 @@ from dpjax.evaluate.context import FnName
 
 
 class Scheduled:
-  """One configured evaluator and when it runs."""
+  """One configured evaluator, when it runs, and whether its data are public
+  (`public` False: derived from the private source; its metrics are not
+  DP)."""
 
   def __init__(self, name: str, type_name: str, log_steps: int,
-               build: Callable[[], Any]):
+               build: Callable[[], Any], public: bool = True):
     self.name, self.type, self.log_steps = name, type_name, log_steps
+    self.public = public
     self._build, self._evaluator = build, None
 
   def due(self, step: int) -> bool:
@@ -39,7 +45,7 @@ class Scheduled:
     return self._evaluator
 
   def run(self, params: Any) -> dict[str, float]:
-    """{prefix/metric: value} on held-out public data; reads params only."""
+    """{prefix/metric: value} on its held-out data; reads params only."""
     return self.evaluator().run(params)
 
 
@@ -53,6 +59,16 @@ def fields(type_name: str) -> tuple[set[str], set[str]]:
   valid = {p.name for p in own + passed} - {"prefix"}
   required = {p.name for p in own if p.default is p.empty}
   return valid, required
+
+
+def data_names(type_name: str, entry: Mapping[str, Any]) -> set[str]:
+  """The data sets (`DataName` fields, given or default) an evaluator of
+  `type_name` configured by `entry` reads."""
+  build = builders.TYPES[type_name][0]
+  params = inspect.signature(build).parameters
+  return {entry.get(f, params[f].default)
+          for f, kind in typing.get_type_hints(build).items()
+          if kind is DataName}
 
 
 def _check(name: str, entry: Mapping[str, Any], context: Context) -> None:
@@ -120,8 +136,9 @@ def from_config(evals: ml_collections.ConfigDict,
     log_steps = entry.pop("log_steps")
     prefix = entry.pop("prefix", name)
     build = builders.TYPES[type_name][0]
+    public = not data_names(type_name, entry) & context.private_data
     out[name] = Scheduled(
         name, type_name, log_steps,
         lambda build=build, prefix=prefix, entry=entry: build(
-            context, prefix=prefix, **entry))
+            context, prefix=prefix, **entry), public=public)
   return out

@@ -7,7 +7,7 @@ A recipe builds one `Context` and hands it, with `config.evals`, to
 anything is evaluated.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NewType
 
 # Field types of evaluator builders: the value names a Context entry.
@@ -16,7 +16,8 @@ DataName = NewType("DataName", str)
 
 
 class Context:
-  """Named model functions and lazily loaded held-out PUBLIC data.
+  """Named model functions and lazily loaded held-out data: PUBLIC, except
+  the data sets named in `private_data`.
 
   Attributes:
     recipe: the recipe's name (for error messages).
@@ -29,16 +30,25 @@ class Context:
       (params, images) -> [B, D]; "mae_loss" (params, images, keys
       uint32[B, 2]) -> [B].
     seed: the run's config.seed (evaluators' own public randomness).
+    private_data: names of data sets derived from the private training
+      source (e.g. held-out users of it): an evaluation that reads one is
+      not DP, so it is logged under "private_eval/" and never exported.
   """
 
   def __init__(self, recipe: str, fns: Mapping[str, Callable[..., Any]],
                data: Mapping[str, Callable[[], Mapping[str, Any]]],
-               seed: int = 0):
-    """Args: recipe, fns and seed as above; data: {name: zero-arg loader ->
-    {field: array [N, ...] or constant}}, each called at most once, when an
-    evaluator that uses it is first built (never while the task is built)."""
+               seed: int = 0, private_data: Iterable[str] = ()):
+    """Args: recipe, fns, seed and private_data as above; data: {name:
+    zero-arg loader -> {field: array [N, ...] or constant}}, each called at
+    most once, when an evaluator that uses it is first built (never while
+    the task is built)."""
     self.recipe, self.fns, self.seed = recipe, dict(fns), seed
     self._loaders, self._loaded = dict(data), {}
+    self.private_data = frozenset(private_data)
+    unknown = sorted(self.private_data - set(self._loaders))
+    if unknown:
+      raise ValueError(f"private_data {unknown} are not data sets of "
+                       f"{recipe}: {sorted(self._loaders)}")
 
   def names(self, kind: type) -> list[str]:
     """Sorted names of the functions (FnName) or data sets (DataName)."""

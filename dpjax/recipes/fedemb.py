@@ -32,7 +32,10 @@ L2-normalised embeddings of held-out identities (evaluate.retrieval), from
 users never trained on: synthetic sources use disjoint identity ranges; real
 user-keyed sources hold out whole users by a public hash of the user id
 (data.heldout_user_fraction, `data.users.is_heldout_user`): the private
-source drops them and the evaluation keeps only them.
+source drops them and the evaluation keeps only them. Held-out users of the
+private source are still private people: unless data.eval_public names a
+public evaluation source, the evaluation is "private_eval/" (not DP, never
+in export/; `eval_is_public`).
 """
 
 import functools
@@ -49,6 +52,7 @@ from dpjax.data import pipeline
 from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.data import users as users_lib
+from dpjax import errors
 from dpjax.errors import ConfigError
 from dpjax.evaluate import linear_probe
 from dpjax.models import embedder
@@ -98,6 +102,24 @@ def imprinted_kernel(z: jax.Array, labels: jax.Array, mask: jax.Array,
   present = jnp.sum(onehot, axis=0) > 0
   return jnp.where(present[None, :], embedder.l2_normalize(sums).T,
                    fallback)
+
+
+def eval_is_public(config: ml_collections.ConfigDict) -> bool:
+  """config.data.eval_public: whether the evaluation source is public data
+  (its metrics "eval/", exported) rather than derived from the private
+  source ("private_eval/": computed on private users without DP). Refused
+  (ConfigError) for held-out users of the private source."""
+  d = config.data
+  public = bool(d.get("eval_public", False))
+  derived = d.heldout_user_fraction > 0 or (
+      d.eval_source == d.source and not d.source.startswith("synthetic:"))
+  if public and derived:
+    raise errors.config_error(
+        "data.eval_public", True, f"the evaluation reads users of the "
+        f"private source {d.source!r} (held out of training, but private "
+        "data): set it False (its metrics are then private_eval/), or name "
+        "a public data.eval_source")
+  return public
 
 
 def _server_optimizer(config) -> optax.GradientTransformation:
@@ -173,7 +195,8 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   context = evaluate.Context(
       "dpfedemb", fns={"embed": lambda params, x: embed(params["backbone"], x)},
-      data={"test": lambda: fedemb_data.eval_arrays(config)})
+      data={"test": lambda: fedemb_data.eval_arrays(config)},
+      private_data=() if eval_is_public(config) else ("test",))
   return task_lib.Task(init_params=init_params, phases=out,
                        evaluators=evaluate.from_config(config.evals, context))
 

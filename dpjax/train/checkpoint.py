@@ -2,9 +2,12 @@
 
 One `CheckpointManager` item "state" holds the TrainState pytree (params,
 optimizer state, step, noise key) with its shardings; item "meta" is JSON:
-the privacy ledger, the Grain iterator state, the phase and its step. A
-resumed run therefore continues the same noise keys, the same Poisson batch
-sequence and the same privacy account. Works with any path Orbax/tensorstore
+the privacy ledger (every private step's mechanism, delta, accountant), the
+Grain iterator state, the phase and its step, and what the guarantee rests
+on as it ran (`as_run.py`: whether each key in use was secret, each phase's
+facts and steps). A resumed run therefore continues the same noise keys,
+the same Poisson batch sequence and the same privacy account, and reports
+what ran. Works with any path Orbax/tensorstore
 accepts (local, gs://...).
 
 The checkpoints hold both secret keys, so a local `checkpoints/` is

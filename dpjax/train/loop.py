@@ -21,12 +21,15 @@ from dpjax import privacy
 from dpjax import private_files
 from dpjax.data import bad_records
 from dpjax.data import pipeline
+from dpjax.train import as_run as as_run_lib
 from dpjax.train import canaries as canaries_lib
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import ema as ema_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import metrics as metrics_lib
 from dpjax.train import preemption as preemption_lib
+from dpjax.train import publish
+from dpjax.train import report
 from dpjax.train import secrets
 from dpjax.train import settings as settings_lib
 from dpjax.train import state as state_lib
@@ -64,55 +67,29 @@ class _Run:
     self.ckpt = ckpt_lib.Checkpointer(workdir,
                                       keep=config.train.keep_checkpoints)
     self.total_steps = sum(p.steps for p in self.task.phases)
+    # What ran (replaced by the checkpoint's on resume; as_run.py).
+    self.as_run = as_run_lib.AsRun(config.privacy.sampling_seed < 0)
 
-  def epsilon(self) -> float:
+  @property
+  def private(self) -> bool:
+    """Whether any phase is private (else there is no epsilon)."""
+    return self.dp is not None
+
+  def epsilon(self) -> float | None:
+    """The ledger's epsilon at its delta (the printed one); None for a
+    non-private run: it has no guarantee (never 0)."""
+    if not self.private:
+      return None
     return self.ledger.epsilon() if self.ledger.steps else 0.0
 
   @property
   def is_simulation(self) -> bool:
     return self.dp is not None and self.dp.is_simulation
 
-  def progress_epsilon(self) -> tuple[str, float]:
-    """What the logs track: ("epsilon", the ledger's), or for a TAN
-    simulation ("tan_reference_epsilon", that of the simulated reference run
-    (B, sigma) after as many steps). A simulation's own epsilon (hundreds) is
-    meaningless, and PLD at its tiny sigma costs tens of seconds, so it is
-    computed once, at the end."""
-    if not self.is_simulation:
-      return "epsilon", self.epsilon()
-    if not self.ledger.steps:
-      return "tan_reference_epsilon", 0.0
-    ref_q = min(1.0, self.dp.tan_reference_batch_size /
-                self.ledger.num_examples)
-    return "tan_reference_epsilon", privacy.epsilon(
-        self.dp.tan_reference_noise_multiplier, ref_q, self.ledger.steps,
-        self.dp.delta, accountant=self.dp.accountant)
-
-  def describe(self) -> dict:
-    """Public facts of the run for logs and results.json."""
-    out = dict(recipe=self.config.recipe, total_steps=self.total_steps)
-    for phase in self.plans:
-      out.update(phase.describe())
-    if self.dp:
-      p = self.config.privacy
-      out.update(
-          # False: a seed in the config fixed the noise or the batch
-          # selection, so the epsilon below is NOT a guarantee.
-          secret_randomness=p.noise_seed < 0 and p.sampling_seed < 0,
-          secret_noise=p.noise_seed < 0, secret_sampling=p.sampling_seed < 0,
-          delta_rule=self.dp.delta_rule)
-      out.update(delta=self.dp.delta, accountant=self.dp.accountant,
-                 mechanism=next(p for p in self.plans
-                                if p.private).mechanism,
-                 bands=self.dp.bands,
-                 target_epsilon=self.dp.target_epsilon,
-                 tan_simulation=self.dp.is_simulation)
-      if self.dp.is_simulation:
-        out.update(
-            tan_reference_batch_size=self.dp.tan_reference_batch_size,
-            tan_reference_noise_multiplier=
-            self.dp.tan_reference_noise_multiplier)
-    return out
+  # What the logs and results.json say (report.py).
+  epsilon_text = report.epsilon_text
+  progress_epsilon = report.progress_epsilon
+  describe = report.describe
 
 
 def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
@@ -218,6 +195,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     meta = lambda: dict(phase=index, phase_step=phase_step,
                         noise=phase.noise_signature(),
                         ledger=run.ledger.to_dict(),
+                        as_run=run.as_run.to_dict(index, phase_step),
                         data=iterator.get_state(),
                         bad_records=run.bad.allgather(
                             [p.name for p in run.task.phases]).state())
@@ -232,24 +210,31 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
 
 def _evaluate(run: _Run, state, writer, step: int,
               periodic: bool = False) -> dict:
-  """Runs the task's evaluators (held-out PUBLIC data; they read params
-  only, so training and its randomness are unchanged) and logs them under
-  "eval/" (and, with train.ema_decay, on the EMA params under "eval_ema/"):
-  every one at the end, only the due ones with `periodic`."""
+  """Runs the task's evaluators (they read params only, so training and
+  its randomness are unchanged) and logs them under "eval/" (held-out
+  PUBLIC data; also in export/metrics.json) or, for an evaluator whose data
+  derive from the private source (`public` False), "private_eval/" (not DP,
+  never exported); with train.ema_decay, on the EMA params too
+  ("eval_ema/", "private_eval_ema/"): every one at the end, only the due
+  ones with `periodic`."""
   out = {}
   ema = ema_lib.ema_of(state.opt_state)
-  versions = [("eval", state.params)] + (
-      [("eval_ema", ema)] if ema is not None else [])
+  versions = [("", state.params)] + (
+      [("_ema", ema)] if ema is not None else [])
   for name, evaluator in run.task.evaluators.items():
     if periodic and not evaluator.due(step):
       continue
-    for prefix, params in versions:
+    base = "eval" if getattr(evaluator, "public", True) else "private_eval"
+    for suffix, params in versions:
       t0 = time.time()
       res = evaluator.run(params)
-      out.update({f"{prefix}/{k}": float(v) for k, v in res.items()})
-      logging.info("%s %s (%.1fs): %s", prefix, name, time.time() - t0, res)
+      out.update({f"{base}{suffix}/{k}": float(v) for k, v in res.items()})
+      logging.info("%s%s %s (%.1fs): %s", base, suffix, name,
+                   time.time() - t0, res)
   if out:
     writer.write(step, out)
+    if jax.process_index() == 0:
+      publish.add_metrics(run.workdir, step, out)
   return out
 
 
@@ -354,6 +339,7 @@ def _run(task, config, workdir,
   meta = dict(phase=0, phase_step=0, ledger=None, data=None)
   if restoring:
     rmeta = r.ckpt.restore_meta()
+    r.as_run = as_run_lib.restore(rmeta, phases)  # Refuses a false report.
     phases[rmeta["phase"]].check_resumable(rmeta.get("noise", {}),
                                            rmeta["phase_step"])
     if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
@@ -362,25 +348,23 @@ def _run(task, config, workdir,
           state_lib.noise_key(config, r.mesh, secret=False), 0))
     restored, meta = r.ckpt.restore(ckpt_lib.abstract_like(state._asdict()))
     state = step_lib.TrainState(**restored)
-    saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
     if jax.process_index() == 0:  # The saved tally is all processes' sum.
       r.bad = bad_records.BadRecordTally.from_state(meta.get("bad_records"))
-    if saved.steps:  # Else (saved in a public phase) keep this run's N, delta.
-      r.ledger = saved
-    logging.info("resumed at step %d (phase %s, epsilon %.4g)",
-                 int(state.step), phases[meta["phase"]].name, r.epsilon())
+    r.ledger = as_run_lib.resumed_ledger(meta["ledger"], r.ledger)
+    logging.info("resumed at step %d (phase %s, %s)", int(state.step),
+                 phases[meta["phase"]].name, r.epsilon_text())
   logging.vlog(1, "run: %s", json.dumps(r.describe(), indent=1))
   logging.info("%s: %d steps (%s) in %s", config.recipe, r.total_steps,
                ", ".join(f"{p.name}: {'DP' if p.private else 'public'}"
                          for p in r.plans), workdir)
   if r.dp is not None:
-    for name in ("noise_seed", "sampling_seed"):
-      if config.privacy[name] >= 0:
-        logging.warning(
-            "config.privacy.%s=%d: this run's %s randomness is NOT secret, "
-            "so its epsilon is not a guarantee (tests and reproducible "
-            "experiments only; leave it at -1 for real runs).", name,
-            config.privacy[name], name.split("_")[0])
+    for name in as_run_lib.public_keys(r.as_run, phases,
+                                       config.privacy.noise_seed):
+      logging.warning(
+          "this run's %s key is NOT secret (privacy.%s_seed >= 0 in this "
+          "config or in the one that started the run), so its epsilon is "
+          "not a guarantee (tests and reproducible experiments only; leave "
+          "it at -1 for real runs).", name, name)
   writer = metrics_lib.MetricWriter(
       workdir, r.total_steps, int(state.step),
       show_private=config.train.get("progress_private", False))
@@ -391,9 +375,13 @@ def _run(task, config, workdir,
         first = i == meta["phase"]
         if not first:  # Entering a new phase: its optimizer.
           state = state_lib.enter_phase(phases[i], state, config, r.mesh)
+        if i == len(r.as_run.phases):  # Its noise key: this config's.
+          r.as_run.enter(i, phases[i], config.privacy.noise_seed < 0
+                         if phases[i].private else None)
         state, done, stopped = _train_phase(
             r, i, state, meta["phase_step"] if first else 0,
             meta["data"] if first else None, preempt, writer)
+        r.as_run.advance(i, done)
         if stopped:
           break
     r.ckpt.wait()
@@ -419,15 +407,17 @@ def _run(task, config, workdir,
   with preempt.critical():  # results.json last: it marks the run as ended.
     if jax.process_index() == 0:  # epath: local or bucket (gs://) workdirs.
       out = epath.Path(workdir)
-      if samples is not None:
+      if samples is not None:  # Of public held-out images: exported too.
         (out / "samples.json").write_text(json.dumps(samples, indent=1))
+        publish.write_json(workdir, "samples.json", samples)
+      publish.write_results(workdir, results)  # The public copy.
       (out / "results.json").write_text(
           json.dumps(results, indent=1, default=float))
     writer.close()
     r.ckpt.close()
   label = " (TAN SIMULATION: not an epsilon run)" if (
       r.dp and r.dp.is_simulation) else ""
-  logging.info("done: step %d, epsilon %.4g (delta %.3g)%s; results in "
-               "%s/results.json", results["step"], results["epsilon"],
-               r.dp.delta if r.dp else 0, label, workdir)
+  logging.info("done: step %d, %s%s; results in %s/results.json (what "
+               "may be published: %s/export/)", results["step"],
+               r.epsilon_text(), label, workdir, workdir)
   return results

@@ -104,11 +104,13 @@ class Task:
       builds them from config.evals and the recipe's functions and data
       (`evaluate.Context`). Each has `log_steps` and `due(step) -> bool`
       (log_steps > 0 divides step) and `run(params) -> {metric: float}` on
-      held-out PUBLIC data (built, its data loaded, on first use). The
-      loop runs the due ones after a training step and all of them at the
-      end, and logs them under "eval/".
+      held-out data (built, its data loaded, on first use), and `public`
+      (default True): False if its data derive from the private source.
+      The loop runs the due ones after a training step and all of them at
+      the end, and logs them under "eval/" (public; also exported) or
+      "private_eval/" (not DP; never exported).
     summary: optional params -> dict of extra artefacts (e.g. captions) to
-      write to the workdir at the end (public data only).
+      write to the workdir and export/ at the end (public data only).
   """
   init_params: Callable[[Any], Params]
   phases: Sequence[Phase]

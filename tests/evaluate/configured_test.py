@@ -67,3 +67,25 @@ def test_fields_pass_through_and_data_loads_on_first_use():
 def test_errors_name_field_value_and_fix(entry, message):
   with pytest.raises(ValueError, match=message):
     evaluate.from_config(_evals(e=entry), _context([]))
+
+
+def test_an_evaluator_of_private_derived_data_is_not_public():
+  """Data the recipe marks as derived from the private source make every
+  evaluator that reads them (given or default field) non-public."""
+  def data():
+    return {"image": np.zeros((4, 3), np.float32), "y": np.arange(4) % 2}
+  context = evaluate.Context(
+      "toy", fns={"features": lambda params, x: x},
+      data={"probe": data, "test": data, "other": data},
+      private_data=("test",))
+  evals = evaluate.from_config(_evals(
+      default=dict(type="linear_probe", log_steps=0, labels="y"),
+      public=dict(type="linear_probe", log_steps=0, labels="y",
+                  test_data="other"),
+      train=dict(type="linear_probe", log_steps=0, labels="y",
+                 train_data="test", test_data="other")), context)
+  assert {k: e.public for k, e in evals.items()} == dict(
+      default=False, public=True, train=False)
+  with pytest.raises(ValueError, match="private_data"):
+    evaluate.Context("toy", fns={}, data={"probe": data},
+                     private_data=("test",))

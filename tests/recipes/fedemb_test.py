@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import dpfedemb as fedemb_config
+from dpjax import errors
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.data import clients
@@ -250,3 +251,22 @@ def test_imprinted_kernel_is_normalised_class_means_of_real_rows():
 def test_bad_head_init_fails():
   with pytest.raises(ValueError, match="config.fedemb.head_init"):
     fedemb.build(small_config(**{"fedemb.head_init": "zeros"}))
+
+
+def test_an_evaluation_on_held_out_private_users_is_private_eval():
+  """:paper evaluates held-out writers of the PRIVATE source: not public
+  (its metrics are private_eval/, never exported); :tiny's synthetic
+  identities (and the smoke's stand-ins) are public; eval_public=True is
+  refused where the evaluation reads users of the private source."""
+  assert not fedemb_config.get_config("paper").data.eval_public
+  assert fedemb_config.get_config("paper,smoke").data.eval_public
+  assert fedemb.build(small_config()).evaluators["retrieval"].public
+  private = fedemb.build(small_config(**{"data.eval_public": False}))
+  assert private.evaluators["retrieval"].public is False
+  paper = fedemb_config.get_config("paper")
+  assert not fedemb.eval_is_public(paper)
+  for overrides in ({}, {"heldout_user_fraction": 0.0}):
+    paper.data.update(dict(eval_public=True, **overrides))
+    with pytest.raises(errors.ConfigError,
+                       match=r"config.data.eval_public=True is invalid"):
+      fedemb.eval_is_public(paper)

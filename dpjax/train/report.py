@@ -1,0 +1,66 @@
+"""What a run says about itself: its public facts and its epsilon.
+
+Functions of the loop's `_Run` (its plans, ledger, privacy settings and
+`as_run` record), used as its methods. Every fact describes what RAN
+(`as_run.py`): a resumed run reports the keys it actually used and each
+phase as it ran, and its epsilon is the ledger's at the delta it prints. A
+run without a private phase has no epsilon: None in results.json, "n/a" in
+the logs, inf in the metrics (never 0, which would read as perfect privacy).
+"""
+
+import math
+
+from dpjax import privacy
+
+
+def epsilon_text(run) -> str:
+  """"epsilon E (delta D)" for logs, or "epsilon n/a (non-private)"."""
+  if not run.private:
+    return "epsilon n/a (non-private)"
+  return f"epsilon {run.epsilon():.4g} (delta {run.dp.delta:.3g})"
+
+
+def progress_epsilon(run) -> tuple[str, float]:
+  """What the logs track: ("epsilon", the ledger's; inf for a non-private
+  run), or for a TAN simulation ("tan_reference_epsilon", that of the
+  simulated reference run (B, sigma) after as many steps). A simulation's
+  own epsilon (hundreds) is meaningless, and PLD at its tiny sigma costs
+  tens of seconds, so it is computed once, at the end."""
+  if not run.private:
+    return "epsilon", math.inf
+  if not run.is_simulation:
+    return "epsilon", run.epsilon()
+  if not run.ledger.steps:
+    return "tan_reference_epsilon", 0.0
+  ref_q = min(1.0, run.dp.tan_reference_batch_size /
+              run.ledger.num_examples)
+  return "tan_reference_epsilon", privacy.epsilon(
+      run.dp.tan_reference_noise_multiplier, ref_q, run.ledger.steps,
+      run.dp.delta, accountant=run.dp.accountant)
+
+
+def describe(run) -> dict:
+  """Public facts of the run for logs and results.json: each phase as it
+  ran so far, whether the run is private, and for a private run the
+  secrecy of the keys actually used and the privacy settings."""
+  out = dict(recipe=run.config.recipe, total_steps=run.total_steps,
+             private=run.private)
+  out.update(run.as_run.describe(run.plans))
+  dp = run.dp
+  if dp:
+    noise, sampling = run.as_run.secret_noise, run.as_run.secret_sampling
+    out.update(
+        # False: a seed fixed the noise or the batch selection of a key in
+        # use (in this config or the one that started the run), so the
+        # epsilon is NOT a guarantee.
+        secret_randomness=noise and sampling, secret_noise=noise,
+        secret_sampling=sampling, delta_rule=dp.delta_rule,
+        delta=dp.delta, accountant=dp.accountant,
+        mechanism=next(p for p in run.plans if p.private).mechanism,
+        bands=dp.bands, target_epsilon=dp.target_epsilon,
+        tan_simulation=dp.is_simulation)
+    if dp.is_simulation:
+      out.update(
+          tan_reference_batch_size=dp.tan_reference_batch_size,
+          tan_reference_noise_multiplier=dp.tan_reference_noise_multiplier)
+  return out
