@@ -21,6 +21,9 @@
   ``{"file": "a.png", "caption": "...", "label": 3}`` per line, label
   optional) or ``captions.csv`` (header ``file,caption[,label]``).
 
+``FieldMapSource.record_keys`` gives DP continual's split the records'
+keys in one pass without decoding an image (``stored_keys``).
+
 Records are plain dicts. Encoded images stay bytes here; ``transforms.
 DecodeImage`` decodes them inside grain worker processes. Text fields are
 returned as ``str``.
@@ -42,6 +45,7 @@ from dpjax import errors
 from dpjax.data import BadRecord
 from dpjax.data import manifest as manifest_lib
 from dpjax.data import readers
+from dpjax.data import stored_keys
 from dpjax.data import synthetic
 
 _SYNTHETIC = {
@@ -124,6 +128,28 @@ class FieldMapSource:
       raw = self.source[int(index)]
     except _READ_ERRORS as e:
       raise BadRecord("read", f"{type(e).__name__}: {e}") from e
+    return self._map(raw)
+
+  def record_keys(self) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64[N] split keys, bool[N] readable), one pass, no image decode.
+
+    Key i is ``splits.record_key(self[i])`` for ArrayRecord (msgpack) and
+    folder sources; for TFDS it is ``record_key`` of the record with its
+    images still encoded, which equals ``record_key(self[i])`` when the
+    record has a key field (``stored_keys``). Either way a function of the
+    stored record only. Read in chunks with the reader's batch read; a
+    record that cannot be read (``BadRecord``) is unreadable. Cost: ~8 us
+    per msgpack record, ~33 us per TFDS example (``stored_keys``).
+    """
+    read = getattr(self.source, "stored_records", None)
+    if read is None:
+      read = stored_keys.tfds_reader(self.source, _READ_ERRORS)
+    if read is None:
+      read = stored_keys.each(lambda i: self.source[i], _READ_ERRORS)
+    return stored_keys.key_pass(len(self), read, self._map)
+
+  def _map(self, raw: Any) -> dict[str, Any]:
+    """The record ``raw`` (a stored record) under our field names."""
     if not isinstance(raw, Mapping):
       raise BadRecord("read", f"the stored record is a {type(raw).__name__},"
                       " not a map of fields")
@@ -177,6 +203,18 @@ def tfds_source(name: str, *, split: str, data_dir: str | None = None,
   return FieldMapSource(ds, fields)
 
 
+_AR_ERRORS = (OSError, RuntimeError, ValueError)
+
+
+def _unpack(data: bytes) -> Any:
+  import msgpack  # pylint: disable=g-import-not-at-top
+  try:
+    return msgpack.unpackb(data, raw=False)
+  except (msgpack.UnpackException, ValueError) as e:
+    raise BadRecord("read", f"not a msgpack record: {type(e).__name__}: "
+                    f"{e}") from e
+
+
 class MsgpackArrayRecordSource:
   """ArrayRecord files of msgpack-encoded dicts (``records.write_arrayrecord``).
 
@@ -198,17 +236,19 @@ class MsgpackArrayRecordSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    import msgpack  # pylint: disable=g-import-not-at-top
     try:
       data = self._source[int(index)]
-    except (OSError, RuntimeError, ValueError) as e:
+    except _AR_ERRORS as e:
       raise BadRecord("read", f"ArrayRecord read failed: "
                       f"{type(e).__name__}: {e}") from e
-    try:
-      return msgpack.unpackb(data, raw=False)
-    except (msgpack.UnpackException, ValueError) as e:
-      raise BadRecord("read", f"not a msgpack record: {type(e).__name__}: "
-                      f"{e}") from e
+    return _unpack(data)
+
+  def stored_records(self, start: int, stop: int) -> list[Any]:
+    """Records [start, stop) (each a dict, or the ``BadRecord`` reading it
+    raised) in one batch read; what ``self[i]`` returns (no image decode)."""
+    return stored_keys.batched(self._source.__getitems__, _unpack,
+                               stored_keys.each(self.__getitem__),
+                               _AR_ERRORS)(start, stop)
 
   def __repr__(self) -> str:
     if self.directory:

@@ -23,10 +23,14 @@ sorted by name, with type, dtype and shape). The key field is part of the
 record, so either way the share is a function of the record; records that
 share a key value (parquet input without a key column is keyed by its row
 number in each file) share a share. A source may instead offer
-``record_keys() -> uint64[N]`` (the synthetic generators: record i's
-generator key, of which it is a pure function) so that start-up does not
-render every record. Otherwise start-up reads every record once (one pass,
-no image decoding for ArrayRecord / folder sources; TFDS decodes).
+``record_keys()``, returning ``uint64[N]`` keys or ``(keys, bool[N]
+readable)``, so that start-up neither renders nor decodes every record: the
+synthetic generators (record i's generator key, of which it is a pure
+function) and the real-data sources of ``sources.make_source``
+(``stored_keys``: one batched pass with images left encoded; exactly
+``record_key(source[i])`` for ArrayRecord and folder sources and for TFDS
+records with a key field, else the hash of the TFDS record as stored, with
+its images encoded). Otherwise start-up calls ``source[i]`` for every i.
 """
 
 import hashlib
@@ -99,17 +103,21 @@ def record_key(record: Any) -> int:
 def source_keys(source: Any) -> tuple[np.ndarray, np.ndarray]:
   """(uint64[N] keys, bool[N] readable) of every record, in one pass.
 
-  ``source.record_keys()`` when the source offers it (all readable), else
-  ``record_key(source[i])`` for each i; a record that raises ``BadRecord``
-  is unreadable (key 0).
+  ``source.record_keys()`` when the source offers it (keys, all readable,
+  or a (keys, readable) pair), else ``record_key(source[i])`` for each i; a
+  record that raises ``BadRecord`` is unreadable (key 0).
   """
   fast = getattr(source, "record_keys", None)
   if fast is not None:
-    keys = np.asarray(fast(), np.uint64)
-    if keys.shape != (len(source),):
+    out = fast()
+    keys, readable = out if isinstance(out, tuple) else (out, None)
+    keys = np.asarray(keys, np.uint64)
+    readable = (np.ones(len(source), bool) if readable is None
+                else np.asarray(readable, bool))
+    if keys.shape != (len(source),) or readable.shape != keys.shape:
       raise ValueError(f"{source!r}.record_keys() has shape {keys.shape}, "
                        f"not ({len(source)},)")
-    return keys, np.ones(len(source), bool)
+    return keys, readable
   n = len(source)
   keys, readable = np.zeros(n, np.uint64), np.ones(n, bool)
   for i in range(n):
@@ -201,10 +209,12 @@ def public_private_split(source: Any, fraction: float, seed: int, *,
   key) go to the private share, where they are zero rows like any bad
   record; a read error that comes and goes would move such a record.
 
-  Cost: one pass over the source at each start (``source_keys``): ~30 us
-  per msgpack ArrayRecord record from the page cache, plus reading the data
-  once (ImageNet-21k-P's 11.8M records: minutes); a synthetic source's
-  ``record_keys`` take ~0.6 s at that N, 0.3 ms for ``:tiny``'s 20,000.
+  Cost: one pass over the source at each start (``source_keys``), no image
+  decoded: ~8 us per msgpack ArrayRecord record and ~33 us per TFDS example
+  from the page cache (``sources.FieldMapSource.record_keys``), plus
+  reading the data once (ImageNet-21k-P's 11.8M records: minutes); a
+  synthetic source's ``record_keys`` take ~0.6 s at that N, 0.3 ms for
+  ``:tiny``'s 20,000.
   Memory O(N): 4 bytes per record in the views (int32 indices), ~16 bytes
   per record while splitting.
 

@@ -215,3 +215,30 @@ def test_appended_records_follow_the_source_and_nothing_else():
   for bad in (-1, 5):
     with pytest.raises(IndexError):
       view[bad]
+
+
+def test_record_keys_may_say_which_records_are_unreadable():
+  """A (keys, readable) pair from record_keys: unreadable records go to the
+  private share, as when the split reads them itself; a wrong shape is an
+  error, not a silent broadcast."""
+  recs = _records(range(600))
+
+  class Keyed(list):
+    def record_keys(self):
+      keys = np.array([splits.record_key(r) for r in self], np.uint64)
+      return keys, np.arange(len(self)) % 5 != 0
+
+  pub, priv = splits.public_private_split(Keyed(recs), 0.5, 0)
+  assert not set(range(0, 600, 5)) & set(pub.source_indices().tolist())
+  readable = [i for i in range(600) if i % 5]
+  ref_pub, _ = splits.public_private_split([recs[i] for i in readable],
+                                           0.5, 0)
+  np.testing.assert_array_equal(
+      pub.source_indices(), np.array(readable)[ref_pub.source_indices()])
+
+  class Short(list):
+    def record_keys(self):
+      return np.zeros(len(self), np.uint64), np.ones(3, bool)
+
+  with pytest.raises(ValueError, match="record_keys"):
+    splits.public_private_split(Short(recs), 0.5, 0)
