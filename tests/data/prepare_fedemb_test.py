@@ -51,7 +51,7 @@ def _config(out: str, **overrides):
   c.data.update(source=spec, eval_source=spec, split="train",
                 eval_split="train", user_key="user", label_key="label",
                 heldout_user_fraction=_HELDOUT, eval_label_range=(),
-                eval_num_examples=200)
+                eval_num_examples=200, eval_public=False)
   # k = 1 (a client per user, clipped to C); 8 virtual clients per chunk,
   # one per test device.
   c.fedemb.update(users_per_client=1, max_examples_per_user=5,
@@ -141,4 +141,4 @@ def test_two_dp_rounds_train_and_evaluate_held_out_writers(prepared,
   held = {w for w, _ in rows if users_lib.is_heldout_user(w, _HELDOUT)}
   assert results["dp/num_examples"] == _WRITERS - len(held)  # users.
   assert results["step"] == 2
-  assert 0.0 <= results["eval/retrieval/recall_at_1"] <= 1.0
+  assert 0.0 <= results["private_eval/retrieval/recall_at_1"] <= 1.0
