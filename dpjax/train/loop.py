@@ -339,9 +339,9 @@ def _run(task, config, workdir,
   meta = dict(phase=0, phase_step=0, ledger=None, data=None)
   if restoring:
     rmeta = r.ckpt.restore_meta()
-    r.as_run = as_run_lib.restore(rmeta, phases)  # Refuses a false report.
     phases[rmeta["phase"]].check_resumable(rmeta.get("noise", {}),
                                            rmeta["phase_step"])
+    r.as_run = as_run_lib.restore(rmeta, phases)  # Refuses a false report.
     if rmeta["phase"] > 0:  # The saved optimizer state is that phase's.
       state = state._replace(opt_state=state_lib.init_opt(
           phases[rmeta["phase"]], state.params, r.mesh,
