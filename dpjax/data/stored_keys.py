@@ -63,20 +63,23 @@ def key_pass(n: int, read: Reader, to_record: Callable[[Any], Any],
   return keys, readable
 
 
+def _read_one(fn: Callable[[Any], Any], arg: Any,
+              errors: tuple[type, ...]) -> Any:
+  """``fn(arg)``, or the ``BadRecord`` it raised (``errors`` become one)."""
+  try:
+    return fn(arg)
+  except BadRecord as e:
+    return e
+  except errors as e:
+    return BadRecord("read", f"{type(e).__name__}: {e}")
+
+
 def each(get: Callable[[int], Any], errors: tuple[type, ...] = ()) -> Reader:
   """A chunk reader calling ``get(i)`` per record; ``errors`` (and
   ``BadRecord``) become unreadable records."""
 
   def read(start: int, stop: int) -> list[Any]:
-    out = []
-    for i in range(start, stop):
-      try:
-        out.append(get(i))
-      except BadRecord as e:
-        out.append(e)
-      except errors as e:
-        out.append(BadRecord("read", f"{type(e).__name__}: {e}"))
-    return out
+    return [_read_one(get, i, errors) for i in range(start, stop)]
 
   return read
 
@@ -94,15 +97,7 @@ def batched(get_many: Callable[[list[int]], Sequence[bytes]],
       data = get_many(list(range(start, stop)))
     except errors:
       return fallback(start, stop)
-    out = []
-    for d in data:
-      try:
-        out.append(parse(d))
-      except BadRecord as e:
-        out.append(e)
-      except errors as e:
-        out.append(BadRecord("read", f"{type(e).__name__}: {e}"))
-    return out
+    return [_read_one(parse, d, errors) for d in data]
 
   return read
 
