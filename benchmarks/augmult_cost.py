@@ -6,19 +6,19 @@ over them (`dpjax.train.augmult.mean_over_copies`). Times are interleaved
 medians in one process (ratios only); peak memory is XLA's buffer assignment
 of the compiled step (deterministic, load-independent).
 
-Run (by hand, not in the test suite):
-  python benchmarks/augmult_cost.py                 # vit_tiny, batch 32
-  python benchmarks/augmult_cost.py --ks=1,4,16 --batch=32 --reps=5
+Run from the repository root (by hand, not in the test suite):
+  PYTHONPATH=. python benchmarks/augmult_cost.py    # vit_tiny, batch 32
+  PYTHONPATH=. python benchmarks/augmult_cost.py --ks=1,4,16 --batch=32 --reps=5
 """
 
 import argparse
+import functools
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import dp_overhead
+from benchmarks import _common
 from dpjax import privacy
 from dpjax.models import vit
 from dpjax.train import augmult
@@ -31,7 +31,7 @@ def main():
   parser.add_argument("--methods", default="vmap,auto")
   parser.add_argument("--reps", type=int, default=5)
   args = parser.parse_args()
-  params, loss_fn, _ = dp_overhead._vit_setting(vit.vit_config("mu/4"), 32)  # pylint: disable=protected-access
+  params, loss_fn, _ = _common.vit_setting(vit.vit_config("mu/4"), 32)
   ks = [int(k) for k in args.ks.split(",")]
   mask = jnp.ones((args.batch,))
   fns, mem = {}, {}
@@ -43,15 +43,12 @@ def main():
       fn = jax.jit(privacy.clipped_grad(augmult.mean_over_copies(loss_fn, k),
                                         1.0, method=method))
       compiled = fn.lower(params, batch, mask).compile()
-      mem[(k, method)] = dp_overhead.peak_bytes(compiled)
+      mem[(k, method)] = _common.peak_bytes(compiled)
       jax.block_until_ready(fn(params, batch, mask))  # Warm.
       fns[(k, method)] = (fn, batch)
-  times = {key: [] for key in fns}
-  for _ in range(args.reps):
-    for key, (fn, batch) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(params, batch, mask))
-      times[key].append(time.perf_counter() - t0)
+  times = _common.interleaved_times(
+      {key: functools.partial(fn, params, batch, mask)
+       for key, (fn, batch) in fns.items()}, args.reps)
   print(f"| K | method | median step (s) | time / K=1 | peak MiB (XLA) | "
         f"mem / K=1 |\n|---|---|---|---|---|---|")
   for (k, method) in fns:

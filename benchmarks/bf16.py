@@ -23,15 +23,16 @@ Run from the repository root (by hand, a few minutes on 2 CPU cores):
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import _common
 from benchmarks import peers
 from dpjax import privacy
 
@@ -39,23 +40,17 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 BATCHES = {"vit_narrow": 64, "vit_b16": 8, "captioner": 64}
 
 
-def _flat(tree) -> np.ndarray:
-  return np.concatenate([np.ravel(np.asarray(x, np.float64))
-                         for x in jax.tree.leaves(tree)])
-
-
 def _fn(method: str, loss_fn):
   if method == "nonprivate":
-    return lambda p, b: jax.grad(lambda q: jnp.sum(
-        jax.vmap(loss_fn, in_axes=(None, 0))(q, b)))(p)
-  fn = privacy.clipped_grad(loss_fn, peers.C, method=method)
+    return _common.nonprivate_sum(loss_fn)
+  fn = privacy.clipped_grad(loss_fn, _common.C, method=method)
   return lambda p, b: fn(p, b)[0]
 
 
 def _clip_factors(loss_fn, params, data) -> np.ndarray:
   g = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))(params, data)
   norms = np.asarray(jax.vmap(optax.tree.norm)(g), np.float64)
-  return np.minimum(1.0, peers.C / norms)
+  return np.minimum(1.0, _common.C / norms)
 
 
 def run_model(model: str, reps: int) -> list[dict]:
@@ -68,17 +63,14 @@ def run_model(model: str, reps: int) -> list[dict]:
     for k, (_, loss_fn, _) in built.items():
       fns[method, k] = jax.jit(_fn(method, loss_fn)).lower(params,
                                                            data).compile()
-      sums[method, k] = _flat(jax.block_until_ready(
+      sums[method, k] = _common.flat(jax.block_until_ready(
           fns[method, k](params, data)))
   factors = {k: _clip_factors(built[k][1], params, data) for k in DTYPES}
   flipped = int(np.sum(np.abs(factors["bf16"] - factors["f32"])
                        > 0.01 * factors["f32"]))
-  times = {key: [] for key in fns}
-  for _ in range(reps):
-    for key, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(params, data))
-      times[key].append(time.perf_counter() - t0)
+  times = _common.interleaved_times(
+      {key: functools.partial(f, params, data) for key, f in fns.items()},
+      reps)
   d = sums["vmap", "f32"].size
   rows = []
   for method in ("nonprivate", "vmap", "auto"):
@@ -87,7 +79,7 @@ def run_model(model: str, reps: int) -> list[dict]:
     rows.append(dict(
         model=model, desc=desc, batch=batch, params=d, method=method,
         rel_error=err / float(np.linalg.norm(ref)),
-        error_over_noise=(err / (peers.C * np.sqrt(d))
+        error_over_noise=(err / (_common.C * np.sqrt(d))
                           if method != "nonprivate" else float("nan")),
         flipped=flipped if method == "vmap" else None,
         time_ratio=statistics.median(

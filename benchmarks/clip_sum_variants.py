@@ -18,7 +18,7 @@ step (`memory_analysis()`), deterministic.
   dot_loop    zero the non-finite rows in place (a fori_loop over those rows
               only, dynamic_update_slice), then dot
   loop_where  where(finite_row, g, 0) in a fori_loop run 0 or 1 times (in
-              place), then dot                           (dpjax after #24)
+              place), then dot: privacy.rows.zero_rows   (dpjax after #24)
 
 Run from the repository root (by hand):
   PYTHONPATH=. /work/main/.venv/bin/python benchmarks/clip_sum_variants.py
@@ -26,18 +26,19 @@ Run from the repository root (by hand):
 """
 
 import argparse
+import functools
 import statistics
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.models import vit
+from benchmarks import _common
 from dpjax.privacy import clipping
+from dpjax.privacy import rows
 
-C = 1.0
+C = _common.C
 SAFE = ("where", "dot_where", "dot_nan0", "dot_cond", "cond_id", "dot_loop",
         "loop_where")
 
@@ -68,7 +69,7 @@ def _sum(kind: str) -> Callable:
               dot_nan0=dot_nan0)[kind]
 
 
-def _zero_rows(tree, finite):
+def _zero_rows_by_index(tree, finite):
   """Zeroes the rows where ~finite in place: a while loop over those rows
   (none in the common case), so no second B x params buffer."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -83,15 +84,6 @@ def _zero_rows(tree, finite):
   return treedef.unflatten(jax.lax.fori_loop(0, num_bad, body, leaves))
 
 
-def _where_rows_loop(tree, finite):
-  """where(finite_row, g, 0) in a loop run once if a row is non-finite, else
-  never: an elementwise select on the loop carry (in place; shards like g)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  body = lambda _, xs: [jnp.where(_rows(x, finite), x, 0.0) for x in xs]
-  n = jnp.any(~finite).astype(jnp.int32)
-  return treedef.unflatten(jax.lax.fori_loop(0, n, body, leaves))
-
-
 def step(loss_fn: Callable, kind: str) -> Callable:
   """jit(params, batch, mask) -> clipped sum with the given sum variant."""
   vg = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
@@ -101,8 +93,7 @@ def step(loss_fn: Callable, kind: str) -> Callable:
     norms = jax.vmap(clipping.global_norm)(grads)
     finite = jnp.isfinite(norms)
     keep = (mask > 0) & finite
-    # pylint: disable-next=protected-access
-    factor = jnp.where(keep, clipping._clip_factor(norms, C), 0.0)
+    factor = jnp.where(keep, rows.clip_factor(norms, C), 0.0)
     if kind == "dot_cond":
       fast = lambda g: jax.tree.map(lambda x: _dot(factor, x), g)
       slow = lambda g: jax.tree.map(
@@ -115,62 +106,38 @@ def step(loss_fn: Callable, kind: str) -> Callable:
       return jax.tree.map(lambda x: _dot(factor, x), clean)
     if kind == "loop_where":
       return jax.tree.map(lambda x: _dot(factor, x),
-                          _where_rows_loop(grads, finite))
+                          rows.zero_rows(grads, ~finite))
     if kind == "dot_loop":
       return jax.tree.map(lambda x: _dot(factor, x),
-                          _zero_rows(grads, finite))
+                          _zero_rows_by_index(grads, finite))
     leaf = _sum(kind)
     return jax.tree.map(lambda g: leaf(g, factor, keep, None), grads)
 
   return jax.jit(fn)
 
 
-def nonprivate(loss_fn: Callable) -> Callable:
-  def fn(params, batch, mask):
-    def total(p):
-      losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
-      return jnp.sum(jnp.where(mask > 0, losses, 0.0))
-    return jax.grad(total)(params)
-  return jax.jit(fn)
-
-
 def setting(width: int, batch: int):
+  """peers.py's vit_narrow at `width` (4 blocks, 32px / patch 4)."""
   cfg = dict(width=width, depth=4, mlp_dim=4 * width,
              num_heads=max(width // 64, 1), patch_size=4)
-  model = vit.ViT(**cfg)
-  key = jax.random.PRNGKey(0)
-  params = model.init(key, jnp.zeros((1, 32, 32, 3)))["params"]
-  head = jax.random.normal(key, (width, 10)) * 0.02
-
-  def loss_fn(p, ex):
-    tok = model.apply({"params": p}, ex["image"][None])
-    logits = jnp.mean(tok, axis=1) @ head
-    return -jax.nn.log_softmax(logits)[0, ex["label"]]
-
-  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-  data = {"image": jax.random.normal(k1, (batch, 32, 32, 3)),
-          "label": jax.random.randint(k2, (batch,), 0, 10)}
-  return params, loss_fn, data
-
-
-def _flat(t):
-  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  params, loss_fn, batch_fn = _common.vit_setting(cfg, 32)
+  return params, loss_fn, batch_fn(batch)
 
 
 def check(fns, params, data, mask):
   """Clean batch: all variants equal `dot`. Bad rows: SAFE ones add 0."""
-  ref = _flat(fns["dot"](params, data, mask))
+  ref = _common.flat(fns["dot"](params, data, mask))
   for k, f in fns.items():
-    np.testing.assert_allclose(_flat(f(params, data, mask)), ref, rtol=2e-4,
-                               atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(_common.flat(f(params, data, mask)), ref,
+                               rtol=2e-4, atol=1e-6, err_msg=k)
   b = mask.shape[0]
   bad_mask = mask.at[b - 1].set(0.0)
   bad = dict(data, image=data["image"].at[b - 1].set(jnp.nan)
              .at[0, 0, 0, 0].set(jnp.inf))
-  want = _flat(fns["dot"](params, data, bad_mask.at[0].set(0.0)))
+  want = _common.flat(fns["dot"](params, data, bad_mask.at[0].set(0.0)))
   for k in SAFE:
     if k in fns:
-      got = _flat(fns[k](params, bad, bad_mask))
+      got = _common.flat(fns[k](params, bad, bad_mask))
       np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=k)
 
 
@@ -187,15 +154,12 @@ def main():
   names = args.variants.split(",")
   fns = {k: step(loss_fn, k) for k in names}
   check(fns, params, data, mask)
-  fns["nonprivate"] = nonprivate(loss_fn)
+  fns["nonprivate"] = jax.jit(_common.nonprivate_sum(loss_fn))
   for f in fns.values():
     jax.block_until_ready(f(params, data, mask))
-  times = {k: [] for k in fns}
-  for _ in range(args.reps):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(params, data, mask))
-      times[k].append(time.perf_counter() - t0)
+  times = _common.interleaved_times(
+      {k: functools.partial(f, params, data, mask) for k, f in fns.items()},
+      args.reps)
   n = sum(x.size for x in jax.tree.leaves(params))
   base = times["nonprivate"]
   print(f"ViT width {args.width} x4, 64 tokens, {n / 1e6:.2f}M params, "

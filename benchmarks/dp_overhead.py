@@ -2,7 +2,8 @@ r"""DP overhead: non-private vs vmap-clipped vs ghost-clipped gradient step.
 
 For each (model, batch) setting this builds three jitted functions of
 (params, batch, mask) -> gradient sum over the batch:
-  nonprivate  grad of sum_i loss_i (one batched backward),
+  nonprivate  grad of sum_i loss_i (one batched backward;
+              train.step.nonprivate_sum_fn),
   vmap        privacy.clipped_grad(method="vmap")  (per-example grads),
   ghost       privacy.clipped_grad(method="auto")  (ghost norms+book-keeping),
 and times them INTERLEAVED in one process (rep r runs all three back to back)
@@ -11,67 +12,27 @@ buffer assignment of each compiled function (arguments + outputs + temporaries
 - aliased; `compiled.memory_analysis()`), the one peak figure available on CPU
 for a single function; on GPU/TPU `device.memory_stats()` peaks are printed too.
 
-Run (by hand, not in the test suite):
-  /work/venv/bin/python benchmarks/dp_overhead.py                 # all settings
-  /work/venv/bin/python benchmarks/dp_overhead.py --models vit_tiny --batches 64
+Run from the repository root (by hand, not in the test suite):
+  PYTHONPATH=. /work/venv/bin/python benchmarks/dp_overhead.py    # all settings
+  PYTHONPATH=. /work/venv/bin/python benchmarks/dp_overhead.py \
+      --models vit_tiny --batches 64
   ... --methods nonprivate,ghost  --reps 7 --markdown
 """
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import _common
 from dpjax import privacy
 from dpjax.models import captioner
 from dpjax.models import vit
-
-C = 1.0  # clip norm; irrelevant to speed.
-
-
-def _vit_setting(cfg, image, dtype=jnp.float32):
-  """(float32 params, per-example loss, batch_fn) of a ViT computing in
-  `dtype` (the same params for every dtype)."""
-  model = vit.ViT(**cfg, dtype=dtype)
-  key = jax.random.PRNGKey(0)
-  params = model.init(key, jnp.zeros((1, image, image, 3)))["params"]
-  head = jax.random.normal(key, (cfg["width"], 10)) * 0.02
-
-  def loss_fn(p, ex):  # Linear-probe style CE on mean-pooled tokens.
-    tok = model.apply({"params": p}, ex["image"][None])
-    logits = jnp.mean(tok, axis=1) @ head
-    return -jax.nn.log_softmax(logits)[0, ex["label"]]
-
-  def batch_fn(b):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    return {"image": jax.random.normal(k1, (b, image, image, 3)),
-            "label": jax.random.randint(k2, (b,), 0, 10)}
-
-  return params, loss_fn, batch_fn
-
-
-def _cap_setting(cfg, image, length, dtype=jnp.float32):
-  """As `_vit_setting`, for a DP-Cap captioner."""
-  model = captioner.Captioner(**cfg, dtype=dtype)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, image, image, 3)),
-                      jnp.zeros((1, length), jnp.int32))["params"]
-
-  def loss_fn(p, ex):
-    logits = model.apply({"params": p}, ex["image"][None], ex["tokens"][None])
-    return captioner.caption_loss(logits, ex["tokens"][None, 1:])[0]
-
-  def batch_fn(b):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    vocab = cfg["decoder"]["vocab_size"]
-    return {"image": jax.random.normal(k1, (b, image, image, 3)),
-            "tokens": jax.random.randint(k2, (b, length), 1, vocab)}
-
-  return params, loss_fn, batch_fn
 
 
 def settings():
@@ -85,39 +46,24 @@ def settings():
   paper_cap["encoder"]["depth"] = 2
   paper_cap["decoder"].update(depth=1, vocab_size=8192)
   return {
-      "vit_tiny": lambda: _vit_setting(vit.vit_config("mu/4"), 32) + (
+      "vit_tiny": lambda: _common.vit_setting(vit.vit_config("mu/4"), 32) + (
           "ViT mu/4 (96x4, 32px, 64 tokens)",),
-      "vit_paper": lambda: _vit_setting(paper_vit, 224) + (
+      "vit_paper": lambda: _common.vit_setting(paper_vit, 224) + (
           "ViT Ti/16 x2 blocks (192, 224px, 196 tokens)",),
-      "cap_tiny": lambda: _cap_setting(tiny_cap, 32, 32) + (
+      "cap_tiny": lambda: _common.cap_setting(tiny_cap, 32, 32) + (
           "DP-Cap tiny (enc 96x4, dec 96x2, V=512, 32 tok)",),
-      "cap_paper": lambda: _cap_setting(paper_cap, 224, 40) + (
+      "cap_paper": lambda: _common.cap_setting(paper_cap, 224, 40) + (
           "DP-Cap Ti/16 x2 enc + 192x1 dec, V=8192, 40 tok, 224px",),
   }
 
 
-def nonprivate_fn(loss_fn):
-  def fn(params, batch, mask):
-    def total(p):
-      losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
-      return jnp.sum(jnp.where(mask > 0, losses, 0.0))
-    return jax.grad(total)(params)
-  return fn
-
-
 def build(method, loss_fn, compute_dtype=None):
   if method == "nonprivate":
-    return jax.jit(nonprivate_fn(loss_fn))
+    return jax.jit(_common.nonprivate_sum(loss_fn))
   kw = {} if method == "vmap" else dict(method="auto")
   if compute_dtype is not None:
     kw["compute_dtype"] = compute_dtype
-  return jax.jit(privacy.clipped_grad(loss_fn, C, **kw))
-
-
-def peak_bytes(compiled) -> float:
-  m = compiled.memory_analysis()
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes +
-               m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return jax.jit(privacy.clipped_grad(loss_fn, _common.C, **kw))
 
 
 def run_setting(name, batch_size, methods, reps):
@@ -128,15 +74,12 @@ def run_setting(name, batch_size, methods, reps):
   for m in methods:
     jitted = build(m, loss_fn)
     compiled = jitted.lower(params, batch, mask).compile()
-    mem[m] = peak_bytes(compiled)
+    mem[m] = _common.peak_bytes(compiled)
     fns[m] = compiled
     jax.block_until_ready(compiled(params, batch, mask))  # warm-up
-  times = {m: [] for m in methods}
-  for _ in range(reps):
-    for m in methods:
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[m](params, batch, mask))
-      times[m].append(time.perf_counter() - t0)
+  times = _common.interleaved_times(
+      {m: functools.partial(fns[m], params, batch, mask) for m in methods},
+      reps)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   rows = []
   base_t = statistics.median(times["nonprivate"]) if "nonprivate" in times else None

@@ -3,7 +3,7 @@ r"""Input pipeline throughput over a prepared ArrayRecord directory.
 Measures records/s of the project's real Poisson pipeline
 (``pipeline.poisson_batches`` + ``transforms.image_pipeline(S, augment=
 True)``: read, JPEG decode, random-resized crop, flip, normalise, stack) on
-an ``arrayrecord:<dir>`` written by ``python -m dpjax.data.prepare``, and
+an ``arrayrecord:<dir>`` written by ``python -m dpjax.prepare``, and
 compares it with what a DP step consumes (examples/s of the DP step, e.g.
 from RESULTS.md's dp_overhead table on the same machine). Without ``--dir``
 it first makes one: ``--num_images`` smooth random JPEGs as img2dataset-
@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image
 
 from dpjax.data import pipeline
-from dpjax.data import prepare
-from dpjax.data import prepare_stage
 from dpjax.data import sources
 from dpjax.data import transforms
+from dpjax.prepare import run
+from dpjax.prepare import stage
 from dpjax.privacy import sampling
 
 
@@ -69,9 +69,9 @@ def make_dir(root: str, num_images: int, source_size: int,
           t.addfile(info, io.BytesIO(data))
   out = os.path.join(root, "prepared")
   start = time.perf_counter()
-  prepare.prepare(os.path.join(root, "tars"), "webdataset", out,
-                  prepare_stage.Options(image_size=prepare_size),
-                  num_workers=os.cpu_count() or 1, records_per_shard=1000)
+  run.prepare(os.path.join(root, "tars"), "webdataset", out,
+              stage.Options(image_size=prepare_size),
+              num_workers=os.cpu_count() or 1, records_per_shard=1000)
   return out, num_images / (time.perf_counter() - start)
 
 

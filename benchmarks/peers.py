@@ -2,7 +2,8 @@ r"""The DP step of dpjax against the other JAX ways to write it, in one run.
 
 For each model, the same params and batch go through jitted functions of
 (params, batch) -> gradient sum:
-  nonprivate   jax.grad of sum_i loss_i (one batched backward; the floor)
+  nonprivate   jax.grad of sum_i loss_i (one batched backward; the floor;
+               train.step.nonprivate_sum_fn)
   plain_vmap   vmap(grad) -> per-example norms -> tensordot(min(1, C/n), g)
                (the textbook JAX DP-SGD sum; NOT NaN-safe)
   optax        optax.contrib.differentially_private_aggregate(C, 0, key) on
@@ -40,9 +41,9 @@ without it (its row then says "not installed"), any dpjax venv:
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
-import time
 from typing import Callable, Optional
 
 import jax
@@ -50,28 +51,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import dp_overhead
+from benchmarks import _common
 from dpjax import privacy
 from dpjax.models import captioner
 from dpjax.models import vit
 
-C = 1.0
+C = _common.C
 VARIANTS = ("nonprivate", "plain_vmap", "optax", "jax_privacy", "dpjax_vmap",
             "dpjax_auto")
 
 
 def _vit(cfg: dict, image: int, batch: int, dtype=jnp.float32):
-  """dp_overhead's ViT setting (CE of a linear head on mean-pooled tokens)
+  """The shared ViT setting (CE of a linear head on mean-pooled tokens)
   with a batch of `batch` random images."""
-  params, loss_fn, batch_fn = dp_overhead._vit_setting(  # pylint: disable=protected-access
-      cfg, image, dtype)
+  params, loss_fn, batch_fn = _common.vit_setting(cfg, image, dtype)
   return params, loss_fn, batch_fn(batch)
 
 
 def _captioner(batch: int, length: int = 32, image: int = 32,
                dtype=jnp.float32):
   """DP-Cap tiny, the same setting as dp_overhead.py's cap_tiny."""
-  params, loss_fn, batch_fn = dp_overhead._cap_setting(  # pylint: disable=protected-access
+  params, loss_fn, batch_fn = _common.cap_setting(
       captioner.captioner_config("tiny"), image, length, dtype)
   return params, loss_fn, batch_fn(batch)
 
@@ -102,8 +102,7 @@ def build(name: str, loss_fn: Callable) -> Optional[Callable]:
   """(params, batch) -> gradient sum for one variant; None if unavailable."""
   per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
   if name == "nonprivate":
-    return lambda p, b: jax.grad(lambda q: jnp.sum(
-        jax.vmap(loss_fn, in_axes=(None, 0))(q, b)))(p)
+    return _common.nonprivate_sum(loss_fn)
   if name == "plain_vmap":
     def plain(p, b):
       g = per_example(p, b)
@@ -132,10 +131,6 @@ def build(name: str, loss_fn: Callable) -> Optional[Callable]:
   return lambda p, b: fn(p, b)[0]
 
 
-def _flat(tree) -> np.ndarray:
-  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
-
-
 def run_model(model: str, batch: Optional[int], variants: list[str],
               reps: int) -> list[dict]:
   make, default_batch, desc = MODELS[model]
@@ -148,25 +143,20 @@ def run_model(model: str, batch: Optional[int], variants: list[str],
       rows.append(dict(variant=v, note="not installed"))
       continue
     compiled = jax.jit(fn).lower(params, data).compile()
-    m = compiled.memory_analysis()
-    mem[v] = (m.argument_size_in_bytes + m.output_size_in_bytes +
-              m.temp_size_in_bytes - m.alias_size_in_bytes)
+    mem[v] = _common.peak_bytes(compiled)
     fns[v] = compiled
-  ref = _flat(fns["plain_vmap"](params, data)) if "plain_vmap" in fns else None
+  ref = (_common.flat(fns["plain_vmap"](params, data)) if "plain_vmap" in fns
+         else None)
   for v, f in fns.items():
-    out = _flat(jax.block_until_ready(f(params, data)))  # Also the warm-up.
+    out = _common.flat(jax.block_until_ready(f(params, data)))  # + warm-up.
     if ref is not None and v != "nonprivate":
       scale = float(np.max(np.abs(ref)))
       if not np.allclose(out, ref, rtol=2e-4, atol=2e-5 * scale):
         err = float(np.max(np.abs(out - ref)))
         raise SystemExit(f"{model}/{v}: clipped sum differs from plain_vmap "
                          f"(max abs diff {err:.3g}, scale {scale:.3g})")
-  times = {v: [] for v in fns}
-  for _ in range(reps):
-    for v, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(params, data))
-      times[v].append(time.perf_counter() - t0)
+  times = _common.interleaved_times(
+      {v: functools.partial(f, params, data) for v, f in fns.items()}, reps)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   def ratio(v, base):
     if base not in times:

@@ -26,7 +26,7 @@ below are placeholders marked [verify]. ImageNet-21k-P is not in the TFDS
 catalogue: convert it (train and validation) once, an image folder with a
 captions.jsonl of {"file": "n01440764/x.JPEG", "label": 0} lines (or
 webdataset tars with .cls members: --format=webdataset --label_key=cls):
-  python -m dpjax.data.prepare --input=/data/in21k-p/train --format=folder \
+  python -m dpjax.prepare --input=/data/in21k-p/train --format=folder \
       --caption_key= --label_key=label --image_size=256 \
       --output=/data/in21k-p-ar/train
   (the same for validation -> /data/in21k-p-ar/val; data.num_examples = the

@@ -27,7 +27,7 @@ then the held-out caption loss on 8 images: the paper preset executes.
 Data: the de-duplicated LAION image-text pairs as img2dataset webdataset
 shards, converted once (exact dedup by default; set data.num_examples to
 the N that manifest.json reports):
-  python -m dpjax.data.prepare --input=/data/laion/ --format=webdataset \
+  python -m dpjax.prepare --input=/data/laion/ --format=webdataset \
       --output=/data/laion-ar --image_size=256 --jpeg_quality=90
   ... --config.data.source=arrayrecord:/data/laion-ar \
       --config.data.num_examples=<N>
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   c.data = ml_collections.ConfigDict(dict(
       # Private training data; "arrayrecord:<dir>" (python -m
-      # dpjax.data.prepare output; module doc) | "tfds:<name>" |
+      # dpjax.prepare output; module doc) | "tfds:<name>" |
       # "arrayrecord:<glob>" | "folder:<dir>" | "synthetic:shapes".
       source="arrayrecord:/data/laion-ar",
       data_dir="",  # TFDS data_dir / base folder ("" = TFDS default).

@@ -16,7 +16,7 @@ EMNIST (e.g. TFF's `emnist`) as a folder ({"file", "writer_id", "label"}
 lines in captions.jsonl) or parquet (image bytes, writer_id, label) and
 convert it user-keyed (keep the default exact dedup; near dedup would merge
 different writers' glyphs):
-  python -m dpjax.data.prepare --input=/data/femnist --format=folder \
+  python -m dpjax.prepare --input=/data/femnist --format=folder \
       --caption_key= --user_key=writer_id --label_key=label \
       --output=/data/femnist-ar
 data.source and data.eval_source read the same directory.

@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Phase 2: the private images.
   c.data = ml_collections.ConfigDict(dict(
-      # "arrayrecord:<dir>" (python -m dpjax.data.prepare output; module
+      # "arrayrecord:<dir>" (python -m dpjax.prepare output; module
       # doc) | "tfds:<name>" | "folder:<dir>" | "arrayrecord:<glob>" |
       # "synthetic:shapes" | "synthetic:classes".
       source="arrayrecord:/data/laion-ar",

@@ -1,6 +1,6 @@
 """``manifest.json`` of a prepared ArrayRecord directory: read, check, write.
 
-``python -m dpjax.data.prepare`` writes it; ``sources.make_source(
+``python -m dpjax.prepare`` writes it; ``sources.make_source(
 "arrayrecord:<dir>")`` reads N, the shards and the fields from it. Keys:
 
   num_examples: N, the records in the shards (dense indices 0..N-1).
@@ -56,7 +56,7 @@ def read(directory: str) -> dict[str, Any]:
                                                     int):
     raise ValueError(f"{path_in(directory)} is not a dpjax prepare manifest "
                      "(no num_examples / shards): rerun "
-                     "`python -m dpjax.data.prepare` for this directory.")
+                     "`python -m dpjax.prepare` for this directory.")
   total = sum(int(s["num_examples"]) for s in shards)
   if total != m["num_examples"]:
     raise ValueError(f"{path_in(directory)}: shard counts add up to {total} "

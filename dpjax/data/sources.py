@@ -13,9 +13,10 @@
   renames (nested, "/"-separated) features to our field names.
 * ``arrayrecord:<glob>``: ArrayRecord files whose records are msgpack maps
   ``{field: bytes | str | int | float | list}`` with encoded images (PNG or
-  JPEG bytes) under "image" (write them with ``records.write_arrayrecord``).
+  JPEG bytes) under "image" (write them with
+  ``dpjax.prepare.records.write_arrayrecord``).
 * ``arrayrecord:<dir>`` where ``<dir>/manifest.json`` exists (the output of
-  ``python -m dpjax.data.prepare``): N, shards and fields come from the
+  ``python -m dpjax.prepare``): N, shards and fields come from the
   manifest; a config N that differs is an error (``prepared_source``).
 * ``folder:<dir>``: image files plus ``captions.jsonl`` (one
   ``{"file": "a.png", "caption": "...", "label": 3}`` per line, label
@@ -43,8 +44,8 @@ import numpy as np
 
 from dpjax import errors
 from dpjax.data import BadRecord
+from dpjax.data import folder_index
 from dpjax.data import manifest as manifest_lib
-from dpjax.data import readers
 from dpjax.data import stored_keys
 from dpjax.data import synthetic
 
@@ -216,7 +217,7 @@ def _unpack(data: bytes) -> Any:
 
 
 class MsgpackArrayRecordSource:
-  """ArrayRecord files of msgpack-encoded dicts (``records.write_arrayrecord``).
+  """ArrayRecord files of msgpack-encoded dicts (``dpjax.prepare.records``).
 
   Args:
     paths: the files, in index order; "path[a:b]" reads records [a, b) of
@@ -260,7 +261,7 @@ def prepared_source(directory: str, *, fields: Mapping[str, str] | None,
                     num_examples: int | None = None,
                     num_examples_field: str = "data.num_examples"
                     ) -> FieldMapSource:
-  """A ``dpjax.data.prepare`` output directory, read via its manifest.
+  """A ``dpjax.prepare`` output directory, read via its manifest.
 
   Shards, their order and N come from ``manifest.json`` (no file is opened
   to count records). ``num_examples``, when given, must equal the
@@ -281,7 +282,7 @@ def prepared_source(directory: str, *, fields: Mapping[str, str] | None,
       raise errors.MissingFileError(
           f"data.source='arrayrecord:{directory}': {path} is listed in "
           "manifest.json but missing: copy the whole directory, or rerun "
-          "`python -m dpjax.data.prepare` (it resumes).")
+          "`python -m dpjax.prepare` (it resumes).")
     paths.append(f"{path}[0:{int(shard['num_examples'])}]")
   return FieldMapSource(MsgpackArrayRecordSource(paths, directory, m),
                         fields)
@@ -301,7 +302,7 @@ class FolderSource:
 
   def __init__(self, directory: str):
     self.directory = directory
-    self.rows = readers.read_index(directory)
+    self.rows = folder_index.read(directory)
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -311,8 +312,8 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     r = self.rows[int(index)]
-    if readers.BAD_ROW in r:
-      raise BadRecord("read", r[readers.BAD_ROW])
+    if folder_index.BAD_ROW in r:
+      raise BadRecord("read", r[folder_index.BAD_ROW])
     if not r.get("file"):
       raise BadRecord("missing_field", f"index row {index} has no 'file'")
     path = os.path.join(self.directory, str(r["file"]))
@@ -383,7 +384,7 @@ def make_source(spec: str, *, split: str = "train",
     if not paths:
       raise errors.MissingFileError(
           f"data.source={spec!r}: no manifest.json in and no files match "
-          f"{rest!r}: prepare the data (python -m dpjax.data.prepare "
+          f"{rest!r}: prepare the data (python -m dpjax.prepare "
           f"--input=<shards> --format=webdataset --output={rest}), or fix "
           "the path or glob.")
     return FieldMapSource(MsgpackArrayRecordSource(paths), fields)

@@ -16,7 +16,7 @@ Share sizes are therefore random (N_pub ~ Binomial(N, fraction)); N_priv,
 like N, is treated as public (PRIVACY.md item 9).
 
 A record's key (``record_key``) is its key field ("key", as the prepared
-ArrayRecord records of ``python -m dpjax.data.prepare`` carry: the
+ArrayRecord records of ``python -m dpjax.prepare`` carry: the
 webdataset ``__key__``, parquet "key" or the folder file name; or
 "__key__") when it has one, else a hash of its canonical bytes (every field
 sorted by name, with type, dtype and shape). The key field is part of the

@@ -3,7 +3,7 @@
 `UserKeyedSource` gives any record source (TFDS, ArrayRecord, ...) the
 `num_users` / `user_indices(u)` interface of `synthetic.Identities`, from a
 user field (e.g. an EMNIST writer id): from the user ranges of a user-keyed
-`python -m dpjax.data.prepare` output when there is one, else by one scan.
+`python -m dpjax.prepare` output when there is one, else by one scan.
 Each user has a stable, public 64-bit key (`stable_user_key`, distinct keys
 checked); `is_heldout_user` is the public hold-out rule for evaluation
 writers; `AppendedUsers` adds audit canary users. `data.clients` samples
@@ -131,7 +131,7 @@ def _from_ranges(ids: Sequence[Any], index: Sequence[np.ndarray],
 class UserKeyedSource:
   """A record source indexed by a user field.
 
-  A user-keyed ``dpjax.data.prepare`` directory (``arrayrecord:<dir>``)
+  A user-keyed ``dpjax.prepare`` directory (``arrayrecord:<dir>``)
   gives each user's contiguous records (and the labels) from its manifest
   without reading a record; any other source is scanned once.
 

@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from dpjax.privacy import rows
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
@@ -99,26 +101,6 @@ def global_norm(tree: PyTree) -> jax.Array:
                       for x in leaves))
 
 
-def _clip_factor(norm: jax.Array, l2_clip_norm: float) -> jax.Array:
-  # min(1, C / norm), with norm == 0 -> 1 (no division by zero) and a
-  # non-finite norm (NaN or inf) -> 0. The factor alone does not zero a
-  # non-finite row (0 * NaN is NaN): callers also zero that row (_zero_rows).
-  big = norm > l2_clip_norm
-  safe = jnp.where(big, norm, 1.0)
-  factor = jnp.where(big, l2_clip_norm / safe, 1.0)
-  return jnp.where(jnp.isfinite(norm), factor, 0.0)
-
-
-def _scale_factor(norm: jax.Array, l2_clip_norm: float, clipping: str,
-                  normalize_gamma: float) -> jax.Array:
-  """Per-example factor of "clip" / "normalize"; 0 where ``norm`` is NaN/inf."""
-  if clipping == "clip":
-    return _clip_factor(norm, l2_clip_norm)
-  # fastDP automatic clipping: ||g * factor|| < C.
-  return jnp.where(jnp.isfinite(norm), l2_clip_norm / (norm + normalize_gamma),
-                   0.0)
-
-
 def clip_pytree(tree: PyTree, l2_clip_norm: float) -> tuple[PyTree, jax.Array]:
   """Scales ``tree`` by ``min(1, C / ||tree||)``.
 
@@ -138,51 +120,10 @@ def clip_pytree(tree: PyTree, l2_clip_norm: float) -> tuple[PyTree, jax.Array]:
     ``(clipped_tree, norm)`` where ``norm`` is the pre-clip global norm.
   """
   norm = global_norm(tree)
-  factor = _clip_factor(norm, l2_clip_norm)
+  factor = rows.clip_factor(norm, l2_clip_norm)
   finite = jnp.isfinite(norm)
   return jax.tree_util.tree_map(
       lambda x: jnp.where(finite, x * factor, 0).astype(x.dtype), tree), norm
-
-
-def _zero_rows(tree: PyTree, drop: jax.Array) -> PyTree:
-  """Rows ``i`` with ``drop[i]`` of every leaf set to exactly 0, in place.
-
-  ``where(row kept, g, 0)`` as the body of a loop that runs once if some row
-  is dropped and never otherwise: the loop carry is updated in place, so the
-  common all-finite step reads and writes no second ``B x params`` buffer
-  (a plain ``where`` costs one more pass; a ``lax.cond`` a second buffer).
-  Elementwise, so it shards like the rows.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-
-  def body(_, xs):
-    return [jnp.where(~drop.reshape((-1,) + (1,) * (x.ndim - 1)), x,
-                      jnp.zeros((), x.dtype)) for x in xs]
-
-  once = jnp.any(drop).astype(jnp.int32)
-  return treedef.unflatten(jax.lax.fori_loop(0, once, body, leaves))
-
-
-def _weighted_row_sum(tree: PyTree, factor: jax.Array,
-                      finite: Optional[jax.Array] = None) -> PyTree:
-  """``sum_i factor[i] * tree[i]`` per leaf (float32), by one contraction.
-
-  Rows where ``finite`` is False are zeroed first (``_zero_rows``), so their
-  NaN/inf cannot reach the sum (0 * NaN is NaN). Exactness: a row with
-  ``factor[i] == 0`` and finite coordinates adds exactly 0. So callers pass
-  ``factor`` 0 for every row that must not count (padding, non-finite) and
-  ``finite`` False for every row that may hold a NaN/inf (a non-finite norm
-  flags it); ``finite=None`` states that all rows are finite.
-
-  >>> _weighted_row_sum(jnp.array([[1., 2.], [jnp.nan, 1.], [3., 4.]]),
-  ...                   jnp.array([1., 0., .5]),
-  ...                   jnp.array([True, False, True])).tolist()
-  [2.5, 4.0]
-  """
-  if finite is not None:
-    tree = _zero_rows(tree, ~finite)
-  return jax.tree_util.tree_map(
-      lambda g: jnp.tensordot(factor, g.astype(jnp.float32), axes=1), tree)
 
 
 def _clipped_sum_fn(loss_fn: LossFn, l2_clip_norm: float, clipping: str,
@@ -200,26 +141,13 @@ def _clipped_sum_fn(loss_fn: LossFn, l2_clip_norm: float, clipping: str,
     finite = jnp.isfinite(norms)
     factor = jnp.where(
         real & finite,
-        _scale_factor(norms, l2_clip_norm, clipping, normalize_gamma), 0.0)
-    clipped_sum = _weighted_row_sum(grads, factor, finite)
-    return clipped_sum, _aux(losses, norms, real, finite, l2_clip_norm)
+        rows.scale_factor(norms, l2_clip_norm, clipping, normalize_gamma),
+        0.0)
+    clipped_sum = rows.weighted_row_sum(grads, factor, finite)
+    return clipped_sum, rows.clip_aux(losses, norms, real, finite,
+                                      l2_clip_norm)
 
   return fn
-
-
-def _aux(losses: jax.Array, norms: jax.Array, real: jax.Array,
-         finite: jax.Array, l2_clip_norm: float) -> dict:
-  """Aggregate float32 scalars over real rows; NaN/inf never enter a sum."""
-  keep = real & finite
-  losses = losses.astype(jnp.float32)
-  return {
-      "loss_sum": jnp.sum(jnp.where(real & jnp.isfinite(losses), losses, 0.0)),
-      "grad_norm_sum": jnp.sum(jnp.where(keep, norms, 0.0)),
-      "num_clipped": jnp.sum(jnp.where(keep & (norms > l2_clip_norm), 1.0,
-                                       0.0)),
-      "count": jnp.sum(jnp.where(real, 1.0, 0.0)),
-      "num_nonfinite": jnp.sum(jnp.where(real & ~finite, 1.0, 0.0)),
-  }
 
 
 def _to_microbatches(x: jax.Array, num_micro: int, micro: int) -> jax.Array:

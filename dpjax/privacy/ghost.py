@@ -57,17 +57,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpjax.privacy import clipping as clipping_lib
 from dpjax.privacy import ghost_layers
+from dpjax.privacy import rows
 
 PyTree = Any
 _METHODS = ("ghost", "auto")
 _LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
-# Clip factor and aux of the vmap path, so both paths agree on non-finite rows.
-_scale_factor = clipping_lib._scale_factor  # pylint: disable=protected-access
-_aux = clipping_lib._aux  # pylint: disable=protected-access
-# pylint: disable-next=protected-access
-_weighted_row_sum = clipping_lib._weighted_row_sum
 
 
 def _mark(k: int) -> str:
@@ -322,7 +317,7 @@ def clipped_sum_fn(
         in_axes=(None, None, 0))
     (losses, acts), (g_copies, g_zs) = grad_fn(copies, zs, batch)
 
-    def rows(x, keep):  # Rows not kept -> 0, even if x is NaN there.
+    def kept(x, keep):  # Rows not kept -> 0, even if x is NaN there.
       r = keep.reshape((-1,) + (1,) * (x.ndim - 1))
       return jnp.where(r, x, jnp.zeros((), x.dtype))
 
@@ -355,26 +350,26 @@ def clipped_sum_fn(
     # real rows are dropped like padding rows.
     finite = jnp.isfinite(norms)
     keep = real & finite
-    factor = jnp.where(keep, _scale_factor(norms, l2_clip_norm, clipping,
-                                           normalize_gamma), 0.0)
+    factor = jnp.where(keep, rows.scale_factor(norms, l2_clip_norm, clipping,
+                                               normalize_gamma), 0.0)
 
     out = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
     # Fallback params: one contraction, non-finite rows zeroed in place.
-    for i, s in zip(copy_ids, _weighted_row_sum(g_copies, factor, finite)):
+    for i, s in zip(copy_ids, rows.weighted_row_sum(g_copies, factor, finite)):
       out[i] = s
     for rec, a, g in mats:
       # Dropped rows (padding or non-finite) of BOTH operands -> 0: the
       # book-keeping matmul sums over all rows, and 0 * NaN would leak such a
       # row's NaN into the sum. (Their norms may be NaN; `factor` and `aux`
       # select them away.)
-      cg = rows(g.astype(jnp.float32) * factor[:, None, None], keep)
+      cg = kept(g.astype(jnp.float32) * factor[:, None, None], keep)
       if rec["desc"]["kind"] != "embed":
-        a = rows(a, keep)
+        a = kept(a, keep)
       shapes = {n: leaves[i].shape for n, i in rec["leaf_of"].items()}
       sums = ghost_layers.clipped_sums(rec["desc"], a, cg, shapes, dtype)
       for n, i in rec["leaf_of"].items():
         out[i] = sums[n]
-    aux = _aux(losses, norms, real, finite, l2_clip_norm)
+    aux = rows.clip_aux(losses, norms, real, finite, l2_clip_norm)
     return treedef.unflatten(out), aux
 
   return fn

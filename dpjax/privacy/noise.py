@@ -25,6 +25,7 @@ import optax
 
 from dpjax.privacy import clipping
 from dpjax.privacy import redact
+from dpjax.privacy import rows
 
 PyTree = Any
 
@@ -262,16 +263,14 @@ def dp_aggregate(
     batch = jax.tree_util.tree_leaves(updates)[0].shape[0]
     if mask is None:
       mask = jnp.ones((batch,), jnp.float32)
-    # clip_pytree per row, then a sum, as one contraction (clipping.py):
+    # clip_pytree per row, then a sum, as one contraction (rows.py):
     # factor min(1, C/norm) for real finite rows, 0 otherwise; non-finite
     # rows are zeroed before it, so they add exactly zero.
     norms = jax.vmap(clipping.global_norm)(updates)
     finite = jnp.isfinite(norms)
-    # pylint: disable=protected-access
     factor = jnp.where((mask > 0) & finite,
-                       clipping._clip_factor(norms, l2_clip_norm), 0.0)
-    summed = clipping._weighted_row_sum(updates, factor, finite)
-    # pylint: enable=protected-access
+                       rows.clip_factor(norms, l2_clip_norm), 0.0)
+    summed = rows.weighted_row_sum(updates, factor, finite)
     denom = batch if expected_batch_size is None else expected_batch_size
     noisy = privatize(summed, _step_key(state), l2_clip_norm,
                       noise_multiplier, denom)

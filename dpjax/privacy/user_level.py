@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from dpjax.privacy import clipping
+from dpjax.privacy import rows
 
 PyTree = Any
 # loss_fn(shared, local, example) -> scalar, for ONE example.
@@ -265,8 +266,7 @@ def clipped_delta_sum(local_train: LocalTrainFn,
     }
     # Every delta is finite here (non-finite ones were zeroed above), so a
     # 0/1 contraction adds padding units as exact zeros.
-    total = clipping._weighted_row_sum(  # pylint: disable=protected-access
-        deltas, jnp.where(real, 1.0, 0.0))
+    total = rows.weighted_row_sum(deltas, jnp.where(real, 1.0, 0.0))
     return total, aux
 
   if sensitivity is None:

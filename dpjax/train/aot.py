@@ -39,7 +39,7 @@ def state_bytes(tree, fsdp: int, dtype=None) -> float:
   """Per-device bytes of a param-like tree under mesh.fsdp = fsdp."""
   total = 0.0
   for x in jax.tree.leaves(tree):
-    spec = mesh_lib._leaf_spec(x.shape, fsdp)  # pylint: disable=protected-access
+    spec = mesh_lib.leaf_spec(x.shape, fsdp)
     split = fsdp if any(a is not None for a in spec) else 1
     item = jnp.dtype(dtype or x.dtype).itemsize
     total += math.prod(x.shape) * item / split

@@ -45,7 +45,9 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
   return Mesh(devices, BATCH_AXES)
 
 
-def _leaf_spec(shape, fsdp: int) -> P:
+def leaf_spec(shape, fsdp: int) -> P:
+  """PartitionSpec of one leaf: its largest dim divisible by `fsdp` is split
+  over the "fsdp" axis; replicated if none is (or fsdp == 1)."""
   if fsdp > 1:
     for dim in np.argsort(shape)[::-1]:
       if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
@@ -65,8 +67,8 @@ def param_shardings(params, mesh: Mesh):
   def one(x):
     floating = np.issubdtype(np.dtype(x.dtype), np.floating) or (
         str(x.dtype) == "bfloat16")
-    return NamedSharding(mesh, _leaf_spec(np.shape(x), fsdp if floating
-                                          else 1))
+    return NamedSharding(mesh, leaf_spec(np.shape(x), fsdp if floating
+                                         else 1))
   return jax.tree.map(one, params)
 
 

@@ -14,8 +14,8 @@ of which four are bad, the four kinds a real crawl has:
 import json
 import os
 
-from dpjax.data import records as records_lib
 from dpjax.data import synthetic
+from dpjax.prepare import records as records_lib
 
 CORRUPT, TRUNCATED, MISSING, EMPTY_CAPTION = 0, 3, 5, 8
 BAD = (CORRUPT, TRUNCATED, MISSING, EMPTY_CAPTION)

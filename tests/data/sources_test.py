@@ -7,12 +7,12 @@ import pytest
 
 from dpjax.data import manifest as manifest_lib
 from dpjax.data import pipeline
-from dpjax.data import records as records_lib
 from dpjax.data import sources
 from dpjax.data import splits
 from dpjax.data import synthetic
 from dpjax.data import tokenizer
 from dpjax.data import transforms
+from dpjax.prepare import records as records_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 TFDS_DIR = os.path.join(FIXTURES, "tfds")
@@ -54,7 +54,7 @@ def test_folder_and_arrayrecord_fixtures():
   assert folder[0]["file"] == "img0.png"
   ar = sources.make_source(f"arrayrecord:{FIXTURES}/arrayrecord/*")
   _check_caption_records(ar, 4)
-  # Same generator, same split name as make_fixtures -> same captions.
+  # Same generator, same split name as tools/make_fixtures.py -> same captions.
   expected = synthetic.ShapesCaptions(4, image_size=16, seed=123,
                                       split="arrayrecord")
   assert [ar[i]["caption"] for i in range(4)] == [

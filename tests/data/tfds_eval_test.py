@@ -10,7 +10,7 @@ transforms, and nothing is downloaded (no TensorFlow needed).
 DP-Cap's and ViP's :paper probes read ImageNet-1k (``imagenet2012``);
 their held-out caption / MAE losses read ``data.eval_source``. DP
 continual's ImageNet-21k-P held-out split and DP-FedEmb's held-out writers
-are prepared ArrayRecord directories (tests/data/prepare_*_test.py test
+are prepared ArrayRecord directories (tests/prepare/prepare_*_test.py test
 that path).
 """
 

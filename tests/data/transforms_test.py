@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from dpjax.data import records as records_lib
 from dpjax.data import tokenizer
 from dpjax.data import transforms
+from dpjax.prepare import records as records_lib
 
 
 def _img():

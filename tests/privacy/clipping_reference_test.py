@@ -144,18 +144,3 @@ def test_bad_rows_add_exactly_zero(method):
   assert float(aux["num_nonfinite"]) == 2.0
   assert float(want_aux["num_nonfinite"]) == 0.0
   assert float(aux["count"]) == float(want_aux["count"]) + 2.0
-
-
-def test_zero_rows_and_weighted_row_sum():
-  """The helpers: dropped rows become exactly 0, kept rows are untouched."""
-  g = {"a": jnp.array([[1., jnp.nan], [jnp.inf, 2.], [3., 4.]]),
-       "b": jnp.arange(6.).reshape(3, 2, 1)}
-  drop = jnp.array([True, False, False])
-  z = jax.jit(clipping._zero_rows)(g, drop)  # pylint: disable=protected-access
-  np.testing.assert_array_equal(z["a"], [[0., 0.], [jnp.inf, 2.], [3., 4.]])
-  np.testing.assert_array_equal(z["b"][0], 0.0)
-  np.testing.assert_array_equal(z["b"][1:], g["b"][1:])
-  s = jax.jit(clipping._weighted_row_sum)(  # pylint: disable=protected-access
-      g, jnp.array([0., 0., 2.]), jnp.array([False, False, True]))
-  np.testing.assert_array_equal(s["a"], [6., 8.])
-  np.testing.assert_array_equal(s["b"], [[8.], [10.]])

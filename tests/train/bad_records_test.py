@@ -27,11 +27,11 @@ from dpjax import recipes
 from dpjax.data import bad_records
 from dpjax.data import clients
 from dpjax.data import pipeline
-from dpjax.data import records as records_lib
 from dpjax.data import sources
 from dpjax.data import tokenizer
 from dpjax.data import transforms
 from dpjax.data import users as users_lib
+from dpjax.prepare import records as records_lib
 from dpjax.train import metrics
 from dpjax.train import step as step_lib
 from tests.data import bad_data

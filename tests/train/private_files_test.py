@@ -148,9 +148,9 @@ def test_bad_record_count_is_logged_as_a_private_value(private, tmp_path,
 
 
 def test_prepare_writes_its_dropped_records_list_owner_only(tmp_path):
-  from dpjax.data import prepare  # pylint: disable=g-import-not-at-top
-  from dpjax.data import prepare_stage  # pylint: disable=g-import-not-at-top
-  from tests.data import fake_inputs  # pylint: disable=g-import-not-at-top
+  from dpjax.prepare import run  # pylint: disable=g-import-not-at-top
+  from dpjax.prepare import stage  # pylint: disable=g-import-not-at-top
+  from tests.prepare import fake_inputs  # pylint: disable=g-import-not-at-top
   imgs = {f"{i}.png": fake_inputs.encode(fake_inputs.pixels(i))
           for i in range(2)}
   fake_inputs.folder(tmp_path / "f", [
@@ -158,8 +158,8 @@ def test_prepare_writes_its_dropped_records_list_owner_only(tmp_path):
           {"file": "gone.png", "caption": "missing file"}], imgs)
   old = os.umask(0)
   try:
-    m = prepare.prepare(str(tmp_path / "f"), "folder", str(tmp_path / "out"),
-                        prepare_stage.Options(), records_per_shard=2)
+    m = run.prepare(str(tmp_path / "f"), "folder", str(tmp_path / "out"),
+                    stage.Options(), records_per_shard=2)
   finally:
     os.umask(old)
   assert m["dropped"] == {"missing_image": 1}

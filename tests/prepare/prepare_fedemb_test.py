@@ -14,12 +14,12 @@ import pytest
 from configs import dpfedemb as fedemb_config
 from dpjax import recipes
 from dpjax.data import clients
-from dpjax.data import prepare
-from dpjax.data import prepare_stage
 from dpjax.data import users as users_lib
+from dpjax.prepare import run
+from dpjax.prepare import stage
 from dpjax.recipes import fedemb
 from dpjax.recipes import fedemb_data
-from tests.data import fake_inputs
+from tests.prepare import fake_inputs
 
 _WRITERS = 20
 _HELDOUT = 0.3
@@ -69,11 +69,11 @@ def prepared(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fedemb")
   rows = _export(tmp)
   out = tmp / "out"
-  m = prepare.prepare(str(tmp / "emnist.parquet"), "parquet", str(out),
-                      prepare_stage.Options(caption_key="",
-                                            user_key="writer_id",
-                                            label_key="label"),
-                      records_per_shard=16)
+  m = run.prepare(str(tmp / "emnist.parquet"), "parquet", str(out),
+                  stage.Options(caption_key="",
+                                user_key="writer_id",
+                                label_key="label"),
+                  records_per_shard=16)
   return str(out), m, rows
 
 

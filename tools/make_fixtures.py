@@ -1,6 +1,6 @@
 """(Re)generates the tiny committed test fixtures under tests/fixtures/.
 
-  python -m dpjax.data.make_fixtures [--out tests/fixtures]
+  python tools/make_fixtures.py [--out tests/fixtures]
 
 * ``tfds/dpjax_tiny_captions/1.0.0/``: a prepared TFDS dataset in ArrayRecord
   format (train: 6, test: 2 examples of 16x16 images + captions + labels),
@@ -18,8 +18,8 @@ import json
 import os
 import shutil
 
-from dpjax.data import records as records_lib
 from dpjax.data import synthetic
+from dpjax.prepare import records as records_lib
 
 TFDS_NAME = "dpjax_tiny_captions"
 _SEED = 123

@@ -1,4 +1,4 @@
-"""Tests for python -m dpjax.data.prepare (tiny inputs made at test time)."""
+"""Tests for python -m dpjax.prepare (tiny inputs made at test time)."""
 
 import io
 import json
@@ -9,20 +9,20 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dpjax.data import dedup
-from dpjax.data import prepare
-from dpjax.data import prepare_stage
-from dpjax.data import readers
 from dpjax.data import sources
 from dpjax.data import transforms
 from dpjax.data import users as users_lib
-from tests.data import fake_inputs
+from dpjax.prepare import dedup
+from dpjax.prepare import readers
+from dpjax.prepare import run
+from dpjax.prepare import stage
+from tests.prepare import fake_inputs
 
 
 def _run(input_spec, fmt, out, dedup_mode="exact", **opts):
-  return prepare.prepare(str(input_spec), fmt, str(out),
-                         prepare_stage.Options(**opts), dedup_mode=dedup_mode,
-                         records_per_shard=2)
+  return run.prepare(str(input_spec), fmt, str(out),
+                     stage.Options(**opts), dedup_mode=dedup_mode,
+                     records_per_shard=2)
 
 
 def test_webdataset_drops_and_global_exact_dedup(tmp_path):
@@ -124,19 +124,19 @@ def test_resume_skips_done_shards(tmp_path, monkeypatch):
   imgs = {f"{i}.png": fake_inputs.encode(fake_inputs.pixels(i)) for i in range(5)}
   fake_inputs.folder(tmp_path / "in", [{"file": k, "caption": k} for k in imgs], imgs)
   out = tmp_path / "out"
-  real_write, real_read = prepare_stage.write_shard, readers.read_shard
+  real_write, real_read = stage.write_shard, readers.read_shard
 
   def fail_on_last(shard, **kw):
     if shard.file.startswith("data-00002"):
       raise KeyboardInterrupt  # The job dies while writing.
     return real_write(shard, **kw)
-  monkeypatch.setattr(prepare_stage, "write_shard", fail_on_last)
+  monkeypatch.setattr(stage, "write_shard", fail_on_last)
   with pytest.raises(KeyboardInterrupt):
     _run(tmp_path / "in", "folder", out)
   first = out / "data-00000-of-00003.arrayrecord"
   stamp = os.stat(first).st_mtime_ns
   reads = []
-  monkeypatch.setattr(prepare_stage, "write_shard", real_write)
+  monkeypatch.setattr(stage, "write_shard", real_write)
   monkeypatch.setattr(readers, "read_shard",
                       lambda *a: reads.append(a) or real_read(*a))
   m = _run(tmp_path / "in", "folder", out)
@@ -194,7 +194,7 @@ def test_cli_with_worker_processes(tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   _two_tars(tmp_path / "in")
   out = tmp_path / "out"
-  subprocess.run([sys.executable, "-m", "dpjax.data.prepare",
+  subprocess.run([sys.executable, "-m", "dpjax.prepare",
                   f"--input={tmp_path / 'in'}/*.tar", "--format=webdataset",
                   f"--output={out}", "--num_workers=2",
                   "--records_per_shard=2"], check=True,
@@ -202,7 +202,7 @@ def test_cli_with_worker_processes(tmp_path):
                      os.path.abspath(__file__)))))
   with open(out / "manifest.json") as f:
     m = json.load(f)
-  assert m["command"].startswith("python -m dpjax.data.prepare '--input=")
+  assert m["command"].startswith("python -m dpjax.prepare '--input=")
   assert m["num_examples"] == 5 and m["dropped"] == {"exact_duplicate": 1}
   assert [r["caption"] for r in _records(out)] == [
       "cap 0 0", "cap 0 1", "cap 0 2", "cap 1 1", "cap 1 2"]
@@ -212,8 +212,8 @@ def test_beam_direct_runner_matches_local(tmp_path):
   # apache-beam: the [beam] extra, also in [test].
   _two_tars(tmp_path / "in")
   local = _run(tmp_path / "in", "webdataset", tmp_path / "local")
-  beam = prepare.prepare(str(tmp_path / "in"), "webdataset",
-                         str(tmp_path / "beam"), prepare_stage.Options(),
-                         runner="beam", num_workers=2, records_per_shard=2)
+  beam = run.prepare(str(tmp_path / "in"), "webdataset",
+                     str(tmp_path / "beam"), stage.Options(),
+                     runner="beam", num_workers=2, records_per_shard=2)
   assert beam["shards"] == local["shards"]
   assert _records(tmp_path / "beam") == _records(tmp_path / "local")

@@ -2,7 +2,7 @@
 
 Two webdataset shards with exact duplicates (byte copies and a re-encoding
 with the same pixels), a corrupt JPEG and a sample without a caption go
-through ``dpjax.data.prepare``; the test checks N, the dedup counts and the
+through ``dpjax.prepare``; the test checks N, the dedup counts and the
 skipped-record report, then trains 3 Poisson-sampled DP steps of DP-Cap on
 the output through ``data.source="arrayrecord:<dir>"``.
 """
@@ -17,11 +17,11 @@ import pytest
 
 from configs import dpcap as dpcap_config
 from dpjax import recipes
-from dpjax.data import prepare
-from dpjax.data import prepare_stage
 from dpjax.data import sources
 from dpjax.data import transforms
-from tests.data import fake_inputs
+from dpjax.prepare import run
+from dpjax.prepare import stage
+from tests.prepare import fake_inputs
 
 _DISTINCT = 54  # Distinct usable pictures; 32 x 32 JPEGs.
 
@@ -77,8 +77,8 @@ def prepared(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("e2e")
   _shards(tmp)
   out = tmp / "out"
-  m = prepare.prepare(str(tmp), "webdataset", str(out),
-                      prepare_stage.Options(), records_per_shard=20)
+  m = run.prepare(str(tmp), "webdataset", str(out),
+                  stage.Options(), records_per_shard=20)
   return out, m
 
 

@@ -1,4 +1,4 @@
-"""Readers of the input formats that ``dpjax.data.prepare`` converts.
+"""Readers of the input formats that ``python -m dpjax.prepare`` converts.
 
 Each input is cut into ``InputShard``s (the unit of parallel work and of
 resumption) and ``read_shard`` yields its ``Sample``s in a fixed order:
@@ -11,7 +11,8 @@ resumption) and ``read_shard`` yields its ``Sample``s in a fixed order:
 * ``parquet``: ``.parquet`` files, one row per sample; the image column
   holds bytes (or a ``{"bytes": ...}`` struct, as Hugging Face writes).
 * ``folder``: a directory with ``captions.jsonl`` / ``captions.csv`` (the
-  layout ``sources.FolderSource`` reads, with ``read_index``), cut into
+  layout ``sources.FolderSource`` reads, with ``folder_index.read``), cut
+  into
   chunks of rows.
 
 A sample that cannot be read carries ``error`` (a drop reason) instead of
@@ -19,7 +20,6 @@ failing the job; a shard that breaks off (a truncated tar) yields one such
 sample and ends.
 """
 
-import csv
 import dataclasses
 import functools
 import glob as glob_lib
@@ -28,6 +28,8 @@ import os
 import re
 import tarfile
 from typing import Any, Iterator
+
+from dpjax.data import folder_index
 
 FORMATS = ("webdataset", "folder", "parquet")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -76,7 +78,7 @@ def list_shards(input_spec: str, fmt: str,
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: use one of {FORMATS}.")
   if fmt == "folder":
-    n = len(read_index(input_spec))
+    n = len(folder_index.read(input_spec))
     return [InputShard(f"rows-{a:010d}", input_spec, fmt, a,
                        min(a + rows_per_chunk, n))
             for a in range(0, n, rows_per_chunk)]
@@ -175,16 +177,16 @@ def _read_parquet(path: str, image_key: str) -> Iterator[Sample]:
 
 @functools.lru_cache(maxsize=1)  # One parse per worker process, not shard.
 def _folder_index(directory: str) -> tuple[dict[str, Any], ...]:
-  return tuple(read_index(directory))
+  return tuple(folder_index.read(directory))
 
 
 def _read_folder(shard: InputShard) -> Iterator[Sample]:
   rows = _folder_index(shard.path)
   for i in range(shard.start, shard.stop):
     row = dict(rows[i])
-    if BAD_ROW in row:
+    if folder_index.BAD_ROW in row:
       yield Sample(f"row {i}", error="unreadable_input",
-                   fields={"detail": row[BAD_ROW]})
+                   fields={"detail": row[folder_index.BAD_ROW]})
       continue
     name = str(row.get("file") or "")
     if not name:
@@ -196,39 +198,3 @@ def _read_folder(shard: InputShard) -> Iterator[Sample]:
     except OSError:
       image = None
     yield Sample(name, image, row)
-
-
-# The key of an index row that did not parse; its value says why.
-BAD_ROW = "_unparsed"
-
-
-def read_index(directory: str) -> list[dict[str, Any]]:
-  """The rows of a folder's ``captions.jsonl`` (or ``captions.csv``).
-
-  A JSONL line that is not a JSON object is kept as ``{BAD_ROW: why}``, so
-  row numbers stay those of the file.
-  """
-  jsonl = os.path.join(directory, "captions.jsonl")
-  csv_path = os.path.join(directory, "captions.csv")
-  if os.path.exists(jsonl):
-    with open(jsonl, encoding="utf-8") as f:
-      return [_parse_jsonl(line, n)
-              for n, line in enumerate(f, 1) if line.strip()]
-  if os.path.exists(csv_path):
-    with open(csv_path, encoding="utf-8", newline="") as f:
-      return list(csv.DictReader(f))
-  raise FileNotFoundError(
-      f"data.source='folder:{directory}' has no captions.jsonl or "
-      "captions.csv: add one mapping each image file to its caption "
-      '(JSONL lines {"file": "a.png", "caption": "...", "label": 0} or '
-      "CSV with header file,caption[,label]).")
-
-
-def _parse_jsonl(line: str, number: int) -> dict[str, Any]:
-  try:
-    row = json.loads(line)
-  except ValueError as e:
-    return {BAD_ROW: f"captions.jsonl line {number} is not JSON: {e}"}
-  if not isinstance(row, dict):
-    return {BAD_ROW: f"captions.jsonl line {number} is not a JSON object"}
-  return row

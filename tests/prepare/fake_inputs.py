@@ -1,5 +1,5 @@
 """Tiny converter inputs made at test time: pictures, img2dataset-style tar
-shards and image folders (for ``python -m dpjax.data.prepare`` tests)."""
+shards and image folders (for ``python -m dpjax.prepare`` tests)."""
 
 import io
 import json

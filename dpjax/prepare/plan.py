@@ -1,5 +1,5 @@
-"""The global plan of ``dpjax.data.prepare``: which staged records are kept,
-in which output order, in which output shards. Pure numpy, no I/O.
+"""The global plan of ``python -m dpjax.prepare``: which staged records are
+kept, in which output order, in which output shards. Pure numpy, no I/O.
 
 Staged records have global ids 0..M-1 in visiting order (input shard, then
 position in it), the order in which "keep the first" is decided, so the
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpjax.data import dedup
+from dpjax.prepare import dedup
 
 DEDUP_MODES = ("exact", "near", "none")
 DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate")  # Codes 1, 2.

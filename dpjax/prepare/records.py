@@ -3,7 +3,8 @@
 A record is ``{field: bytes | str | int | float | list | dict}`` with the
 image as encoded PNG/JPEG bytes under "image"; files are written with group
 size 1 so that every record is read alone (random access for Poisson
-sampling). ``python -m dpjax.data.prepare`` and the test fixtures write them.
+sampling). ``python -m dpjax.prepare`` and the test fixtures
+(``tools/make_fixtures.py``) write them.
 """
 
 from typing import Any, Iterable, Mapping

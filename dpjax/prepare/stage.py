@@ -1,8 +1,8 @@
-"""The per-shard work of ``dpjax.data.prepare``: stage, then write.
+"""The per-shard work of ``python -m dpjax.prepare``: stage, then write.
 
 Both passes are plain functions of one unit (an input shard; an output
 shard), so any engine can run them: the local process pool or Apache Beam
-(``prepare.run_units``). Each is resumable: it writes to a temporary name,
+(``run.run_units``). Each is resumable: it writes to a temporary name,
 renames, and leaves a done-marker holding a fingerprint of its inputs and
 options; a rerun skips a unit whose marker matches.
 
@@ -14,7 +14,7 @@ hashes go to the ``.npz``; the ``.json`` (written last: the done-marker)
 holds drops, keys, users and labels.
 
 Write (output shard): copy staged records, chosen and ordered by the global
-plan (``prepare_plan``), into ``data-XXXXX-of-YYYYY.arrayrecord``.
+plan (``plan``), into ``data-XXXXX-of-YYYYY.arrayrecord``.
 """
 
 import dataclasses
@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpjax.data import dedup
-from dpjax.data import readers
-from dpjax.data import records as records_lib
+from dpjax.prepare import dedup
+from dpjax.prepare import readers
+from dpjax.prepare import records as records_lib
 
 DEFAULT_JPEG_QUALITY = 95  # When resizing without --jpeg_quality.
 
