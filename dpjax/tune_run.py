@@ -9,6 +9,7 @@ calibrated, over every combination of those fields' choices (the space's
 support), predicted and checked against the trials that ran.
 """
 
+import functools
 import json
 import math
 import os
@@ -92,14 +93,21 @@ class _Predictor:
       delta = p.delta if p.delta > 0 else float(n) ** -1.1
       q = batch / n
       sigma = p.noise_multiplier if p.noise_multiplier > 0 else (
-          privacy.calibrate_noise_multiplier(target, q, steps, delta,
-                                             accountant=p.accountant))
+          _calibrated(target, q, steps, delta, p.accountant))
       out = out + tuning.dpsgd_rdp(sigma, q, steps)
     return out
 
   def worst(self, space, target: float | None) -> np.ndarray:
     return tuning.worst_rdp([self.curve(c, target) for c in
                              tune_space.privacy_combinations(space)])
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target: float, q: float, steps: int, delta: float,
+                accountant: str) -> float:
+  """sigma as the loop calibrates it (DP-SGD; seconds each, so cached)."""
+  return privacy.calibrate_noise_multiplier(target, q, steps, delta,
+                                            accountant=accountant)
 
 
 def _trial_config(config, values, trial_target, tan_batch_size):
