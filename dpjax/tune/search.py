@@ -23,8 +23,8 @@ from dpjax import errors
 from dpjax import privacy
 from dpjax import private_files
 from dpjax import recipes
-from dpjax import tune_space
 from dpjax.privacy import tuning
+from dpjax.tune import space as tune_space
 
 PUBLIC_SCORE_PREFIXES = ("eval", "eval_ema")
 PRIVATE_SCORE_PREFIXES = ("private", "private_eval", "private_eval_ema",
@@ -239,7 +239,7 @@ def search(config, workdir: str, space: dict, *, score: str,
            tan_batch_size: int = 0, stop_after: int = 0) -> dict[str, Any]:
   """Runs (or resumes) the search; returns tune/results.json's content, or
   {"stopped": reason} for a search to be resumed."""
-  from dpjax import tune_report  # pylint: disable=g-import-not-at-top
+  from dpjax.tune import report as tune_report  # pylint: disable=g-import-not-at-top
   check_score(score)
   if tan and not tan_batch_size:
     raise errors.ConfigError("--tan needs --tan_batch_size (the simulated "

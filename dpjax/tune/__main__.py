@@ -3,7 +3,7 @@ r"""Private hyper-parameter search: `python -m dpjax.tune`.
   python -m dpjax.tune --config=configs/dp_linear.py --workdir=/tmp/tune \
       --space=space.json --score=eval/accuracy/top1 --k_mean=4
 
-Random search (space file: dpjax/tune_space.py). The number of trials K is
+Random search (space file: dpjax/tune/space.py). The number of trials K is
 drawn secretly (OS entropy) from Poisson(--k_mean) or a truncated negative
 binomial (--k_distribution=truncated_negative_binomial, --k_eta, --k_gamma
 or --k_mean); each trial is a normal dpjax run in <workdir>/trials/<i>/ and
@@ -38,7 +38,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "e.g. configs/dp_linear.py",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Search directory (resumes).")
-flags.DEFINE_string("space", None, "JSON search space (dpjax/tune_space.py).")
+flags.DEFINE_string("space", None, "JSON search space (dpjax/tune/space.py).")
 flags.DEFINE_string("score", None, "Selection metric of results.json, on "
                     "public held-out data, e.g. eval/accuracy/top1.")
 flags.DEFINE_enum("mode", "max", ["max", "min"], "Best = max or min score.")
@@ -76,8 +76,8 @@ def _settings(space: dict) -> dict[str, Any]:
 def main(argv):
   del argv
   from dpjax import errors  # pylint: disable=g-import-not-at-top
-  from dpjax import tune_run  # pylint: disable=g-import-not-at-top
-  from dpjax import tune_space  # pylint: disable=g-import-not-at-top
+  from dpjax.tune import search as tune_run  # pylint: disable=g-import-not-at-top
+  from dpjax.tune import space as tune_space  # pylint: disable=g-import-not-at-top
   try:
     tune_run.check_score(FLAGS.score)
     space = tune_space.load(FLAGS.space)

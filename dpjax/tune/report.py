@@ -13,7 +13,7 @@ import shutil
 from typing import Any, Mapping
 
 from dpjax import private_files
-from dpjax import tune_space
+from dpjax.tune import space as tune_space
 
 
 def _tune_dir(workdir: str) -> str:

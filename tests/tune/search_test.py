@@ -9,7 +9,7 @@ import pytest
 from configs import dp_linear
 from dpjax import errors
 from dpjax import recipes
-from dpjax import tune_run
+from dpjax.tune import search as tune_run
 from dpjax.privacy import tuning
 
 SPACE = {"train.learning_rate": {"log_uniform": [0.5, 4.0]},
