@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "dpjax"
 # Higher layers may import lower ones; a package imports only itself and
 # lower layers (data, models and evaluate do not import each other).
 LAYERS = {
-    "main": 4, "plan": 4,
+    "main": 4, "plan": 4, "tune": 4,
     "recipes": 3,
     "train": 2, "prepare": 2,
     "data": 1, "models": 1, "evaluate": 1,
