@@ -1,6 +1,6 @@
 r"""DP continual pretraining with limited public data (Bu et al., NeurIPS 2024).
 
-One run, two phases (`dpjax/recipes/continual.py`):
+One run, two phases (`dpjax/recipes/dp_continual.py`):
   1. "public": NON-private supervised pretraining with AdamW on a small public
      share of the data (paper: 10%). Spends no privacy; nothing is recorded
      in the ledger.

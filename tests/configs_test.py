@@ -22,8 +22,9 @@ def test_config_builds(name):
   for preset in (None,) + getattr(module, "PRESETS",
                                   ("paper", "tiny", "paper,smoke")):
     config = module.get_config(preset)
-    # Config file = recipe key.
+    # Config file = recipe key = recipe module name.
     assert config.recipe == name
+    assert recipes.RECIPES[name] == f"dpjax.recipes.{name}"
     # Built on common.base_config: every shared key is there.
     assert _paths(common.base_config(name)) <= _paths(config)
     assert config.train.batch_size > 0 and config.train.steps >= 0

@@ -18,9 +18,9 @@ from dpjax import errors
 RECIPES = {
     "dpcap": "dpjax.recipes.dpcap",
     "vip": "dpjax.recipes.vip",
-    "dp_continual": "dpjax.recipes.continual",
-    "dpfedemb": "dpjax.recipes.fedemb",
-    "dp_linear": "dpjax.recipes.linear",
+    "dp_continual": "dpjax.recipes.dp_continual",
+    "dpfedemb": "dpjax.recipes.dpfedemb",
+    "dp_linear": "dpjax.recipes.dp_linear",
 }
 
 
