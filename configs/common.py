@@ -1,7 +1,11 @@
-"""Config pieces shared by every recipe: the privacy block, train block, mesh.
+"""Config pieces shared by every recipe: `base_config` and its blocks.
 
-Every key is declared here with a comment; recipes override values, never add
-keys in code. `parse_arg("tiny,steps=10")` gives the preset name and overrides.
+Every shared key is declared once here with a comment (`base_config`: the
+run keys, the shared data keys, the privacy, train, mesh, audit and evals
+blocks); a config file starts from `base_config(recipe)`, declares its
+recipe's own keys with their comments, and overrides values, never adding
+keys in code. `parse_arg("tiny,steps=10")` gives the preset name and
+overrides.
 """
 
 import ml_collections
@@ -41,6 +45,50 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
           f"config arg {key!r} unknown; valid: {sorted(out.keys())}")
     out[key] = type(defaults[key])(value) if defaults[key] is not None else value
   return out
+
+
+def base_config(recipe: str) -> ml_collections.ConfigDict:
+  """The keys every config has, each declared once; a config file adds its
+  recipe's own (model, phases, its data fields, ...) and overrides values.
+
+  Args:
+    recipe: the key of `dpjax.recipes.RECIPES`, which is also the name of
+      the config file (configs/<recipe>.py) and of the recipe module
+      (dpjax/recipes/<recipe>.py).
+  """
+  c = ml_collections.ConfigDict()
+  c.recipe = recipe
+  # Public randomness: initialisation, synthetic and public data, evaluators
+  # (never the DP noise or the private sampling: privacy.*_seed).
+  c.seed = 0
+  # Only restore the latest checkpoint and evaluate (an empty workdir:
+  # evaluate the initialisation).
+  c.eval_only = False
+  # Warm start: another run's workdir (its export/params, else its latest
+  # checkpoint), read once when the run starts; "" = none.
+  c.init_checkpoint = ""
+  c.data = ml_collections.ConfigDict(dict(
+      # Records that cannot be used (missing or undecodable file, empty
+      # caption): "error" | "skip". Sources of at most validate_max_records
+      # records (and, with "error", every folder: source) are read in full
+      # before training: "error" stops the run listing all of them (exit
+      # 2); "skip" trains with them as zero rows. During training a record
+      # that fails is always a zero row (N unchanged), reported only at the
+      # end, in <workdir>/private_bad_records.json (private data).
+      on_bad_record="error",
+      validate_max_records=100_000,  # start-up validation size threshold.
+  ))
+  c.privacy = privacy_block()
+  c.train = train_block()
+  c.mesh = mesh_block()
+  c.audit = audit_block()
+  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
+  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
+  # 0: at the end only; < 0: off), prefix of its metrics (default: the
+  # name), then the type's own fields}; each config names its recipe's
+  # functions and data the evaluators read. Empty: none.
+  c.evals = ml_collections.ConfigDict()
+  return c
 
 
 def privacy_block() -> ml_collections.ConfigDict:
@@ -95,9 +143,9 @@ def privacy_block() -> ml_collections.ConfigDict:
   ))
 
 
-def train_block(**overrides) -> ml_collections.ConfigDict:
+def train_block() -> ml_collections.ConfigDict:
   """Optimisation and loop settings."""
-  cfg = ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(dict(
       steps=100,  # logical DP steps (T).
       batch_size=256,  # EXPECTED logical batch q*N (Poisson: realised varies).
       microbatch_size=64,  # global physical batch per accumulation call.
@@ -128,8 +176,6 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
       ema_decay=0.0,
       ema_warmup=True,  # decay min(ema_decay, (1+t)/(10+t)) at update t.
   ))
-  cfg.update(overrides)
-  return cfg
 
 
 def mesh_block() -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 r"""DP continual pretraining with limited public data (Bu et al., NeurIPS 2024).
 
-One run, two phases (`dpjax/recipes/continual.py`):
+One run, two phases (`dpjax/recipes/dp_continual.py`):
   1. "public": NON-private supervised pretraining with AdamW on a small public
      share of the data (paper: 10%). Spends no privacy; nothing is recorded
      in the ledger.
@@ -63,11 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` = "paper" (default) | "tiny" |
   "paper,smoke"."""
   arg = common.parse_arg(arg, smoke=False)
-  c = ml_collections.ConfigDict()
-  c.recipe = "dp_continual"
-  c.seed = 0
-  c.eval_only = False  # only restore the latest checkpoint and evaluate.
-  c.init_checkpoint = ""  # warm start from another run's latest checkpoint.
+  c = common.base_config("dp_continual")
   # Which arm to train; all arms use public.steps + train.steps steps:
   #   "continual": public phase (public.steps) then DP phase (train.steps);
   #   "private_only": DP from scratch on the private share for all steps;
@@ -87,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pooling="mean",  # "mean" | "mean_all" | "cls".
   ))
 
-  c.data = ml_collections.ConfigDict(dict(
+  c.data.update(dict(
       # Labelled images; "tfds:<name>" | "arrayrecord:<glob>" |
       # "folder:<dir>" | "synthetic:classes" (see dpjax/data/sources.py).
       source="arrayrecord:/data/in21k-p-ar/train",
@@ -116,15 +112,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_labels="label",  # comma-separated label fields.
       probe_train_examples=10_000,
       probe_test_examples=10_000,
-      # Records that cannot be used (missing or undecodable file, empty
-      # caption): "error" | "skip". Sources of at most validate_max_records
-      # records (and, with "error", every folder: source) are read in full
-      # before training: "error" stops the run listing all of them (exit
-      # 2); "skip" trains with them as zero rows. During training a record
-      # that fails is always a zero row (N unchanged), reported only at the
-      # end, in <workdir>/private_bad_records.json (private data).
-      on_bad_record="error",
-      validate_max_records=100_000,  # start-up validation size threshold.
   ))
 
   # Phase 1: non-private AdamW on the public data [verify: B, steps, lr].
@@ -154,7 +141,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       reset="m",
   ))
 
-  c.privacy = common.privacy_block()
   c.privacy.update(dict(
       clipping="normalize",  # fastDP's automatic clipping (AUTO-S).
       l2_clip_norm=1.0,  # fastDP fixes max_grad_norm=1.
@@ -168,13 +154,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # Phase 2 (DP-AdamW on the private share) [verify: B, steps, lr].
-  c.train = common.train_block(
+  c.train.update(
       steps=2000, batch_size=65_536, microbatch_size=1024, b1=0.9, b2=0.999,
       learning_rate=5e-4, weight_decay=0.05, warmup_steps=0, decay_steps=0,
       dtype="bfloat16", checkpoint_every=50, log_every=10, num_workers=16)
-  c.mesh = common.mesh_block()
   common.paper_memory(c, inner=8)  # 16 examples per v5p chip: 2 chunks.
-  c.audit = common.audit_block()
 
   # Training diagnostics on held-out PUBLIC data (eval_source, split below):
   # per-step held-out loss decrease and a Hutchinson estimate of tr(H).
@@ -186,12 +170,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       trace_every=100,  # steps between tr(H) estimates (at log steps).
   ))
 
-  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
-  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
-  # 0: at the end only; < 0: off), prefix of its metrics (default: the
-  # name), then the type's own fields}. The recipe's functions: logits,
-  # features; its data: test (data.eval_source), probe_train, probe_test
-  # (image and the data.probe_labels fields).
+  # Evaluators (configs/common.py:base_config). The recipe's functions:
+  # logits, features; its data: test (data.eval_source), probe_train,
+  # probe_test (image and the data.probe_labels fields).
   c.evals = ml_collections.ConfigDict(dict(
       # Head top-1/top-5 + CE on data.eval_source.
       classifier=dict(type="classifier_accuracy", log_steps=0),

@@ -2,7 +2,7 @@ r"""DP linear classification on scikit-learn's digits: the minimal recipe.
 
 Logistic regression (64 pixels -> 10 classes) with DP-SGD on the 1,500
 private training images, epsilon 2 at delta N^-1.1; held-out accuracy on the
-other 297 (`dpjax/recipes/linear.py`). Seconds on a CPU:
+other 297 (`dpjax/recipes/dp_linear.py`). Seconds on a CPU:
 
   python -m dpjax.main --config=configs/dp_linear.py --workdir=/tmp/dp_linear
 
@@ -20,23 +20,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` = "tiny" (the only preset, also the default)."""
   if arg not in (None, "") + PRESETS:
     raise ValueError(f"configs/dp_linear.py:{arg}: unknown preset; use :tiny")
-  c = ml_collections.ConfigDict()
-  c.recipe = "dp_linear"
-  c.seed = 0
-  c.eval_only = False  # only restore the latest checkpoint and evaluate.
-  c.init_checkpoint = ""  # warm start from another run's workdir.
-  c.data = ml_collections.ConfigDict(dict(
-      num_train=1500,  # private training images (the rest are held out).
-      on_bad_record="error",  # "error" | "skip" (embedded data: none bad).
-      validate_max_records=100_000,
-  ))
-  c.privacy = common.privacy_block()
+  c = common.base_config("dp_linear")
+  c.data.num_train = 1500  # private training images (the rest are held out).
   c.privacy.update(target_epsilon=2.0, l2_clip_norm=1.0)
-  c.train = common.train_block(
+  c.train.update(
       steps=150, batch_size=128, microbatch_size=128, optimizer="sgd",
       learning_rate=2.0, weight_decay=0.0, log_every=25, checkpoint_every=50)
-  c.mesh = common.mesh_block()
-  c.audit = common.audit_block()
   c.evals = ml_collections.ConfigDict(dict(
       # Top-1/top-5/CE of the model's own logits on the held-out images,
       # every 50 steps and at the end.

@@ -46,11 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the DP-Cap config; `arg` = "paper" (default) | "tiny" [,tan=k]
   | "paper,smoke"."""
   arg = common.parse_arg(arg, tan=0, smoke=False)
-  c = ml_collections.ConfigDict()
-  c.recipe = "dpcap"
-  c.seed = 0
-  c.eval_only = False  # only restore the latest checkpoint and evaluate.
-  c.init_checkpoint = ""  # warm start (e.g. a synthetic-data pretrained run).
+  c = common.base_config("dpcap")  # init_checkpoint: e.g. a synthetic-data
+                                   # pretrained run.
 
   c.model = ml_collections.ConfigDict(dict(
       variant="B/16",  # dpjax.models.captioner.captioner_config variant.
@@ -60,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       encoder_depth=0,  # 0 = the variant's.
       decoder_depth=0,  # 0 = the variant's.
   ))
-  c.data = ml_collections.ConfigDict(dict(
+  c.data.update(dict(
       # Private training data; "arrayrecord:<dir>" (python -m
       # dpjax.prepare output; module doc) | "tfds:<name>" |
       # "arrayrecord:<glob>" | "folder:<dir>" | "synthetic:shapes".
@@ -95,36 +92,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_test_split="validation",  # ImageNet's labelled held-out split.
       probe_labels="label",  # comma-separated integer label fields.
       probe_test_examples=10_000,
-      # Records that cannot be used (missing or undecodable file, empty
-      # caption): "error" | "skip". Sources of at most validate_max_records
-      # records (and, with "error", every folder: source) are read in full
-      # before training: "error" stops the run listing all of them (exit
-      # 2); "skip" trains with them as zero rows. During training a record
-      # that fails is always a zero row (N unchanged), reported only at the
-      # end, in <workdir>/private_bad_records.json (private data).
-      on_bad_record="error",
-      validate_max_records=100_000,  # start-up validation size threshold.
   ))
-  c.privacy = common.privacy_block()
   c.privacy.update(dict(
       l2_clip_norm=1.0, noise_multiplier=0.728, target_epsilon=8.0,
       tan_reference_batch_size=0))
-  c.train = common.train_block(
+  c.train.update(
       steps=5708, batch_size=1_310_720, microbatch_size=1024,
       learning_rate=5.12e-4, b1=0.9, b2=0.95, weight_decay=0.005,
       warmup_steps=2000, decay_steps=10_000, dtype="bfloat16",
       checkpoint_every=50, log_every=10, num_workers=16)
   # The decoder's learning rate is this x the schedule's (1 = the paper's).
   c.train.decoder_lr_scale = 1.0
-  c.mesh = common.mesh_block()
   common.paper_memory(c, inner=8)  # 16 examples per v5p chip: 2 chunks.
-  c.audit = common.audit_block()
-  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
-  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
-  # 0: at the end only; < 0: off), prefix of its metrics (default: the
-  # name), then the type's own fields}. The recipe's functions: features,
-  # loglik, caption_logits, caption_loss, decode, detokenize; its data:
-  # test, probe, test_1shape / probe_1shape (single-shape images: the
+  # Evaluators (configs/common.py:base_config). The recipe's functions:
+  # features, loglik, caption_logits, caption_loss, decode, detokenize; its
+  # data: test, probe, test_1shape / probe_1shape (single-shape images: the
   # labels are the caption subject's, ambiguous with two shapes), aro (the
   # two-shape test images), shape_prompts, word_categories, probe_train /
   # probe_test (data.probe_source's labelled images).

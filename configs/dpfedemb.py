@@ -73,11 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the DP-FedEmb config; `arg` = "paper" (default) | "tiny" |
   "paper,smoke"."""
   arg = common.parse_arg(arg, smoke=False)
-  c = ml_collections.ConfigDict()
-  c.recipe = "dpfedemb"
-  c.seed = 0
-  c.eval_only = False  # only restore the latest checkpoint and evaluate.
-  c.init_checkpoint = ""  # warm start: a finished (e.g. public-only) run.
+  c = common.base_config("dpfedemb")  # init_checkpoint: e.g. a finished
+                                      # public-only run.
   c.phases = "public,dp"  # "public" and/or "dp" (user-level DP-FedAvg).
 
   c.model = ml_collections.ConfigDict(dict(
@@ -85,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       embed_dim=0,  # 0: the variant's embedding width.
       features=(),  # CNN channels; (): the variant's.
   ))
-  c.data = ml_collections.ConfigDict(dict(
+  c.data.update(dict(
       # Private user-partitioned source: "synthetic:identities" (one identity
       # per user) | "tfds:<name>" | "arrayrecord:<glob>" keyed by user_key.
       source="arrayrecord:/data/femnist-ar",
@@ -120,15 +117,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_num_identities=0,  # synthetic: held-out identities.
       eval_num_examples=20_000,  # cap on eval images (all-pairs metrics).
       eval_label_range=(36, 62),  # EMNIST: unseen classes 36-61.
-      # Records that cannot be used (missing or undecodable file, empty
-      # caption): "error" | "skip". Sources of at most validate_max_records
-      # records (and, with "error", every folder: source) are read in full
-      # before training: "error" stops the run listing all of them (exit
-      # 2); "skip" trains with them as zero rows. During training a record
-      # that fails is always a zero row (N unchanged), reported only at the
-      # end, in <workdir>/private_bad_records.json (private data).
-      on_bad_record="error",
-      validate_max_records=100_000,  # start-up validation size threshold.
   ))
   c.public = ml_collections.ConfigDict(dict(
       steps=2000,  # non-private pre-training steps (Adam).
@@ -164,7 +152,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       unit_batch=0,  # 0: vmap over all clients of a chunk; b > 0: lax.map
                      # over groups of b vmapped clients (CPU: faster).
   ))
-  c.privacy = common.privacy_block()
   c.privacy.update(dict(
       l2_clip_norm=2.0,  # C per USER; virtual clients are clipped to C/2.
       noise_multiplier=0.62,  # the paper's sigma (see the module doc).
@@ -178,17 +165,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # round (Poisson, q = batch_size / users), microbatch_size = virtual
   # clients per accumulation call, learning_rate = server lr (on the mean
   # virtual-client delta), optimizer: server SGD with momentum.
-  c.train = common.train_block(
+  c.train.update(
       steps=200, batch_size=256, microbatch_size=32, optimizer="sgd",
       learning_rate=0.1, momentum=0.9, weight_decay=0.0,
       checkpoint_every=20, log_every=5)
-  c.mesh = common.mesh_block()
-  c.audit = common.audit_block()
-  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
-  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
-  # 0: at the end only; < 0: off), prefix of its metrics (default: the
-  # name), then the type's own fields}. The recipe's function: embed; its
-  # data: test (image, identity of the held-out users).
+  # Evaluators (configs/common.py:base_config). The recipe's function:
+  # embed; its data: test (image, identity of the held-out users).
   c.evals = ml_collections.ConfigDict(dict(
       # Exact all-pairs recall at the false accept rates `fars` and
       # recall@1; batch_size images per embedding call.

@@ -42,12 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the ViP config; `arg` = "paper" (default) | "tiny" |
   "paper,smoke"."""
   arg = common.parse_arg(arg, smoke=False)
-  c = ml_collections.ConfigDict()
-  c.recipe = "vip"
-  c.seed = 0
-  c.eval_only = False  # only restore the latest checkpoint and evaluate
-                       # (an empty workdir: evaluate the random init).
-  c.init_checkpoint = ""  # warm start: workdir of a phase-1 (Syn-ViP) run.
+  c = common.base_config("vip")  # init_checkpoint: a phase-1 (Syn-ViP) run.
   # Phases to build, in order: "pretrain,dp" | "pretrain" | "dp".
   # pretrain.steps=0 also drops phase 1.
   c.phases = "pretrain,dp"
@@ -97,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       * c.pretrain.get_ref("batch_size").to_float() / 256.0)
 
   # Phase 2: the private images.
-  c.data = ml_collections.ConfigDict(dict(
+  c.data.update(dict(
       # "arrayrecord:<dir>" (python -m dpjax.prepare output; module
       # doc) | "tfds:<name>" | "folder:<dir>" | "arrayrecord:<glob>" |
       # "synthetic:shapes" | "synthetic:classes".
@@ -125,18 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_labels="label",  # comma-separated integer label fields.
       probe_train_examples=10_000,
       probe_test_examples=10_000,
-      # Records that cannot be used (missing or undecodable file, empty
-      # caption): "error" | "skip". Sources of at most validate_max_records
-      # records (and, with "error", every folder: source) are read in full
-      # before training: "error" stops the run listing all of them (exit
-      # 2); "skip" trains with them as zero rows. During training a record
-      # that fails is always a zero row (N unchanged), reported only at the
-      # end, in <workdir>/private_bad_records.json (private data).
-      on_bad_record="error",
-      validate_max_records=100_000,  # start-up validation size threshold.
   ))
 
-  c.privacy = common.privacy_block()
   c.privacy.update(dict(
       l2_clip_norm=0.1, noise_multiplier=0.48, target_epsilon=8.0,
       accountant="rdp"))  # ViP: Opacus RDP accountant.
@@ -144,7 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # explicitly (the tiny preset uses dpjax's default N^-1.1, smaller).
   c.privacy.delta = 0.5 / c.data.get_ref("num_examples").to_float()
 
-  c.train = common.train_block(
+  c.train.update(
       steps=6000, batch_size=98_304, microbatch_size=768, b1=0.9, b2=0.95,
       weight_decay=0.005, warmup_steps=1000, decay_steps=0,
       dtype="float32",  # no AMP in ViP's DP stage (fp32 per-example grads).
@@ -155,16 +140,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.learning_rate = (  # peak lr; follows blr and B unless set.
       c.train.get_ref("base_learning_rate")
       * c.train.get_ref("batch_size").to_float() / 256.0)
-  c.mesh = common.mesh_block()
   common.paper_memory(c, inner=12)  # 12 examples per v5p chip: 1 chunk.
-  c.audit = common.audit_block()
 
-  # Evaluators (dpjax/evaluate), big_vision's shape: name -> {type (a key
-  # of dpjax.evaluate.TYPES), log_steps (> 0: also every that many steps;
-  # 0: at the end only; < 0: off), prefix of its metrics (default: the
-  # name), then the type's own fields}. The recipe's functions: features
-  # (pred_kw last_k=k: the MAE protocol's last k blocks), mae_loss; its
-  # data: test (image, rng), probe_train / probe_test (image and the
+  # Evaluators (configs/common.py:base_config). The recipe's functions:
+  # features (pred_kw last_k=k: the MAE protocol's last k blocks), mae_loss;
+  # its data: test (image, rng), probe_train / probe_test (image and the
   # data.probe_labels fields of data.probe_source).
   c.evals = ml_collections.ConfigDict(dict(
       # protocol "mae": pooled tokens of the last k blocks, concatenated,

@@ -21,10 +21,14 @@ the final evaluation it stops at once. The same command resumes the run
 Output: a progress bar and a handful of lines. Other libraries' INFO logs
 (Orbax, jax) and the full config are shown with --verbosity=1.
 
-Errors a user fixes: an invalid config field (the message names the field,
-the value and the fix) or bad data found by start-up validation (every
-problem in one message; see README, Data) print one line and exit 2;
---traceback shows the traceback instead.
+Errors a user fixes print one line on stderr and exit 2 (--traceback shows
+the traceback instead): a bad command line or config (a config file that
+does not exist, an unknown preset or config arg, a misspelled field with
+ml_collections' "did you mean" hint, a value of the wrong type: caught where
+the flags are parsed, `errors.flags_parser`), an invalid config field (the
+message names the field, the value and the fix; a library's ValueError
+about a value is one where the config is resolved), or bad data found by
+start-up validation (every problem in one message; see README, Data).
 """
 
 import logging as py_logging
@@ -38,21 +42,34 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/dpcap.py:tiny.",
-    lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (resumes if it exists); "
-                    "local or gs://... .")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes.")
-flags.DEFINE_integer("process_id", None, "This process' index.")
-flags.DEFINE_bool("multihost", False,
-                  "Call jax.distributed.initialize() and let jax detect the "
-                  "cluster (TPU VM slice, SLURM, Open MPI).")
-flags.DEFINE_bool("traceback", False, "Show the traceback of config and "
-                  "data errors (default: one line and exit status 2).")
-flags.mark_flags_as_required(["config", "workdir"])
+from dpjax import errors
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on `flag_values` (tests parse a fresh set)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/dpcap.py:tiny.",
+      flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (resumes if it "
+                      "exists); local or gs://... .", flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for multi-process runs.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Number of processes.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "This process' index.",
+                       flag_values=flag_values)
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() and let jax detect the "
+                    "cluster (TPU VM slice, SLURM, Open MPI).",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("traceback", False, "Show the traceback of config and "
+                    "data errors (default: one line and exit status 2).",
+                    flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags()
 FLAGS = flags.FLAGS
 
 PREEMPTED_MESSAGE = ("dpjax: preempted at step {step}; checkpoint saved in "
@@ -150,7 +167,6 @@ def main(argv):
   if FLAGS.verbosity < 1:
     logging.get_absl_handler().addFilter(_QuietFilter())
   _maybe_initialize_distributed()
-  from dpjax import errors  # pylint: disable=g-import-not-at-top
   from dpjax import recipes  # pylint: disable=g-import-not-at-top
   from dpjax.data import DataValidationError  # pylint: disable=g-import-not-at-top
   logging.vlog(1, "config:\n%s", FLAGS.config)
@@ -169,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser("dpjax"))

@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from dpjax import errors
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import aot
@@ -341,6 +342,8 @@ def main(argv):
   try:
     r = plan(config, f.mesh, mfu=f.mfu)
     r["notes"] += notes
+  except errors.ConfigError as e:  # One line and exit 2, as dpjax.main.
+    errors.exit_bad_config(e, "dpjax.plan")
   except PlanError as e:
     print(f"dpjax.plan: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -362,4 +365,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser("dpjax.plan"))

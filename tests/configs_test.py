@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from configs import common
 from dpjax import recipes
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] /
@@ -21,10 +22,22 @@ def test_config_builds(name):
   for preset in (None,) + getattr(module, "PRESETS",
                                   ("paper", "tiny", "paper,smoke")):
     config = module.get_config(preset)
-    assert config.recipe in recipes.RECIPES
-    for block in ("privacy", "train", "mesh"):
-      assert block in config
+    # Config file = recipe key = recipe module name.
+    assert config.recipe == name
+    assert recipes.RECIPES[name] == f"dpjax.recipes.{name}"
+    # Built on common.base_config: every shared key is there.
+    assert _paths(common.base_config(name)) <= _paths(config)
     assert config.train.batch_size > 0 and config.train.steps >= 0
+
+
+def _paths(config, prefix: str = "") -> set[str]:
+  """Dotted paths of every field of `config` (blocks and leaves)."""
+  out = set()
+  for key, value in config.items():
+    out.add(prefix + key)
+    if hasattr(value, "items"):
+      out |= _paths(value, f"{prefix}{key}.")
+  return out
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -6,7 +6,9 @@ the config's task and trains it with the one loop (`train.loop.run`); it is
 what `dpjax.main`, the notebooks and the tests call.
 
 Adding a recipe: a config file in configs/, a module here with `build`, one
-line in `RECIPES`, and a test (see README, "Adding a recipe").
+line in `RECIPES`, and a test, all under one name: configs/<name>.py sets
+`config.recipe = "<name>"`, run by dpjax/recipes/<name>.py (see README,
+"Adding a recipe").
 """
 
 import importlib
@@ -18,9 +20,9 @@ from dpjax import errors
 RECIPES = {
     "dpcap": "dpjax.recipes.dpcap",
     "vip": "dpjax.recipes.vip",
-    "dp_continual": "dpjax.recipes.continual",
-    "dpfedemb": "dpjax.recipes.fedemb",
-    "dp_linear": "dpjax.recipes.linear",
+    "dp_continual": "dpjax.recipes.dp_continual",
+    "dpfedemb": "dpjax.recipes.dpfedemb",
+    "dp_linear": "dpjax.recipes.dp_linear",
 }
 
 

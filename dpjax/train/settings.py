@@ -348,8 +348,9 @@ def resolve_phases(config: ml_collections.ConfigDict,
       source, n = canaries.source, n + canaries.num_inserted
     s = None
     if phase.private:
-      s = privacy_from_config(config.privacy, num_examples=n,
-                              batch_size=phase.batch_size, steps=phase.steps)
+      with errors.config_block("privacy"):  # e.g. calibration's ValueError.
+        s = privacy_from_config(config.privacy, num_examples=n,
+                                batch_size=phase.batch_size, steps=phase.steps)
     sum_fn = step_lib.phase_sum_fn(phase, s, config.train.inner_microbatch)
     if phase.private and not isinstance(sum_fn, privacy.clipping.BoundedSum):
       raise ValueError(

@@ -24,8 +24,8 @@ from configs import dpfedemb as fedemb_config
 from dpjax import recipes
 from dpjax.data import arrays
 from dpjax.data import transforms
-from dpjax.recipes import continual
-from dpjax.recipes import fedemb_data
+from dpjax.recipes import dp_continual
+from dpjax.recipes import dpfedemb_data
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -45,8 +45,8 @@ def _read_continual(config, source_field: str, split_field: str,
   split = config[split_field.split(".")[0]][split_field.split(".")[1]]
   assert spec.startswith("tfds:"), spec
   with tfds.testing.mock_data(num_examples=_NUM):
-    return continual.eval_arrays(spec, config, split=split, num=_NUM,
-                                 labels=labels)
+    return dp_continual.eval_arrays(spec, config, split=split, num=_NUM,
+                                    labels=labels)
 
 
 @pytest.mark.parametrize("source_field,split_field", [
@@ -90,8 +90,8 @@ def test_fedemb_paper_public_source_reads_mnist_without_a_user_field():
   config = fedemb_config.get_config("paper")
   assert config.data.public_source == "tfds:mnist" and config.data.user_key
   with tfds.testing.mock_data(num_examples=_NUM):
-    src = fedemb_data.public_source(config)
-    ts = fedemb_data.transforms(config, "label")
+    src = dpfedemb_data.public_source(config)
+    ts = dpfedemb_data.transforms(config, "label")
     rec = transforms.apply(ts, dict(src[0]),
                                          np.random.default_rng(0))
   size = config.data.image_size

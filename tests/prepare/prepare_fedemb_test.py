@@ -17,8 +17,8 @@ from dpjax.data import clients
 from dpjax.data import users as users_lib
 from dpjax.prepare import run
 from dpjax.prepare import stage
-from dpjax.recipes import fedemb
-from dpjax.recipes import fedemb_data
+from dpjax.recipes import dpfedemb
+from dpjax.recipes import dpfedemb_data
 from tests.prepare import fake_inputs
 
 _WRITERS = 20
@@ -81,10 +81,10 @@ def test_eval_writers_are_disjoint_from_training_writers(prepared):
   out, m, rows = prepared
   assert m["num_examples"] == len(rows) and m["users"]["num_users"] == 20
   config = _config(out)
-  train = fedemb_data.private_source(config)
+  train = dpfedemb_data.private_source(config)
   train_users = {train.user_id(u) for u in range(train.num_users)}
-  evals = fedemb_data.eval_source(config)
-  idx = fedemb_data.eval_indices(config, evals)
+  evals = dpfedemb_data.eval_source(config)
+  idx = dpfedemb_data.eval_indices(config, evals)
   eval_users = {evals[i]["user"] for i in idx}
   held = {w for w, _ in rows if users_lib.is_heldout_user(w, _HELDOUT)}
   assert train_users and eval_users == held
@@ -103,7 +103,7 @@ def test_eval_writers_are_disjoint_from_training_writers(prepared):
 def test_rounds_load_whole_sampled_writers(prepared):
   out, _, rows = prepared
   config = _config(out)
-  task = fedemb.build(config)
+  task = dpfedemb.build(config)
   (phase,) = task.phases
   src = phase.source
   it = phase.make_batches(source=src,

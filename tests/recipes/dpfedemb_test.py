@@ -12,8 +12,8 @@ from dpjax import recipes
 from dpjax.data import clients
 from dpjax.data import users as users_lib
 from dpjax.privacy import clipping
-from dpjax.recipes import fedemb
-from dpjax.recipes import fedemb_data
+from dpjax.recipes import dpfedemb
+from dpjax.recipes import dpfedemb_data
 
 
 def small_config(**overrides):
@@ -33,7 +33,7 @@ def small_config(**overrides):
 
 
 def _dp_phase(config):
-  task = fedemb.build(config)
+  task = dpfedemb.build(config)
   phase = [p for p in task.phases if p.name in ("dp", "federated")][0]
   return task, phase
 
@@ -103,7 +103,7 @@ def test_users_outside_the_sample_contribute_nothing(dp_setup):
 
 def test_rounds_hash_poisson_sampled_users_into_g_clients():
   config = small_config()
-  src = fedemb_data.private_source(config)
+  src = dpfedemb_data.private_source(config)
   k, q, e = config.fedemb.users_per_client, 32 / 200, 4
   g = 32 // k  # G = expected users / k, from the config alone.
   keys = users_lib.user_keys(src)  # synthetic: the user index.
@@ -163,37 +163,37 @@ class _FakeWriters:
 
 def test_paper_preset_evaluates_on_held_out_writers(monkeypatch):
   fake = _FakeWriters()
-  monkeypatch.setattr(fedemb_data.sources, "make_source",
+  monkeypatch.setattr(dpfedemb_data.sources, "make_source",
                       lambda spec, **kw: fake)
   config = fedemb_config.get_config("paper")
   assert config.data.heldout_user_fraction > 0
-  train = fedemb_data.private_source(config)
+  train = dpfedemb_data.private_source(config)
   train_users = {train.user_id(u) for u in range(train.num_users)}
-  evals = fedemb_data.eval_source(config)
+  evals = dpfedemb_data.eval_source(config)
   eval_users = {evals[i]["user"]
-                for i in fedemb_data.eval_indices(config, evals)}
+                for i in dpfedemb_data.eval_indices(config, evals)}
   all_users = {r["user"] for r in fake.recs}
   assert train_users and eval_users
   assert not train_users & eval_users  # whole writers held out.
   assert train_users | eval_users == all_users
   assert all(fake[i]["label"] < 36 for u in range(train.num_users)
              for i in train.user_indices(u))
-  arrays = fedemb_data.eval_arrays(config)
+  arrays = dpfedemb_data.eval_arrays(config)
   assert arrays["image"].shape[1:] == (28, 28, 3)
   assert set(arrays["identity"].tolist()) <= set(range(36, 62))
 
 
 def test_tiny_preset_evaluates_on_held_out_identities():
   config = fedemb_config.get_config("tiny")
-  private = fedemb_data.private_source(config)
-  public = fedemb_data.public_source(config)
-  evals = fedemb_data.eval_source(config)
+  private = dpfedemb_data.private_source(config)
+  public = dpfedemb_data.public_source(config)
+  evals = dpfedemb_data.eval_source(config)
   ranges = [(s.first_identity, s.first_identity + s.num_users)
             for s in (private, public, evals)]
   assert ranges == sorted(ranges)
   assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint.
   with pytest.raises(ValueError, match="heldout_user_fraction"):
-    fedemb_data.private_source(
+    dpfedemb_data.private_source(
         small_config(**{"data.heldout_user_fraction": 0.1}))
 
 
@@ -229,13 +229,13 @@ def test_server_optimizer_never_moves_the_head():
 def test_local_labels_are_ranks_of_distinct_real_labels():
   labels = jnp.array([7, 3, 7, 9, 3, 100])
   mask = jnp.array([1, 1, 1, 1, 1, 0])
-  out = fedemb.local_labels(labels, mask, 4)
+  out = dpfedemb.local_labels(labels, mask, 4)
   assert out[:5].tolist() == [1, 0, 1, 2, 0]
 
 
 def test_bad_phase_names_fail():
   with pytest.raises(ValueError, match="config.phases"):
-    fedemb.build(small_config(phases="dp,extra"))
+    dpfedemb.build(small_config(phases="dp,extra"))
 
 
 def test_imprinted_kernel_is_normalised_class_means_of_real_rows():
@@ -243,14 +243,14 @@ def test_imprinted_kernel_is_normalised_class_means_of_real_rows():
   labels = jnp.array([0, 1, 1, 0])
   mask = jnp.array([1.0, 1.0, 1.0, 0.0])  # row 3 is padding: ignored.
   fallback = jnp.full((2, 3), 7.0)  # class 2 has no example: kept.
-  k = fedemb.imprinted_kernel(z, labels, mask, fallback)
+  k = dpfedemb.imprinted_kernel(z, labels, mask, fallback)
   np.testing.assert_allclose(k, [[1.0, 0.0, 7.0], [0.0, 1.0, 7.0]],
                              atol=1e-6)
 
 
 def test_bad_head_init_fails():
   with pytest.raises(ValueError, match="config.fedemb.head_init"):
-    fedemb.build(small_config(**{"fedemb.head_init": "zeros"}))
+    dpfedemb.build(small_config(**{"fedemb.head_init": "zeros"}))
 
 
 def test_an_evaluation_on_held_out_private_users_is_private_eval():
@@ -260,13 +260,13 @@ def test_an_evaluation_on_held_out_private_users_is_private_eval():
   refused where the evaluation reads users of the private source."""
   assert not fedemb_config.get_config("paper").data.eval_public
   assert fedemb_config.get_config("paper,smoke").data.eval_public
-  assert fedemb.build(small_config()).evaluators["retrieval"].public
-  private = fedemb.build(small_config(**{"data.eval_public": False}))
+  assert dpfedemb.build(small_config()).evaluators["retrieval"].public
+  private = dpfedemb.build(small_config(**{"data.eval_public": False}))
   assert private.evaluators["retrieval"].public is False
   paper = fedemb_config.get_config("paper")
-  assert not fedemb.eval_is_public(paper)
+  assert not dpfedemb.eval_is_public(paper)
   for overrides in ({}, {"heldout_user_fraction": 0.0}):
     paper.data.update(dict(eval_public=True, **overrides))
     with pytest.raises(errors.ConfigError,
                        match=r"config.data.eval_public=True is invalid"):
-      fedemb.eval_is_public(paper)
+      dpfedemb.eval_is_public(paper)

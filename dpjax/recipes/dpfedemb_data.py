@@ -1,5 +1,5 @@
 """DP-FedEmb's data: the private user-partitioned source, the public and
-evaluation sources, and the held-out evaluation arrays (`fedemb.py` is the
+evaluation sources, and the held-out evaluation arrays (`dpfedemb.py` is the
 recipe). Synthetic sources hold users out by disjoint identity ranges; real
 user-keyed ones by a public hash of the user id (data.heldout_user_fraction,
 `data.users.is_heldout_user`): the private source drops them and the

@@ -13,7 +13,7 @@ from dpjax import privacy
 from dpjax import recipes
 from dpjax.data import splits
 from dpjax.data import synthetic
-from dpjax.recipes import continual
+from dpjax.recipes import dp_continual
 from dpjax.train import metrics
 from dpjax.train import settings
 from dpjax.train import step as step_lib
@@ -48,7 +48,7 @@ def _private_indices(config) -> np.ndarray:
 
 def test_public_and_private_phases_see_disjoint_indices():
   config = small_config(**{"monitor.enabled": False})
-  task = continual.build(config)
+  task = dp_continual.build(config)
   pub, dp = task.phases
   assert (pub.name, pub.private, dp.name, dp.private) == (
       "public", False, "dp", True)
@@ -72,9 +72,9 @@ def test_public_and_private_phases_see_disjoint_indices():
 
 def test_arms_have_equal_total_steps():
   steps = {}
-  for arm in continual.ARMS:
-    task = continual.build(small_config(arm=arm,
-                                        **{"monitor.enabled": False}))
+  for arm in dp_continual.ARMS:
+    task = dp_continual.build(small_config(arm=arm,
+                                           **{"monitor.enabled": False}))
     steps[arm] = [(p.name, p.private, p.steps) for p in task.phases]
   assert steps == {
       "continual": [("public", False, 2), ("dp", True, 2)],
@@ -82,7 +82,7 @@ def test_arms_have_equal_total_steps():
       "public_only": [("public", False, 4)],
       "nonprivate": [("nonprivate", False, 4)]}
   with pytest.raises(ValueError, match="config.arm"):
-    continual.build(small_config(arm="mixed"))
+    dp_continual.build(small_config(arm="mixed"))
 
 
 def _adam_states(mode):
@@ -93,7 +93,7 @@ def _adam_states(mode):
   for _ in range(3):
     _, old = public.update({"w": jnp.array([1.0, -2.0, 3.0])}, old, params)
   new = dp.init(params)
-  reset = continual.reset_fn(mode)
+  reset = dp_continual.reset_fn(mode)
   return old, new, (reset(old, new) if reset else new)
 
 
@@ -123,7 +123,7 @@ def test_switch_needs_adam_in_both_phases():
   old = optax.sgd(0.1, momentum=0.9).init(params)
   new = optax.adamw(0.1).init(params)
   with pytest.raises(ValueError, match="switch.reset"):
-    continual.reset_fn("m")(old, new)
+    dp_continual.reset_fn("m")(old, new)
 
 
 def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
@@ -221,6 +221,6 @@ def test_hutchinson_estimate_matches_exact_trace_on_a_quadratic():
   loss = lambda p, ex: 0.5 * p["w"] @ a @ p["w"] * ex["image"].sum() + (
       0.0 * ex["label"])
   held = {"image": np.ones((2, 1), np.float32), "label": np.zeros(2)}
-  mon = continual.Monitor(loss, held, probes=3, trace_every=1)
+  mon = dp_continual.Monitor(loss, held, probes=3, trace_every=1)
   # Rademacher probes: v^T A v = tr(A) exactly for diagonal A.
   assert mon.hessian_trace({"w": jnp.ones(5)}, 0) == pytest.approx(15.0)

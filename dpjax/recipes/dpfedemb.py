@@ -58,7 +58,7 @@ from dpjax.evaluate import linear_probe
 from dpjax.models import embedder
 from dpjax.privacy import clipping
 from dpjax.privacy import user_level
-from dpjax.recipes import fedemb_data
+from dpjax.recipes import dpfedemb_data
 from dpjax.train import task as task_lib
 
 PHASES = ("public", "dp")
@@ -178,9 +178,9 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   out = []
   if "public" in phases:
-    src = fedemb_data.public_source(config)
-    ts = fedemb_data.transforms(config,
-                                fedemb_data.label_field(d.public_source))
+    src = dpfedemb_data.public_source(config)
+    ts = dpfedemb_data.transforms(
+        config, dpfedemb_data.label_field(d.public_source))
     out.append(task_lib.Phase(
         name="public", private=False, source=src, transforms=ts,
         loss_fn=public_loss, steps=p.steps, batch_size=p.batch_size,
@@ -195,7 +195,7 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
 
   context = evaluate.Context(
       "dpfedemb", fns={"embed": lambda params, x: embed(params["backbone"], x)},
-      data={"test": lambda: fedemb_data.eval_arrays(config)},
+      data={"test": lambda: dpfedemb_data.eval_arrays(config)},
       private_data=() if eval_is_public(config) else ("test",))
   return task_lib.Task(init_params=init_params, phases=out,
                        evaluators=evaluate.from_config(config.evals, context))
@@ -205,8 +205,8 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
               embed_fn) -> task_lib.Phase:
   """The user-level phase: virtual clients, clipped backbone deltas."""
   d, f, t = config.data, config.fedemb, config.train
-  src = fedemb_data.private_source(config)
-  ts = fedemb_data.transforms(config, fedemb_data.label_field(d.source))
+  src = dpfedemb_data.private_source(config)
+  ts = dpfedemb_data.transforms(config, dpfedemb_data.label_field(d.source))
   k = f.users_per_client
   if t.batch_size > src.num_users:
     raise ConfigError(f"config.train.batch_size={t.batch_size} (expected "
@@ -261,7 +261,7 @@ def _dp_phase(config, local_loss, local_head, embed_dim,
     clipped_sum_fn = clipping.BoundedSum(clipped_sum_fn, core.l2_sensitivity,
                                          core.unit)
 
-  label_field = fedemb_data.label_field(d.source)
+  label_field = dpfedemb_data.label_field(d.source)
   # The loop passes the source it runs (audit canary users appended) and q.
   make_batches = lambda source, **kw: clients.virtual_client_batches(
       source, ts, users_per_client=k,
