@@ -16,8 +16,11 @@ contribution" closer to true (PRIVACY.md).
   duplicates when their Hamming distance is <= a threshold.
 
 Decisions are global and deterministic: records are visited in a fixed
-order (input shard, then position) and the FIRST of each duplicate group is
-kept, whichever worker hashed it (``keep_first_exact``, ``NearIndex``).
+order (input shard, then position) and the FIRST of each exact duplicate
+group is kept, whichever worker hashed it (``keep_first_exact``); a near
+duplicate is a record within the threshold of ANY earlier record
+(``NearIndex`` holds every record), so one record added or removed changes
+only the fate of its own near duplicates (``prepare.plan.duplicates``).
 """
 
 import hashlib
@@ -68,12 +71,12 @@ def keep_first_exact(hashes: np.ndarray) -> np.ndarray:
 
 
 class NearIndex:
-  """Kept dHashes, searchable for one within a Hamming ``threshold``.
+  """dHashes, searchable for one within a Hamming ``threshold``.
 
   Multi-index hashing: the 64 bits are cut into ``threshold + 1`` bands; two
   hashes within the threshold agree exactly on at least one band
   (pigeonhole), so only records sharing a band value are compared. Memory
-  grows with the kept records (one dict entry per band per record).
+  grows with the records added (one dict entry per band per record).
   """
 
   def __init__(self, threshold: int):
@@ -90,7 +93,7 @@ class NearIndex:
     return [(h >> shift) & ((1 << width) - 1) for shift, width in self._bands]
 
   def find(self, h: int) -> int:
-    """Id of the first kept hash within the threshold of ``h``, else -1."""
+    """Id of the first added hash within the threshold of ``h``, else -1."""
     best = -1
     for table, v in zip(self._tables, self._band_values(h)):
       for j in table.get(v, ()):
@@ -100,7 +103,7 @@ class NearIndex:
     return best
 
   def add(self, h: int) -> int:
-    """Keeps ``h``; returns its id (ids count kept hashes from 0)."""
+    """Adds ``h``; returns its id (ids count added hashes from 0)."""
     j = len(self._hashes)
     self._hashes.append(int(h))
     for table, v in zip(self._tables, self._band_values(h)):

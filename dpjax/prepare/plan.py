@@ -44,8 +44,12 @@ def duplicates(exact: np.ndarray, near: np.ndarray, mode: str,
   """(reason int8[M], dup_of int64[M]); see ``Plan``.
 
   "exact": equal pixel hashes, the first kept. "near": also drops a record
-  whose dHash is within ``threshold`` bits of an EARLIER KEPT record's (so
-  a chain a~b~c with a, c far apart keeps c).
+  whose dHash is within ``threshold`` bits of ANY earlier record's (kept or
+  not), so a chain a~b~c with a, c far apart keeps only a. A record's fate
+  thus depends only on the records within the threshold of it: adding or
+  removing one record changes only its own near duplicates (greedy "earlier
+  KEPT record" would cascade: adding a drops b, which keeps c).
+  ``dup_of`` points at the kept record a duplicate (transitively) repeats.
   """
   if mode not in DEDUP_MODES:
     raise ValueError(f"--dedup={mode!r}: use one of {DEDUP_MODES}.")
@@ -58,17 +62,17 @@ def duplicates(exact: np.ndarray, near: np.ndarray, mode: str,
   is_exact = first != np.arange(m)
   reason[is_exact], dup_of[is_exact] = 1, first[is_exact]
   if mode == "near":
-    index, kept_ids = dedup.NearIndex(threshold), []
+    index, seen = dedup.NearIndex(threshold), []
     for i in np.flatnonzero(~is_exact):
       j = index.find(int(near[i]))
       if j >= 0:
-        reason[i], dup_of[i] = 2, kept_ids[j]
-      else:
-        index.add(int(near[i]))
-        kept_ids.append(int(i))
-    # An exact copy of a near duplicate points at what that one repeats.
-    hop = is_exact & (reason[np.maximum(dup_of, 0)] == 2)
-    dup_of[hop] = dup_of[dup_of[hop]]
+        reason[i], dup_of[i] = 2, seen[j]
+      index.add(int(near[i]))
+      seen.append(int(i))
+    # dup_of[i] < i, so in visiting order its own target is already kept.
+    for i in np.flatnonzero(reason):
+      if reason[dup_of[i]]:
+        dup_of[i] = dup_of[dup_of[i]]
   return reason, dup_of
 
 

@@ -24,6 +24,8 @@ from dpjax.data import clients
 from dpjax.data import pipeline
 from dpjax.data import splits
 from dpjax.data import users as users_lib
+from dpjax.prepare import dedup
+from dpjax.prepare import plan as prepare_plan
 from dpjax.privacy import sampling
 
 # Stand-ins for secret seeds: 64-bit, drawn once from a fixed generator.
@@ -367,3 +369,40 @@ def test_continual_public_private_split_is_decided_per_record():
   new = {(5000, new_first["image"].tobytes()),
          (5001, new_last["image"].tobytes())}
   assert pub2 - new == pub and priv2 - new == priv
+
+
+def _kept(exact: np.ndarray, near: np.ndarray, ids: list[int],
+          threshold: int) -> dict[int, bool]:
+  reason, _ = prepare_plan.duplicates(exact, near, "near", threshold)
+  return {i: not r for i, r in zip(ids, reason.tolist())}
+
+
+@pytest.mark.parametrize("position", [0, 17, 40])
+def test_near_dedup_changes_only_the_added_records_duplicates(position):
+  """Exact: `python -m dpjax.prepare --dedup=near` keeps or drops a record
+  by the records within the threshold of it, so inserting one record
+  anywhere changes the fate of none but its own near duplicates (the old
+  greedy rule, "near an earlier KEPT record", fails: in a chain a~b~c,
+  adding a drops b, which keeps c)."""
+  rng = np.random.default_rng(position)
+  threshold, n = 4, 80
+  # Chains of near duplicates: each hash flips 3 bits of the previous one.
+  near, h = [], 0
+  for i in range(n):
+    h = (int(rng.integers(0, 2 ** 63)) if i % 4 == 0 else
+         h ^ sum(1 << int(b) for b in rng.choice(64, 3, replace=False)))
+    near.append(h)
+  exact = rng.integers(0, 256, (n + 1, 16), dtype=np.uint8)
+  exact[5] = exact[6]  # One exact pair.
+  ids = list(range(n))
+  base = _kept(exact[:n], np.asarray(near, np.uint64), ids, threshold)
+  assert 0 < sum(base.values()) < n
+  new = near[position + 1] ^ 1 if position + 1 < n else 0
+  other_near = np.asarray(near[:position] + [new] + near[position:], np.uint64)
+  other_exact = np.concatenate([exact[:position], exact[n:], exact[position:n]])
+  got = _kept(other_exact, other_near, ids[:position] + [-1] + ids[position:],
+              threshold)
+  close = {i for i in ids if dedup.hamming(near[i], new) <= threshold}
+  assert close  # The added record has near duplicates ...
+  changed = {i for i in ids if got[i] != base[i]}
+  assert changed <= close  # ... and only they may change.
