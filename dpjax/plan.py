@@ -148,10 +148,12 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
                    f"in full are {jaxpr_dev / xla_dev:.3g}x XLA's count "
                    "(one iteration per loop): the jaxpr count is used")
     apply_dev = aot.cost(c_apply)
-    n_micro = aot.expected_microbatches(phase.batch_size, phase.num_examples,
-                                    micro)
-    tail = phase.batch_size
-    if phase.batch_size < phase.num_examples:
+    rows = phase.sampler.rows  # > 0: every step reads exactly that many.
+    n_micro = (max(1, math.ceil(rows / micro)) if rows else
+               aot.expected_microbatches(phase.batch_size, phase.num_examples,
+                                         micro))
+    tail = rows or phase.batch_size
+    if not rows and phase.batch_size < phase.num_examples:
       tail = privacy.max_batch_size_for(phase.num_examples,
                                         phase.sampling_rate, 1e-6)
     step_dev = acc_dev * n_micro + apply_dev
@@ -184,7 +186,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
             min(1.0, s.tan_reference_batch_size / phase.num_examples),
             phase.steps, s.delta, accountant=s.accountant)
       else:
-        p["epsilon"] = phase.epsilon()
+        p["epsilon"] = phase.mechanism.epsilon()
     out["phases"].append(p)
   _MEASURED[key] = out
   return out

@@ -102,7 +102,7 @@ def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
 
   def eps(t):
     ledger = run.ledger.copy()
-    phase.record(ledger, done, t)
+    phase.mechanism.record(ledger, done, t)
     return ledger.epsilon()
   if eps(remaining) <= target:
     return remaining
@@ -148,7 +148,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
   else:
     iterator = iter(pipeline.PoissonBatches(
         transforms=phase.transforms, num_examples=phase.num_examples,
-        bands=phase.bands, **kwargs))
+        sampler=phase.sampler, **kwargs))
   if data_state is not None:
     iterator.set_state(data_state)
   # Training-data metrics: "private/" under DP (computed on private data,
@@ -170,7 +170,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     phase_step += 1
     since += 1
     if phase.private:
-      phase.record(run.ledger, phase_step - 1, 1)
+      phase.mechanism.record(run.ledger, phase_step - 1, 1)
     gstep = int(state.step)
     last = phase_step == end
     if gstep % config.train.log_every == 0 or last:

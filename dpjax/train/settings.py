@@ -25,27 +25,26 @@ from dpjax.train import task as task_lib
 
 @dataclasses.dataclass(frozen=True)
 class PrivacySettings:
-  """Resolved DP-SGD settings of a private phase (plain values)."""
+  """Resolved DP settings of a private phase (plain values): the clipping,
+  the budget and the phase's noise mechanism (sampler, noise, accounting)."""
   enabled: bool
   l2_clip_norm: float
-  noise_multiplier: float
   delta: float
   accountant: str
   clipping: str
   normalize_gamma: float
   target_epsilon: float
   method: str
+  mechanism: privacy.mechanisms.Mechanism
   # How delta was set: "config" or "N^-1.1" (the default).
   delta_rule: str = "config"
   # TAN simulation: the reference run this one simulates (0 = not a sim).
   tan_reference_batch_size: int = 0
   tan_reference_noise_multiplier: float = 0.0
-  # BandMF noise over `bands` steps (1: DP-SGD; privacy/bandmf.py); under
-  # BLT the min separation b of an example's steps (b-cyclic sampling).
-  bands: int = 1
-  # "dpsgd", "bandmf" or "blt" (privacy/blt.py, with `blt_buffers` buffers).
-  mechanism: str = "dpsgd"
-  blt_buffers: int = 4
+
+  @property
+  def noise_multiplier(self) -> float:
+    return self.mechanism.noise_multiplier
 
   @property
   def is_simulation(self) -> bool:
@@ -58,7 +57,8 @@ def _fail(field: str, value, fix: str):
 
 def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
                         batch_size: int, steps: int) -> PrivacySettings:
-  """Resolves sigma (given, calibrated, or TAN-scaled) and delta.
+  """Resolves delta, the mechanism (`privacy.mechanisms.resolve`: its
+  knobs) and sigma (given, calibrated by the mechanism, or TAN-scaled).
 
   Args:
     cfg: the `config.privacy` block (configs/common.py:privacy_block).
@@ -71,31 +71,16 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
   if cfg.clipping not in ("clip", "normalize"):
     _fail("privacy.clipping", cfg.clipping, 'use "clip" or "normalize"')
   if cfg.sampling != "poisson":
-    _fail("privacy.sampling", cfg.sampling,
-          'only "poisson" sampling is accounted by the training loop')
+    _fail("privacy.sampling", cfg.sampling, 'only "poisson" sampling is '
+          "accounted by the training loop (privacy.mechanism picks the "
+          "batch selection)")
   if cfg.method not in ("vmap", "ghost", "auto"):
     _fail("privacy.method", cfg.method, 'use "vmap", "ghost" or "auto"')
-  mechanism, bands = cfg.get("mechanism", "dpsgd"), int(cfg.get("bands", 1))
-  if mechanism not in ("dpsgd", "bandmf", "blt"):
-    _fail("privacy.mechanism", mechanism, 'use "dpsgd", "bandmf" or "blt"')
-  buffers = cfg.get("blt_buffers", 4)
-  if mechanism == "blt" and (not isinstance(buffers, int) or
-                             not 1 <= buffers <= 16):
-    _fail("privacy.blt_buffers", buffers, "use an integer in [1, 16] (BLT "
-          "noise buffers, each the size of the params; default 4)")
-  if mechanism == "dpsgd" and bands != 1:
-    _fail("privacy.bands", bands, 'bands > 1 needs privacy.mechanism='
-          '"bandmf" or "blt"')
   if cfg.enabled and cfg.l2_clip_norm <= 0:
     _fail("privacy.l2_clip_norm", cfg.l2_clip_norm, "use a positive norm")
   if not 0 < batch_size <= num_examples:
     _fail("train.batch_size", batch_size,
           f"the expected batch must be in (0, N={num_examples}]")
-  if bands < 1 or (bands > 1 and (
-      bands > steps or batch_size * bands > num_examples)):
-    _fail("privacy.bands", bands, f"use 1 <= bands <= train.steps={steps} "
-          f"with batch_size * bands <= N={num_examples} (each step samples "
-          "one of `bands` partitions at rate q * bands)")
   # Default N^-1.1 < 1/N: delta = 1/N allows "release one record at random
   # in the clear", which is (0, 1/N)-DP; a default must be stricter.
   delta = cfg.delta if cfg.delta > 0 else float(num_examples) ** -1.1
@@ -108,41 +93,33 @@ def privacy_from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
         "config.privacy.delta=%.3g = 1/N: this allows releasing one record "
         "in the clear; kept only to match a paper (default: N^-1.1).", delta)
   ref_b = cfg.tan_reference_batch_size
-  sigma = cfg.noise_multiplier
+  sigma, ref_sigma = cfg.noise_multiplier, 0.0
   if ref_b:
     if ref_b < batch_size:
       _fail("privacy.tan_reference_batch_size", ref_b,
             f"the simulated reference batch must exceed train.batch_size="
             f"{batch_size}")
-    if mechanism == "blt":
-      _fail("privacy.mechanism", mechanism, "TAN simulation is DP-SGD's: "
-            'use "dpsgd"')
-    if bands > 1:
-      _fail("privacy.bands", bands, "TAN simulation is DP-SGD's: use 1")
     ref_sigma = sigma if sigma > 0 else privacy.calibrate_noise_multiplier(
         cfg.target_epsilon, min(1.0, ref_b / num_examples), steps, delta,
         accountant=cfg.accountant)
     sigma = privacy.tan_simulation(ref_sigma, ref_b, batch_size)
-  else:
-    ref_sigma = 0.0
-    if cfg.enabled and sigma <= 0 and mechanism == "blt":
-      # One Gaussian mechanism per phase: independent of q, T and b.
-      sigma = privacy.blt.calibrate_noise_multiplier(
-          cfg.target_epsilon, delta, accountant=cfg.accountant)
-    elif cfg.enabled and sigma <= 0:
-      sigma = privacy.bandmf.calibrate_noise_multiplier(
-          cfg.target_epsilon, batch_size / num_examples, steps, delta,
-          bands, accountant=cfg.accountant)
+  mechanism = privacy.mechanisms.resolve(
+      cfg, noise_multiplier=sigma if cfg.enabled else 0.0,
+      num_examples=num_examples, batch_size=batch_size, steps=steps,
+      delta=delta, accountant=cfg.accountant)
+  if ref_b and not mechanism.tan_simulation:
+    _fail("privacy.mechanism", mechanism.name, "TAN simulation is DP-SGD's: "
+          'use "dpsgd"')
+  if cfg.enabled and sigma <= 0:
+    mechanism = mechanism.calibrated(cfg.target_epsilon)
   return PrivacySettings(
-      enabled=cfg.enabled, l2_clip_norm=cfg.l2_clip_norm,
-      noise_multiplier=float(sigma) if cfg.enabled else 0.0, delta=delta,
+      enabled=cfg.enabled, l2_clip_norm=cfg.l2_clip_norm, delta=delta,
       accountant=cfg.accountant, clipping=cfg.clipping,
       normalize_gamma=cfg.normalize_gamma,
       delta_rule="config" if cfg.delta > 0 else "N^-1.1",
       target_epsilon=cfg.target_epsilon if cfg.enabled else math.inf,
-      method=cfg.method, tan_reference_batch_size=ref_b,
-      tan_reference_noise_multiplier=float(ref_sigma), bands=bands,
-      mechanism=mechanism, blt_buffers=int(buffers))
+      method=cfg.method, mechanism=mechanism, tan_reference_batch_size=ref_b,
+      tan_reference_noise_multiplier=float(ref_sigma))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,52 +151,28 @@ class PhasePlan:
     return getattr(self.phase, name)
 
   @property
+  def mechanism(self) -> privacy.mechanisms.Mechanism | None:
+    """The phase's DP mechanism (None: a public phase)."""
+    return self.privacy.mechanism if self.privacy else None
+
+  @property
+  def sampler(self) -> privacy.sampling.Sampler:
+    """Which rows each step reads: the mechanism's, or Poisson at rate q
+    for a public phase."""
+    return (self.mechanism.sampler() if self.mechanism
+            else privacy.sampling.Poisson())
+
+  @property
   def sampling_rate(self) -> float:
     """q = expected batch / N."""
     return self.phase.batch_size / self.num_examples
 
   @property
-  def bands(self) -> int:
-    """BandMF bands b (1: DP-SGD, and every public phase); under BLT the
-    min separation b (the sampler is b-cyclic either way)."""
-    return self.privacy.bands if self.privacy else 1
-
-  @property
-  def mechanism(self) -> str:
-    """"dpsgd" (every public phase, and BandMF with b = 1), "bandmf" or
-    "blt"."""
-    if self.privacy and self.privacy.mechanism == "blt":
-      return "blt"
-    return "bandmf" if self.bands > 1 else "dpsgd"
-
-  @property
-  def blt_strategy(self) -> privacy.blt.Strategy:
-    """BLT's (theta, omega) for this phase: deterministic in (steps, b, d)
-    (cached), so a resumed run rebuilds the same one."""
-    return privacy.blt.optimize(self.phase.steps, self.bands,
-                                self.privacy.blt_buffers)
-
-  def record(self, ledger: privacy.PrivacyLedger, start: int,
-             steps: int) -> None:
-    """Records phase steps [start, start + steps) in `ledger`: DP-SGD and
-    BandMF entries (`records`, at `ledger_rate`), or BLT's Gaussian rho
-    (`privacy.blt.ledger_rho`)."""
-    if self.mechanism == "blt":
-      ledger.record_gaussian(privacy.blt.ledger_rho(
-          self.blt_strategy, self.phase.steps, self.bands,
-          self.noise_multiplier, start, steps), steps)
-    else:
-      ledger.record(self.noise_multiplier, self.ledger_rate,
-                    self.records(start, steps))
-
-  def epsilon(self) -> float:
-    """Epsilon of the whole phase alone (at its delta and accountant)."""
-    s = self.privacy
-    if self.mechanism == "blt":
-      return privacy.blt.epsilon(self.noise_multiplier, s.delta, s.accountant)
-    return privacy.bandmf.epsilon(self.noise_multiplier, self.sampling_rate,
-                                  self.phase.steps, s.delta, self.bands,
-                                  accountant=s.accountant)
+  def per_step_accounting(self) -> bool:
+    """Whether each step is accounted on its own (public phases, and
+    mechanisms without correlated noise): its sigma and q may then change
+    between steps (a resumed phase)."""
+    return not (self.mechanism and self.mechanism.correlated)
 
   def describe(self) -> dict:
     """Public facts of this phase for logs and results.json, keyed
@@ -234,59 +187,23 @@ class PhasePlan:
           # The noise's scale: the sum function's bound per privacy unit.
           l2_sensitivity=self.l2_sensitivity, privacy_unit=self.unit,
           clipping=self.privacy.clipping)
-      if self.mechanism == "blt":  # The strategy, and its Delta_n.
-        theta, omega = self.blt_strategy
-        out.update(blt_theta=list(theta), blt_omega=list(omega),
-                   blt_sensitivity=privacy.blt.sensitivity(
-                       theta, omega, self.steps, self.bands))
+      out.update(self.mechanism.describe())
     return {f"{self.name}/{k}": v for k, v in out.items()}
 
   def noise_signature(self) -> dict:
     """What a resumed private phase must keep (saved in each checkpoint):
-    the mechanism, sigma and b, and for BLT its strategy's steps and
-    buffers. Empty for a public phase."""
-    if not self.private:
-      return {}
-    out = dict(mechanism=self.mechanism,
-               noise_multiplier=self.noise_multiplier, bands=self.bands)
-    if self.mechanism == "blt":
-      out.update(steps=self.steps, blt_buffers=self.privacy.blt_buffers)
-    return out
+    its mechanism's `signature()`. Empty for a public phase."""
+    return self.mechanism.signature() if self.mechanism else {}
 
   def check_resumable(self, saved: dict, phase_step: int) -> None:
     """Raises a ConfigError if a checkpoint taken `phase_step` steps into
     this phase, with `saved` = its `noise_signature()`, cannot continue
-    under this config. DP-SGD's ledger records each step's own (sigma, q),
-    so it may change between steps; correlated noise (BandMF, BLT) ties a
-    phase's steps together and is accounted for one sigma, one b and (BLT)
-    one strategy, so changing them mid-phase would void the epsilon."""
-    now = self.noise_signature()
-    if not saved or not phase_step or saved == now or (
-        saved.get("mechanism") == now.get("mechanism") == "dpsgd"):
-      return
-    fields = dict(mechanism="privacy.mechanism", bands="privacy.bands",
-                  noise_multiplier="privacy.noise_multiplier",
-                  steps="train.steps", blt_buffers="privacy.blt_buffers")
-    key = next(k for k in fields if saved.get(k) != now.get(k))
-    mechanism = saved.get("mechanism")
-    _fail(fields[key], now.get(key), f"the checkpoint of phase "
-          f"{self.name!r} (step {phase_step} of it) ran with {saved.get(key)!r}"
-          f"; {mechanism} noise is correlated across the phase's steps and "
-          "accounted for the values it started with (sigma comes from "
-          "privacy.target_epsilon and delta unless set). Resume with the "
-          "checkpoint's values, or start a new workdir")
-
-  def records(self, start: int, steps: int) -> int:
-    """Ledger entries of phase steps [start, start + steps): each step
-    under DP-SGD; under BandMF one per b steps (those with t % b == 0, at
-    rate q*b: an example's partition is sampled at most that often)."""
-    b = self.bands
-    return -(-(start + steps) // b) - (-(-start // b))
-
-  @property
-  def ledger_rate(self) -> float:
-    """The sampling rate of a ledger entry: q, or q*b under BandMF."""
-    return self.sampling_rate * self.bands
+    under this config (`Mechanism.check_resumable`)."""
+    if self.mechanism:
+      self.mechanism.check_resumable(saved, phase_step, self.name)
+    else:
+      privacy.mechanisms.base.check_signature(saved, {}, phase_step,
+                                              self.name)
 
   @property
   def noise_multiplier(self) -> float:
@@ -303,20 +220,19 @@ class PhasePlan:
     return self.sum_fn.unit if self.privacy else ""
 
   def step_optimizer(self, noise_key=None, first_step: int = 0):
-    """`train.step.phase_optimizer` of this phase: the noise (private
-    phases; sigma, q*N and the sum function's bound from this plan) chained
-    with the phase's optimizer. `noise_key` and `first_step` only matter to
-    `init` (the noise's root key and the count of its first update)."""
-    ema = dict(ema_decay=self.ema_decay, ema_warmup=self.ema_warmup)
-    if not self.privacy:
-      return step_lib.phase_optimizer(self.phase.optimizer, **ema)
-    return step_lib.phase_optimizer(
-        self.phase.optimizer, sum_fn=self.sum_fn,
-        noise_multiplier=self.noise_multiplier,
-        expected_batch_size=float(self.phase.batch_size),
-        noise_key=noise_key, first_step=first_step, bands=self.bands,
-        blt=((self.blt_strategy, self.phase.steps)
-             if self.mechanism == "blt" else None), **ema)
+    """`train.step.phase_optimizer` of this phase: the mechanism's noise
+    (private phases; sigma from it, q*N and the sum function's bound from
+    this plan) chained with the phase's optimizer. `noise_key` and
+    `first_step` only matter to `init` (the noise's root key and the count
+    of its first update)."""
+    noise = None
+    if self.mechanism:
+      noise = self.mechanism.noise(
+          self.sum_fn, float(self.phase.batch_size), seed=noise_key,
+          initial_count=first_step)
+    return step_lib.phase_optimizer(self.phase.optimizer, noise=noise,
+                                    ema_decay=self.ema_decay,
+                                    ema_warmup=self.ema_warmup)
 
 
 def resolve_phases(config: ml_collections.ConfigDict,
@@ -355,14 +271,11 @@ def resolve_phases(config: ml_collections.ConfigDict,
       raise ValueError(
           f"phase {phase.name}: its clipped_sum_fn states no sensitivity; "
           "return a privacy.clipping.BoundedSum(fn, l2_sensitivity, unit)")
-    if s is not None and (s.mechanism == "blt" or s.bands > 1) and (
+    if s is not None and not s.mechanism.poisson and (
         phase.make_batches is not None or phase.clipped_sum_fn is not None):
-      blt = s.mechanism == "blt"  # BLT names its mechanism, BandMF its b.
-      _fail("privacy.mechanism" if blt else "privacy.bands",
-            s.mechanism if blt else s.bands, f"phase {phase.name!r} samples "
-            f"users with its own batching: {'BLT' if blt else 'BandMF'}'s "
-            "cyclic sampler is example-level; use "
-            "privacy.mechanism=\"dpsgd\"")
+      _fail("privacy.mechanism", s.mechanism.name, f"phase {phase.name!r} "
+            f"samples users with its own batching: {s.mechanism.name}'s "
+            "sampler is example-level; use privacy.mechanism=\"dpsgd\"")
     out.append(PhasePlan(phase, source, n, s, sum_fn,
                          ema_decay=float(config.train.get("ema_decay", 0.0)),
                          ema_warmup=bool(config.train.get("ema_warmup",

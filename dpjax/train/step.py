@@ -94,39 +94,21 @@ def mean_of_sum() -> optax.GradientTransformationExtraArgs:
 
 
 def phase_optimizer(optimizer: optax.GradientTransformation, *,
-                    sum_fn=None, noise_multiplier: float = 0.0,
-                    expected_batch_size: float = 1.0, noise_key=None,
-                    first_step: int = 0, ema_decay: float = 0.0,
-                    ema_warmup: bool = True, bands: int = 1, blt=None
+                    noise: optax.GradientTransformation | None = None,
+                    ema_decay: float = 0.0, ema_warmup: bool = True
                     ) -> optax.GradientTransformation:
   """`chain(head, optimizer[, ema])` of one phase; its state is
   `TrainState.opt_state`.
 
-  Private phases (`sum_fn` given, a `privacy.clipping.BoundedSum`): head =
-  `privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
-  seed=noise_key, initial_count=first_step)`, so step t's key is
-  fold_in(noise_key, t) for the global step t; with `bands` > 1,
-  `privacy.bandmf_noise` (the same draws, correlated over `bands` steps;
-  the sampler must then be b-cyclic); with `blt` = (strategy, phase
-  steps), `privacy.blt_noise` (the same draws, correlated over all steps;
-  b-cyclic sampler with b = `bands`). Public phases: head =
-  `mean_of_sum()`. `ema_decay` > 0 appends `train.ema.params_ema` (an
-  average of the new params; post-processing, no privacy cost).
+  Private phases: head = `noise`, the phase mechanism's noise transform
+  (`privacy.mechanisms.Mechanism.noise`, e.g. `privacy.add_noise(sum_fn,
+  sigma, q*N, seed=noise_key, initial_count=first_step)`: step t's key is
+  fold_in(noise_key, t) for the global step t). Public phases (`noise`
+  None): head = `mean_of_sum()`. `ema_decay` > 0 appends
+  `train.ema.params_ema` (an average of the new params; post-processing,
+  no privacy cost).
   """
-  if sum_fn is None:
-    head = mean_of_sum()
-  elif blt is not None:  # BLT: noise correlated over all steps.
-    strategy, steps = blt
-    head = privacy.blt_noise(sum_fn, noise_multiplier, expected_batch_size,
-                             strategy, steps, bands, seed=noise_key,
-                             initial_count=first_step)
-  elif bands > 1:  # BandMF: noise correlated over `bands` steps.
-    head = privacy.bandmf_noise(sum_fn, noise_multiplier, expected_batch_size,
-                                bands, seed=noise_key,
-                                initial_count=first_step)
-  else:
-    head = privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
-                             seed=noise_key, initial_count=first_step)
+  head = mean_of_sum() if noise is None else noise
   if ema_decay:
     return optax.chain(head, optimizer,
                        ema_lib.params_ema(ema_decay, ema_warmup))

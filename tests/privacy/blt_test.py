@@ -189,7 +189,7 @@ def test_accounting_is_one_gaussian_mechanism():
 def test_bad_arguments_name_the_field():
   with pytest.raises(ValueError, match="config.privacy.blt_buffers=0"):
     blt.optimize(10, 1, 0)
-  with pytest.raises(ValueError, match="config.privacy.bands=11"):
+  with pytest.raises(ValueError, match="config.privacy.min_separation=11"):
     blt.optimize(10, 11, 2)
 
 

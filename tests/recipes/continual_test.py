@@ -159,9 +159,8 @@ def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
       "normalize", c, sigma)
   sum_fn = step_lib.private_sum_fn(loss, s.l2_clip_norm, clipping=s.clipping)
   assert (sum_fn.l2_sensitivity, sum_fn.unit) == (c, "example")
-  tx = step_lib.phase_optimizer(
-      optax.sgd(1.0), sum_fn=sum_fn, noise_multiplier=s.noise_multiplier,
-      expected_batch_size=b, noise_key=jax.random.PRNGKey(1))
+  tx = step_lib.phase_optimizer(optax.sgd(1.0), noise=privacy.add_noise(
+      sum_fn, s.noise_multiplier, b, seed=jax.random.PRNGKey(1)))
   params = {"w": jnp.zeros(20_000)}
   state = step_lib.TrainState(jnp.zeros((), jnp.int32), params,
                               tx.init(params), jax.random.PRNGKey(2))
