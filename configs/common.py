@@ -45,7 +45,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def privacy_block() -> ml_collections.ConfigDict:
-  """DP-SGD settings (read by dpjax/train/settings.py:privacy_from_config;
+  """DP-SGD settings (read by dpjax/train/privacy_settings.py:from_config;
   the mechanism and its knobs by dpjax/privacy/mechanisms/)."""
   return ml_collections.ConfigDict(dict(
       # Knobs of mechanisms not declared below, at their defaults (each is
@@ -71,8 +71,10 @@ def privacy_block() -> ml_collections.ConfigDict:
       # accounting. "blt": noise correlated across all steps through
       # `blt_buffers` buffers, the same b-cyclic sampler with b =
       # `min_separation`, accounted as one Gaussian mechanism per phase (no
-      # amplification by sampling). A knob of another mechanism must keep
-      # its default.
+      # amplification by sampling). "truncated_poisson": DP-SGD reading
+      # exactly `max_batch_size` rows every step (0: a size that
+      # truncates with probability 1e-6), accounted with the truncation
+      # (PLD only). A knob of another mechanism must keep its default.
       mechanism="dpsgd",
       bands=1,  # BandMF's b: noise correlated over b steps (1: DP-SGD).
       min_separation=1,  # BLT's b: an example's steps are >= b apart

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from dpjax.privacy.mechanisms import base
 from dpjax.privacy.mechanisms.base import Mechanism
 
-NAMES = ("dpsgd", "bandmf", "blt")
+NAMES = ("dpsgd", "bandmf", "blt", "truncated_poisson")
 REGISTRY: dict[str, type[Mechanism]] = {
     n: importlib.import_module(f"{__name__}.{n}").MECHANISM for n in NAMES}
 
