@@ -236,6 +236,10 @@ class Sampler:
   def fingerprint(self) -> dict:
     return {}
 
+  def __repr__(self) -> str:  # Public values only (a sampler holds no seed).
+    args = ", ".join(f"{k}={v!r}" for k, v in self.fingerprint().items())
+    return f"{type(self).__name__}({args})"
+
 
 class Poisson(Sampler):
   """`sample_indices`: every index joins step t independently at rate q."""

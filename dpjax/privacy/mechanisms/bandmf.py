@@ -9,6 +9,9 @@ assumes. b = 1 is DP-SGD exactly, and resolves to `DpSgd`.
 
 import dataclasses
 
+import numpy as np
+
+from dpjax.privacy import audit
 from dpjax.privacy import bandmf
 from dpjax.privacy import sampling
 from dpjax.privacy.mechanisms import base
@@ -43,6 +46,16 @@ class BandMF(base.Mechanism):
     return bandmf.bandmf_noise(sum_fn, self.noise_multiplier,
                                expected_batch_size, self.bands, seed=seed,
                                initial_count=initial_count)
+
+  def noise_covariance(self):
+    inverse = np.linalg.inv(bandmf.strategy_matrix(self.bands, self.steps))
+    return inverse @ inverse.T  # w = C^{-1} z.
+
+  def canary_scores(self, l2_clip_norm, noise_multiplier, included, *,
+                    canaries_per_step, seed):
+    return audit.bandmf_step_scores(l2_clip_norm, noise_multiplier,
+                                    self.bands, included, seed=seed,
+                                    canaries_per_step=canaries_per_step)
 
   def records(self, start: int, steps: int) -> int:
     """Ledger entries of phase steps [start, start + steps): one per b

@@ -20,9 +20,11 @@ imports ml_collections), and its errors name the field, value and fix.
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import optax
 
 from dpjax.errors import config_error
+from dpjax.privacy import audit
 from dpjax.privacy import sampling
 
 
@@ -111,6 +113,22 @@ class Mechanism:
     (`seed`: None draws OS entropy at init) and the count of updates
     (from `initial_count`, the global step) live in its state."""
     raise NotImplementedError
+
+  def noise_covariance(self) -> np.ndarray:
+    """float64[T, T]: the covariance over the phase's steps of the noise
+    `noise` adds to one coordinate, in units of (sigma C / expected
+    batch)^2 (C: the sum's bound). Default: fresh noise each step (I)."""
+    return np.eye(self.steps)
+
+  def canary_scores(self, l2_clip_norm: float, noise_multiplier: float,
+                    included: np.ndarray, *, canaries_per_step: int,
+                    seed: int) -> np.ndarray:
+    """White-box scores of Dirac canaries through this mechanism's real
+    step (`audit.audit_gaussian_step(..., mechanism=self)`). Default: its
+    noise is one fresh Gaussian draw per step (`audit.gaussian_step_scores`)."""
+    return audit.gaussian_step_scores(l2_clip_norm, noise_multiplier,
+                                      included, seed=seed,
+                                      canaries_per_step=canaries_per_step)
 
   # --- What it costs. ---
   def record(self, ledger, start: int, steps: int) -> None:

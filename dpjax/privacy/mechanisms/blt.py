@@ -12,6 +12,9 @@ phase's first t steps as a Gaussian mechanism of rho = Delta_t^2 /
 
 import dataclasses
 
+import numpy as np
+
+from dpjax.privacy import audit
 from dpjax.privacy import blt
 from dpjax.privacy import sampling
 from dpjax.privacy.mechanisms import base
@@ -54,6 +57,20 @@ class Blt(base.Mechanism):
     return blt.blt_noise(sum_fn, self.noise_multiplier, expected_batch_size,
                          self.strategy, self.steps, self.min_separation,
                          seed=seed, initial_count=initial_count)
+
+  def noise_covariance(self):
+    theta, omega = self.strategy  # w = Delta_n C^{-1} z.
+    inverse = np.linalg.inv(blt.strategy_matrix(theta, omega, self.steps))
+    scale = blt.sensitivity(theta, omega, self.steps, self.min_separation)
+    return scale ** 2 * inverse @ inverse.T
+
+  def canary_scores(self, l2_clip_norm, noise_multiplier, included, *,
+                    canaries_per_step, seed):
+    del canaries_per_step  # One residue class of the steps per canary set.
+    return audit.blt_step_scores(l2_clip_norm, noise_multiplier,
+                                 self.min_separation, included,
+                                 steps=self.steps, seed=seed,
+                                 buffers=self.blt_buffers)
 
   def record(self, ledger, start, steps):
     ledger.record_gaussian(blt.ledger_rho(
