@@ -5,6 +5,8 @@ The noise key of a private phase lives in its step optimizer's state
 both are secret (`secrets.run_key`) and kept only in the checkpoint.
 """
 
+import collections
+
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -74,7 +76,8 @@ def enter_phase(plan: settings_lib.PhasePlan, state: step_lib.TrainState,
   if plan.reset_opt_state is not None:
     inner = plan.reset_opt_state(step_lib.inner_opt_state(state.opt_state),
                                  step_lib.inner_opt_state(new))
-    new = (new[0], inner, *new[2:])  # [2:]: the EMA (train.ema_decay).
+    new = collections.OrderedDict(new)  # named_chain's type and order.
+    new["optimizer"] = inner  # The noise and EMA: the new ones.
   return state._replace(opt_state=new)
 
 

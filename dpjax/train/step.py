@@ -34,9 +34,10 @@ class TrainState(NamedTuple):
   """Everything the step changes; checkpointed as one pytree.
 
   step: int32 global step (over all phases).
-  opt_state: the state of `phase_optimizer`: (head, optimizer) where the
-    head of a private phase is `privacy.AddNoiseState(count, rng_key)`, the
-    secret root of the DP noise (never logged).
+  opt_state: the state of `phase_optimizer`, by name: {"noise": head,
+    "optimizer": ..., ["ema": ...]}; the head of a private phase holds
+    the count and `rng_key`, the secret root of the DP noise (never
+    logged).
   sampling_key: uint32[2] secret root of Poisson batch selection and
     per-example randomness on private data (read on the host by the loop;
     never logged). Both keys are in the resumable checkpoint only.
@@ -97,8 +98,9 @@ def phase_optimizer(optimizer: optax.GradientTransformation, *,
                     noise: optax.GradientTransformation | None = None,
                     ema_decay: float = 0.0, ema_warmup: bool = True
                     ) -> optax.GradientTransformation:
-  """`chain(head, optimizer[, ema])` of one phase; its state is
-  `TrainState.opt_state`.
+  """`named_chain(noise=head, optimizer=optimizer[, ema=...])` of one
+  phase; its state, `TrainState.opt_state`, is the dict of their states
+  by those names (read by name: `inner_opt_state`, `ema.ema_of`).
 
   Private phases: head = `noise`, the phase mechanism's noise transform
   (`privacy.mechanisms.Mechanism.noise`, e.g. `privacy.add_noise(sum_fn,
@@ -108,16 +110,16 @@ def phase_optimizer(optimizer: optax.GradientTransformation, *,
   `train.ema.params_ema` (an average of the new params; post-processing,
   no privacy cost).
   """
-  head = mean_of_sum() if noise is None else noise
+  parts = [("noise", mean_of_sum() if noise is None else noise),
+           ("optimizer", optimizer)]
   if ema_decay:
-    return optax.chain(head, optimizer,
-                       ema_lib.params_ema(ema_decay, ema_warmup))
-  return optax.chain(head, optimizer)
+    parts.append(("ema", ema_lib.params_ema(ema_decay, ema_warmup)))
+  return optax.named_chain(*parts)
 
 
 def inner_opt_state(opt_state):
   """The wrapped optimizer's part of a `phase_optimizer` state."""
-  return opt_state[1]
+  return opt_state["optimizer"]
 
 
 def nonprivate_sum_fn(loss_fn, inner_microbatch: int = 0):
