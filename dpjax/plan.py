@@ -77,7 +77,8 @@ from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import aot
 from dpjax.train import hardware
-from dpjax.train import settings as settings_lib
+from dpjax.train import optim
+from dpjax.train import phase_plan
 from dpjax.train import stand_in
 
 GiB = hardware.GiB
@@ -102,7 +103,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
                     f"the {chips} chips of --mesh={ms.spec}: set mesh.fsdp "
                     "to a divisor and mesh.data=-1")
   try:
-    settings_lib.validate_train(t, chips)
+    optim.validate_train(t, chips)
   except ValueError as e:
     raise PlanError(str(e)) from e
   per_device = t.microbatch_size // chips
@@ -129,7 +130,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              microbatch_size=t.microbatch_size,
              per_device_microbatch=per_device, mesh_fsdp=fsdp, notes=notes,
              phases=[])
-  for phase in settings_lib.resolve_phases(config, task.phases):
+  for phase in phase_plan.resolve_phases(config, task.phases):
     s = phase.privacy
     (c_acc, c_apply, opt_shapes, micro, jaxpr_dev,
      compile_s) = aot.compile_phase(phase, config, mesh, chips, param_shapes)

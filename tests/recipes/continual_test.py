@@ -15,7 +15,7 @@ from dpjax.data import splits
 from dpjax.data import synthetic
 from dpjax.recipes import continual
 from dpjax.train import metrics
-from dpjax.train import settings
+from dpjax.train import privacy_settings
 from dpjax.train import step as step_lib
 
 
@@ -153,8 +153,8 @@ def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
   cfg = small_config(**{"privacy.clipping": "normalize",
                         "privacy.l2_clip_norm": c,
                         "privacy.noise_multiplier": sigma})
-  s = settings.privacy_from_config(cfg.privacy, num_examples=900,
-                                 batch_size=48, steps=2)
+  s = privacy_settings.from_config(cfg.privacy, num_examples=900,
+                                   batch_size=48, steps=2)
   assert (s.clipping, s.l2_clip_norm, s.noise_multiplier) == (
       "normalize", c, sigma)
   sum_fn = step_lib.private_sum_fn(loss, s.l2_clip_norm, clipping=s.clipping)

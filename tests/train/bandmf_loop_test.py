@@ -10,7 +10,7 @@ from configs import dp_linear
 from dpjax import errors
 from dpjax import privacy
 from dpjax import recipes
-from dpjax.train import settings
+from dpjax.train import phase_plan
 
 
 def _config(**privacy_overrides):
@@ -38,7 +38,7 @@ def test_trains_with_correlated_noise_and_its_accounting(tmp_path):
 
 
 def test_ledger_entries_one_per_band():
-  plan = settings.resolve_phases(_config(), recipes.build(_config()).phases)[0]
+  plan = phase_plan.resolve_phases(_config(), recipes.build(_config()).phases)[0]
   mechanism = plan.mechanism
   assert mechanism.name == "bandmf" and mechanism.bands == 4
   assert [mechanism.records(0, t) for t in (1, 4, 5, 12)] == [1, 1, 2, 3]

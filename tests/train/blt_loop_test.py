@@ -10,7 +10,7 @@ from configs import dp_linear
 from dpjax import errors
 from dpjax import privacy
 from dpjax import recipes
-from dpjax.train import settings
+from dpjax.train import phase_plan
 
 
 def _config(**privacy_overrides):
@@ -43,7 +43,7 @@ def test_trains_with_blt_noise_and_its_accounting(tmp_path):
 
 def test_ledger_budget_and_plan():
   config = _config()
-  plan = settings.resolve_phases(config, recipes.build(config).phases)[0]
+  plan = phase_plan.resolve_phases(config, recipes.build(config).phases)[0]
   mechanism = plan.mechanism
   assert mechanism.name == "blt" and mechanism.min_separation == 4
   ledger = privacy.PrivacyLedger(plan.num_examples, plan.privacy.delta)
@@ -82,7 +82,7 @@ def test_refused_for_phases_with_their_own_batching():
                               make_batches=lambda **kwargs: iter(()))
   with pytest.raises(errors.ConfigError,
                      match="config.privacy.mechanism='blt'.*own batching"):
-    settings.resolve_phases(config, [phase])
+    phase_plan.resolve_phases(config, [phase])
 
 
 def test_plan_epsilon_is_blt_and_counts_the_buffers():
@@ -106,7 +106,7 @@ def test_budget_stop_with_a_too_small_sigma(tmp_path):
   assert results["stopped_at_budget"] and 0 < results["step"] < 12
   target = config.privacy.target_epsilon
   assert results["epsilon"] <= target
-  plan = settings.resolve_phases(config, recipes.build(config).phases)[0]
+  plan = phase_plan.resolve_phases(config, recipes.build(config).phases)[0]
   ledger = privacy.PrivacyLedger(plan.num_examples, plan.privacy.delta)
   plan.mechanism.record(ledger, 0, results["step"])
   assert results["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)

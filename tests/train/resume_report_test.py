@@ -108,7 +108,7 @@ def test_the_issue_numbers_recomputed_at_the_new_delta():
 
 @dataclasses.dataclass
 class _Plan:
-  """What AsRun reads of a settings.PhasePlan."""
+  """What AsRun reads of a phase_plan.PhasePlan."""
   name: str
   private: bool = True
   steps: int = 10
