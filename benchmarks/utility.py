@@ -46,13 +46,13 @@ PRESETS = {
 VARIANTS = {
     "dpsgd": {},
     "bandmf b=4": {"privacy.mechanism": "bandmf", "privacy.bands": 4},
-    "blt b=4": {"privacy.mechanism": "blt", "privacy.bands": 4},
+    "blt b=4": {"privacy.mechanism": "blt", "privacy.min_separation": 4},
     # dp_linear: the largest b with batch * b <= N (128 * 11 <= 1500).
-    "blt b=11": {"privacy.mechanism": "blt", "privacy.bands": 11},
+    "blt b=11": {"privacy.mechanism": "blt", "privacy.min_separation": 11},
     # DP continual tiny: 256 * 77 <= 19,800 private images (2.6 epochs).
-    "blt b=77": {"privacy.mechanism": "blt", "privacy.bands": 77},
+    "blt b=77": {"privacy.mechanism": "blt", "privacy.min_separation": 77},
     # ViP tiny: 512 * 39 <= 20,000 private images (5.1 epochs).
-    "blt b=39": {"privacy.mechanism": "blt", "privacy.bands": 39},
+    "blt b=39": {"privacy.mechanism": "blt", "privacy.min_separation": 39},
     "dpsgd + augment": {"data.augment": True},
     "dpsgd + augment + augmult 4": {"data.augment": True, "train.augmult": 4},
     "bandmf b=4 + augment + augmult 4": {

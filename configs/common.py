@@ -10,6 +10,7 @@ overrides.
 
 import ml_collections
 
+from dpjax.privacy import mechanisms as privacy_mechanisms
 from dpjax.train import stand_in
 
 
@@ -92,8 +93,12 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
 
 
 def privacy_block() -> ml_collections.ConfigDict:
-  """DP-SGD settings (read by dpjax/train/settings.py:privacy_from_config)."""
+  """DP-SGD settings (read by dpjax/train/privacy_settings.py:from_config;
+  the mechanism and its knobs by dpjax/privacy/mechanisms/)."""
   return ml_collections.ConfigDict(dict(
+      # Knobs of mechanisms not declared below, at their defaults (each is
+      # documented in its mechanism's file under dpjax/privacy/mechanisms/).
+      privacy_mechanisms.knob_defaults(),
       enabled=True,  # False: non-private training (baselines); spends nothing.
       l2_clip_norm=1.0,  # C: each unit's gradient is clipped to this L2 norm.
       clipping="clip",  # "clip": min(1, C/|g|); "normalize": C/(|g|+gamma).
@@ -106,19 +111,23 @@ def privacy_block() -> ml_collections.ConfigDict:
                    # record outright. Paper presets set their paper's delta.
       accountant="pld",  # "pld" or "rdp" (dp_accounting).
       sampling="poisson",  # Poisson subsampling (the accounted mechanism).
-      # "dpsgd": fresh noise each step. "bandmf": noise correlated across
-      # `bands` steps (dpjax/privacy/bandmf.py), with b-cyclic Poisson
-      # sampling (each example in its own secret uniform partition; step t
-      # samples partition t mod b at rate q*b) and its accounting; bands=1
-      # is DP-SGD.
-      # "blt": noise correlated across all steps through `blt_buffers`
-      # buffers (dpjax/privacy/blt.py), the same b-cyclic sampler with
-      # `bands` = b the minimum separation of an example's steps (batch =
-      # q*N; q*b = 1 samples each partition whole), accounted as one
-      # Gaussian mechanism per phase (no amplification by sampling).
+      # The DP mechanism (dpjax/privacy/mechanisms/<name>.py: its sampler,
+      # noise and accounting). "dpsgd": fresh noise each step, Poisson
+      # sampling. "bandmf": noise correlated across `bands` steps, with
+      # b-cyclic Poisson sampling (each example in its own secret uniform
+      # partition; step t samples partition t mod b at rate q*b) and its
+      # accounting. "blt": noise correlated across all steps through
+      # `blt_buffers` buffers, the same b-cyclic sampler with b =
+      # `min_separation`, accounted as one Gaussian mechanism per phase (no
+      # amplification by sampling). "truncated_poisson": DP-SGD reading
+      # exactly `max_batch_size` rows every step (0: a size that
+      # truncates with probability 1e-6), accounted with the truncation
+      # (PLD only). A knob of another mechanism must keep its default.
       mechanism="dpsgd",
-      bands=1,
-      blt_buffers=4,
+      bands=1,  # BandMF's b: noise correlated over b steps (1: DP-SGD).
+      min_separation=1,  # BLT's b: an example's steps are >= b apart
+                         # (batch = q*N; q*b = 1 samples a partition whole).
+      blt_buffers=4,  # BLT's noise buffers, each the size of the params.
       # TAN simulation (DP-Cap, Sander et al. 2023): > 0 means "simulate the
       # run at this reference batch": sigma is calibrated for the reference
       # batch and scaled by batch_size / reference. Not an epsilon run.

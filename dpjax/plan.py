@@ -78,7 +78,8 @@ from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import aot
 from dpjax.train import hardware
-from dpjax.train import settings as settings_lib
+from dpjax.train import optim
+from dpjax.train import phase_plan
 from dpjax.train import stand_in
 
 GiB = hardware.GiB
@@ -103,7 +104,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
                     f"the {chips} chips of --mesh={ms.spec}: set mesh.fsdp "
                     "to a divisor and mesh.data=-1")
   try:
-    settings_lib.validate_train(t, chips)
+    optim.validate_train(t, chips)
   except ValueError as e:
     raise PlanError(str(e)) from e
   per_device = t.microbatch_size // chips
@@ -130,7 +131,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
              microbatch_size=t.microbatch_size,
              per_device_microbatch=per_device, mesh_fsdp=fsdp, notes=notes,
              phases=[])
-  for phase in settings_lib.resolve_phases(config, task.phases):
+  for phase in phase_plan.resolve_phases(config, task.phases):
     s = phase.privacy
     (c_acc, c_apply, opt_shapes, micro, jaxpr_dev,
      compile_s) = aot.compile_phase(phase, config, mesh, chips, param_shapes)
@@ -149,10 +150,12 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
                    f"in full are {jaxpr_dev / xla_dev:.3g}x XLA's count "
                    "(one iteration per loop): the jaxpr count is used")
     apply_dev = aot.cost(c_apply)
-    n_micro = aot.expected_microbatches(phase.batch_size, phase.num_examples,
-                                    micro)
-    tail = phase.batch_size
-    if phase.batch_size < phase.num_examples:
+    rows = phase.sampler.rows  # > 0: every step reads exactly that many.
+    n_micro = (max(1, math.ceil(rows / micro)) if rows else
+               aot.expected_microbatches(phase.batch_size, phase.num_examples,
+                                         micro))
+    tail = rows or phase.batch_size
+    if not rows and phase.batch_size < phase.num_examples:
       tail = privacy.max_batch_size_for(phase.num_examples,
                                         phase.sampling_rate, 1e-6)
     step_dev = acc_dev * n_micro + apply_dev
@@ -185,7 +188,7 @@ def _measure(config, ms: hardware.MeshSpec) -> dict:
             min(1.0, s.tan_reference_batch_size / phase.num_examples),
             phase.steps, s.delta, accountant=s.accountant)
       else:
-        p["epsilon"] = phase.epsilon()
+        p["epsilon"] = phase.mechanism.epsilon()
     out["phases"].append(p)
   _MEASURED[key] = out
   return out

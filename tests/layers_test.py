@@ -18,7 +18,8 @@ LAYERS = {
     "recipes": 3,
     "train": 2, "prepare": 2,
     "data": 1, "models": 1, "evaluate": 1,
-    "privacy": 0, "errors": 0, "private_files": 0, "": 0,  # "": the package's __init__.
+    "privacy": 0, "private_files": 0, "": 0,  # "": the package's __init__.
+    "errors": -1,  # Imports nothing; every layer raises its ConfigError.
 }
 # Offline tools: run as commands, imported by no other package of dpjax.
 TOOLS = ("prepare",)

@@ -23,6 +23,7 @@ from dpjax import recipes
 from dpjax.train import aot
 from dpjax.train import flops as flops_lib
 from dpjax.train import hardware
+from dpjax.train import phase_plan
 from dpjax.train import stand_in
 
 MICRO = 64
@@ -153,7 +154,8 @@ def test_flops_agree(result):
   assert 0.5 < p["flops_per_step"] / analytic < 2.0, (
       p["flops_per_step"], analytic)
   # XLA's count of a plain unclipped gradient of the same microbatch.
-  ex, _, _ = aot.example_structs(phase, MICRO, 1, 1)
+  ex, _, _ = aot.example_structs(
+      phase_plan.resolve_phases(c, [phase])[0], MICRO, 1, 1)
 
   def plain(params, batch):
     loss = lambda q: jnp.sum(jax.vmap(phase.loss_fn, (None, 0))(q, batch))

@@ -17,7 +17,8 @@ batch (it also works with ``grain.checkpoint.CheckpointHandler``, since the
 iterator is a ``grain.DatasetIterator``). Nothing of size N is allocated.
 
 Element layout for one step (this process p of P; global microbatch M):
-  n_micro = max(1, ceil(b / M)) for the realised Poisson size b (varies!);
+  n_micro = max(1, ceil(b / M)) for the realised Poisson size b (varies!),
+  or b = the sampler's fixed `rows` (e.g. truncated Poisson: constant);
   {"example": {field: [n_micro, M/P, ...], ...,
                "rng": uint32[n_micro, M/P, 2] (from (seed, step, index))},
    "mask": float32[n_micro, M/P],
@@ -200,7 +201,10 @@ class StepLoader:
   process_count: int = 1
   add_rng: bool = True
   num_examples: int | None = None
-  bands: int = 1  # > 1: b-cyclic Poisson sampling (privacy.bandmf).
+  # Which rows each step reads: the phase mechanism's
+  # (`privacy.mechanisms`); default Poisson at rate q.
+  sampler: sampling.Sampler = dataclasses.field(
+      default_factory=sampling.Poisson)
   _template: dict[str, Any] | None = dataclasses.field(default=None,
                                                        repr=False)
 
@@ -218,22 +222,21 @@ class StepLoader:
     return self._template
 
   def indices(self, step: int) -> np.ndarray:
-    """Step `step`'s sorted global batch: Poisson at rate q over [0, N), or
-    with `bands` b > 1 exchangeable b-cyclic Poisson (`privacy.sampling.
-    sample_cyclic_indices`: each index in its own secret uniform partition,
-    partition t mod b at rate q*b): the sampling BandMF's and BLT's
-    accounting assume. Both decide per record from secret randomness, never
-    from its neighbours (add/remove adjacency)."""
-    if self.bands == 1:
-      return sampling.sample_indices(self.seed, step, self.num_examples,
-                                     self.sampling_rate)
-    return sampling.sample_cyclic_indices(self.seed, step, self.num_examples,
-                                          self.sampling_rate, self.bands)
+    """Step `step`'s sorted global batch, drawn by `sampler` from the
+    secret seed (Poisson at rate q over [0, N), or the mechanism's own
+    selection, e.g. the exchangeable b-cyclic Poisson that BandMF's and
+    BLT's accounting assume): the sampling the phase's accounting assumes.
+    Every sampler decides per record from secret randomness, never from
+    its neighbours (add/remove adjacency)."""
+    return self.sampler(self.seed, step, self.num_examples,
+                        self.sampling_rate)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
     idx = self.indices(step)
-    n_micro, slots = process_slots(idx.size, self.global_microbatch,
+    # A sampler with fixed `rows` pads every step to them (constant time).
+    n_micro, slots = process_slots(max(idx.size, self.sampler.rows),
+                                   self.global_microbatch,
                                     self.process_index, self.process_count)
     real = slots < idx.size
     flat_idx = np.where(real, idx[np.minimum(slots, max(idx.size - 1, 0))]
@@ -344,12 +347,14 @@ def poisson_batches(source: Any, *, sampling_rate: float,
                     process_count: int | None = None, num_workers: int = 0,
                     worker_buffer_size: int = 1, add_rng: bool = True,
                     num_examples: int | None = None,
-                    bands: int = 1) -> StepIterator:
+                    sampler: sampling.Sampler | None = None
+                    ) -> StepIterator:
   """Poisson-sampled batches of this process's share, steps [start, num_steps).
 
   Formal property: step t's global batch is exactly
-  ``sampling.sample_indices(seed, t, len(source), sampling_rate)`` (Poisson,
-  never truncated); the union over processes and microbatches of rows with
+  ``sampler(seed, t, len(source), sampling_rate)`` (default
+  ``sampling.Poisson``: ``sampling.sample_indices``, never truncated); the
+  union over processes and microbatches of rows with
   mask 1 is that set minus its bad records, which are the rows with
   ``bad_index`` >= 0 (mask 0: they contribute exactly zero).
 
@@ -366,7 +371,7 @@ def poisson_batches(source: Any, *, sampling_rate: float,
     worker_buffer_size: steps prefetched per worker.
     add_rng: add the per-example "rng" uint32[2] leaf.
     num_examples: N to sample from (default len(source); records [0, N)).
-    bands: b > 1: b-cyclic Poisson sampling (``StepLoader.indices``).
+    sampler: the batch selection (``StepLoader.indices``); default Poisson.
 
   Returns:
     A checkpointable iterator of dicts (layout in the module docstring).
@@ -374,11 +379,11 @@ def poisson_batches(source: Any, *, sampling_rate: float,
   p, n_proc = _process_info(process_index, process_count)
   loader = StepLoader(source, tuple(transforms), sampling_rate,
                       global_microbatch, seed, p, n_proc, add_rng,
-                      num_examples, bands)
+                      num_examples, sampler or sampling.Poisson())
   fingerprint = {"seed": int(seed), "sampling_rate": float(sampling_rate),
                  "num_examples": int(loader.num_examples),
                  "global_microbatch": int(global_microbatch),
-                 **({"bands": int(bands)} if bands > 1 else {})}
+                 **loader.sampler.fingerprint()}
   return StepIterator(loader, start_step, num_steps, num_workers,
                       worker_buffer_size, fingerprint)
 

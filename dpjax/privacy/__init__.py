@@ -16,6 +16,8 @@ tests only. See each module's docstring for the formal guarantees.
 (banded matrix factorization; its accounting and sampler are in ``bandmf``);
 ``blt_noise`` with noise correlated over all steps through a few buffers
 (buffered-linear-Toeplitz; strategy and accounting in ``blt``).
+``mechanisms`` ties each mechanism's sampler, noise transform and accounting
+into one object per phase, keyed by ``config.privacy.mechanism``.
 """
 
 from dpjax.privacy import accounting
@@ -23,6 +25,7 @@ from dpjax.privacy import bandmf
 from dpjax.privacy import blt
 from dpjax.privacy import clipping
 from dpjax.privacy import ledger
+from dpjax.privacy import mechanisms
 from dpjax.privacy import noise
 from dpjax.privacy import optimizers
 from dpjax.privacy import sampling

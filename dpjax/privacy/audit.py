@@ -338,14 +338,13 @@ def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
                                                         1 / 30),
                         seed: int = 0,
                         noise_scale_error: float = 1.0,
-                        bands: int = 1, mechanism: Optional[str] = None,
-                        steps: int = 0) -> AuditResult:
+                        mechanism=None) -> AuditResult:
   """White-box audit of the DP step (clip -> sum -> Gaussian noise).
 
-  Runs ``gaussian_step_scores`` (``mechanism`` "bandmf", the default when
-  ``bands`` > 1: ``bandmf_step_scores``; "blt": ``blt_step_scores`` with
-  min separation ``bands`` over ``steps`` steps, default 4 b; the claim per
-  canary is the same for all three) with noise multiplier
+  Runs ``gaussian_step_scores`` (or, with ``mechanism`` a
+  ``privacy.mechanisms.Mechanism``, its ``canary_scores``: e.g. BandMF's
+  ``bandmf_step_scores``, BLT's ``blt_step_scores`` over its steps; the
+  claim per canary is the same for all) with noise multiplier
   ``noise_multiplier * noise_scale_error`` (1.0: the real step; 0.5: a
   deliberately broken step with half the noise; 0: no noise), and compares
   the empirical bound with the epsilon CLAIMED for ``noise_multiplier``:
@@ -371,22 +370,10 @@ def audit_gaussian_step(l2_clip_norm: float, noise_multiplier: float,
   if canaries_per_step is None:
     canaries_per_step = 1000 if method == "one_run" else 1
   included = choose_included(num_canaries, seed)
-  mechanism = mechanism or ("bandmf" if bands > 1 else "dpsgd")
-  if mechanism not in ("dpsgd", "bandmf", "blt"):
-    raise ValueError(f"mechanism must be 'dpsgd', 'bandmf' or 'blt', got "
-                     f"{mechanism!r}.")
-  if mechanism == "blt":
-    scores = blt_step_scores(
-        l2_clip_norm, noise_multiplier * noise_scale_error, bands, included,
-        steps=steps or 4 * bands, seed=seed + 1)
-  elif mechanism == "bandmf":
-    scores = bandmf_step_scores(
-        l2_clip_norm, noise_multiplier * noise_scale_error, bands, included,
-        canaries_per_step=canaries_per_step, seed=seed + 1)
-  else:
-    scores = gaussian_step_scores(
-        l2_clip_norm, noise_multiplier * noise_scale_error, included,
-        canaries_per_step=canaries_per_step, seed=seed + 1)
+  score = (gaussian_step_scores if mechanism is None
+           else mechanism.canary_scores)
+  scores = score(l2_clip_norm, noise_multiplier * noise_scale_error,
+                 included, canaries_per_step=canaries_per_step, seed=seed + 1)
   theory = (math.inf if noise_multiplier == 0 else
             float(accounting.epsilon(noise_multiplier, 1.0, 1, delta)))
   if method == "one_run":

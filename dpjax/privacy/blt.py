@@ -189,8 +189,8 @@ def optimize(steps: int, min_separation: int = 1,
     raise ValueError(f"config.privacy.blt_buffers={buffers} is invalid: "
                      "use >= 1")
   if not 1 <= min_separation <= steps:
-    raise ValueError(f"config.privacy.bands={min_separation} is invalid: "
-                     f"use 1 <= bands <= steps={steps}")
+    raise ValueError(f"config.privacy.min_separation={min_separation} is "
+                     f"invalid: use 1 <= min_separation <= steps={steps}")
   d = buffers
   loss_fn = _loss_fn(steps, min_separation)
 

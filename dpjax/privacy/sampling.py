@@ -215,6 +215,53 @@ def sample_cyclic_indices(seed: int, step: int, num_examples: int,
   return candidates[partition_of(seed, candidates, cycle) == step % cycle]
 
 
+class Sampler:
+  """Which rows step t of a phase reads: a mechanism's batch selection
+  (`privacy.mechanisms`), called by the input pipeline.
+
+  `__call__(seed, step, num_examples, sampling_rate)` -> int64[k] sorted
+  distinct indices in [0, N), a pure function of the secret seed and the
+  step (a resumed run rereads the same batches). `rows` > 0: every step
+  reads exactly that many physical rows (the draw, then masked padding),
+  so its time is constant; 0: as many as the draw (the realised size then
+  shows in the step time). `fingerprint()`: what a resumed data pipeline
+  must keep (JSON). Picklable: it runs in grain worker processes.
+  """
+  rows: int = 0
+
+  def __call__(self, seed: int, step: int, num_examples: int,
+               sampling_rate: float) -> np.ndarray:
+    raise NotImplementedError
+
+  def fingerprint(self) -> dict:
+    return {}
+
+  def __repr__(self) -> str:  # Public values only (a sampler holds no seed).
+    args = ", ".join(f"{k}={v!r}" for k, v in self.fingerprint().items())
+    return f"{type(self).__name__}({args})"
+
+
+class Poisson(Sampler):
+  """`sample_indices`: every index joins step t independently at rate q."""
+
+  def __call__(self, seed, step, num_examples, sampling_rate):
+    return sample_indices(seed, step, num_examples, sampling_rate)
+
+
+class Cyclic(Sampler):
+  """`sample_cyclic_indices` with cycle b (b = 1: `Poisson` exactly)."""
+
+  def __init__(self, cycle: int):
+    self.cycle = int(cycle)
+
+  def __call__(self, seed, step, num_examples, sampling_rate):
+    return sample_cyclic_indices(seed, step, num_examples, sampling_rate,
+                                 self.cycle)
+
+  def fingerprint(self) -> dict:
+    return {"cycle": self.cycle} if self.cycle > 1 else {}
+
+
 def poisson_sample(seed: int, step: int, num_examples: int,
                    sampling_rate: float, max_batch_size: int) -> PoissonBatch:
   """Poisson-samples a batch and pads it to ``max_batch_size`` rows.

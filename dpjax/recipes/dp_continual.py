@@ -34,7 +34,7 @@ from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.errors import ConfigError
 from dpjax.models import classifier
-from dpjax.train import settings
+from dpjax.train import optim
 from dpjax.train import task as task_lib
 
 ARMS = ("continual", "private_only", "public_only", "nonprivate")
@@ -175,7 +175,7 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
     return task_lib.Phase(
         name=name, private=False, source=src, transforms=transforms,
         loss_fn=loss_fn, steps=steps, batch_size=p.batch_size,
-        optimizer=settings.optimizer_from_config(p, steps), monitor=monitor)
+        optimizer=optim.optimizer_from_config(p, steps), monitor=monitor)
 
   def private(steps, reset=None):
     _check_horizon(t, "train", steps)
@@ -184,7 +184,7 @@ def phases_for_arm(config, pub_src, priv_src, loss_fn, transforms,
         name="dp" if on else "train", private=on, source=priv_src,
         transforms=transforms, loss_fn=loss_fn, steps=steps,
         batch_size=t.batch_size,
-        optimizer=settings.optimizer_from_config(t, steps),
+        optimizer=optim.optimizer_from_config(t, steps),
         reset_opt_state=reset, num_examples=len(priv_src), monitor=monitor,
         canaries=lambda m, seed: synthetic.noise_canaries(
             m, seed, config.data.image_size,

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from dpjax import evaluate
-from dpjax.train import settings
+from dpjax.train import optim
 from dpjax.train import task as task_lib
 
 NUM_CLASSES = 10
@@ -68,7 +68,7 @@ def build(config: ml_collections.ConfigDict) -> task_lib.Task:
       name="dp" if config.privacy.enabled else "train",
       private=bool(config.privacy.enabled), source=train, transforms=(),
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
-      optimizer=settings.optimizer_from_config(t))
+      optimizer=optim.optimizer_from_config(t))
 
   def init_params(rng):
     del rng  # Zero init: the optimum does not depend on a random start.

@@ -22,7 +22,7 @@ from dpjax.data import synthetic
 from dpjax.data import tokenizer as tokenizer_lib
 from dpjax.data import transforms as transforms_lib
 from dpjax.models import captioner
-from dpjax.train import settings
+from dpjax.train import optim
 from dpjax.train import task as task_lib
 
 ARO_KINDS = ("swap_color", "swap_order", "swap_relation")
@@ -122,7 +122,7 @@ def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The config's optimizer; the decoder's updates (its whole param subtree,
   AdamW's decay included) scaled by `t.decoder_lr_scale`, i.e. its learning
   rate is that multiple of the schedule's."""
-  opt = settings.optimizer_from_config(t)
+  opt = optim.optimizer_from_config(t)
   scale = t.decoder_lr_scale
   if scale == 1.0:
     return opt

@@ -26,7 +26,7 @@ from dpjax.data import synthetic
 from dpjax.data import transforms as transforms_lib
 from dpjax.errors import ConfigError
 from dpjax.models import mae
-from dpjax.train import settings
+from dpjax.train import optim
 from dpjax.train import task as task_lib
 
 PHASES = ("pretrain", "dp")
@@ -90,7 +90,7 @@ def _pretrain_phase(config, loss_fn) -> task_lib.Phase:
       transforms=transforms_lib.image_pipeline(
           d.image_size, augment=p.augment, flip=p.flip),
       loss_fn=loss_fn, steps=p.steps, batch_size=p.batch_size,
-      optimizer=settings.optimizer_from_config(p))
+      optimizer=optim.optimizer_from_config(p))
 
 
 def _dp_phase(config, loss_fn) -> task_lib.Phase:
@@ -106,7 +106,7 @@ def _dp_phase(config, loss_fn) -> task_lib.Phase:
       transforms=transforms_lib.image_pipeline(
           d.image_size, augment=d.augment, flip=d.flip),
       loss_fn=loss_fn, steps=t.steps, batch_size=t.batch_size,
-      optimizer=settings.optimizer_from_config(t), num_examples=len(src),
+      optimizer=optim.optimizer_from_config(t), num_examples=len(src),
       canaries=lambda m, seed: synthetic.noise_canaries(m, seed,
                                                         d.image_size))
 

@@ -50,12 +50,11 @@ def example_structs(phase, micro: int, chips: int, sim: int):
   """({field: ShapeDtypeStruct}, mask struct, the phase's global microbatch)
   of one microbatch as the loop's pipeline makes it, with the per-device
   rows of `chips` chips on `sim` simulated devices."""
-  if phase.make_batches is not None:  # Its own batches: take one element.
-    el = next(phase.make_batches(source=phase.source,
-                                 sampling_rate=phase.sampling_rate,
-                                 seed=0, start_step=0, num_steps=1,
-                                 global_microbatch=micro, process_index=0,
-                                 process_count=1, num_workers=0))
+  if phase.phase.make_batches is not None:  # Its own: take one element.
+    el = next(phase.phase.make_batches(
+        source=phase.source, sampling_rate=phase.sampling_rate, seed=0,
+        start_step=0, num_steps=1, global_microbatch=micro, process_index=0,
+        process_count=1, num_workers=0))
     micro = np.shape(el["mask"])[1]  # A phase may use its own size.
     if micro % chips:
       raise PlanError(f"phase {phase.name!r}: its microbatch of {micro} "
@@ -66,7 +65,7 @@ def example_structs(phase, micro: int, chips: int, sim: int):
     return jax.tree.map(one, el["example"]), one(el["mask"]), micro
   from dpjax.data import transforms as transforms_lib
   rows = micro // chips * sim
-  rec = transforms_lib.apply(phase.transforms, dict(phase.source[0]),
+  rec = transforms_lib.apply(phase.phase.transforms, dict(phase.source[0]),
                              np.random.default_rng(0))
   ex = {k: jax.ShapeDtypeStruct((rows,) + np.shape(v), np.asarray(v).dtype)
         for k, v in rec.items()}
@@ -109,7 +108,7 @@ def memory(compiled) -> dict:
 
 def compile_phase(phase, config, mesh, chips: int, param_shapes):
   """AOT-compiles the loop's accumulate and apply of `phase` (a
-  `train.settings.PhasePlan`: its sum function and step optimizer) on
+  `train.phase_plan.PhasePlan`: its sum function and step optimizer) on
   `mesh`. Returns (compiled accumulate, compiled apply, optimizer state
   shapes, per-device microbatch, jaxpr matmul FLOPs per device, {"accumulate":
   s, "apply": s} seconds to lower + compile each on this host)."""

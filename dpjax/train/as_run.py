@@ -42,10 +42,7 @@ _FIELDS = dict(private="privacy.enabled", num_examples="data.num_examples",
                noise_multiplier="privacy.noise_multiplier",
                l2_clip_norm="privacy.l2_clip_norm",
                l2_sensitivity="privacy.l2_clip_norm",
-               privacy_unit="recipe", clipping="privacy.clipping",
-               blt_theta="privacy.blt_buffers",
-               blt_omega="privacy.blt_buffers",
-               blt_sensitivity="privacy.blt_buffers")
+               privacy_unit="recipe", clipping="privacy.clipping")
 
 
 def facts(plan) -> dict[str, Any]:
@@ -57,7 +54,13 @@ def facts(plan) -> dict[str, Any]:
 
 def _varying(plan) -> tuple[str, ...]:
   """Facts of `plan` that may change between its steps."""
-  return VARYING if plan.mechanism == "dpsgd" else ()
+  return VARYING if plan.per_step_accounting else ()
+
+
+def _field(plan, key: str) -> str:
+  """The config field behind fact `key` of `plan` (for refusals)."""
+  own = plan.mechanism.fields if plan.mechanism else {}
+  return own.get(key) or _FIELDS.get(key, key)
 
 
 class AsRun:
@@ -123,7 +126,7 @@ class AsRun:
         if key == "steps" or key in varying or now.get(key) == saved:
           continue
         raise errors.config_error(
-            _FIELDS.get(key, key), now.get(key),
+            _field(plan, key), now.get(key),
             f"phase {rec['name']!r} of the checkpoint ran with {key}="
             f"{saved!r}, and its report (results.json) would be false; "
             "resume with the checkpoint's value, or start a new workdir")

@@ -60,7 +60,7 @@ def insert(config: ml_collections.ConfigDict,
 
   Deterministic in (config.audit.num_canaries, config.audit.seed), so a
   resumed run rebuilds the same dataset. The phases are not changed:
-  `train.settings.resolve_phases` reads the new source and N from the
+  `train.phase_plan.resolve_phases` reads the new source and N from the
   result (the canaries change N and q = B/N).
 
   Returns:

@@ -59,7 +59,5 @@ def params_ema(decay: float, warmup: bool = True
 
 def ema_of(opt_state) -> Any | None:
   """The average in a `phase_optimizer` state (None: no EMA kept)."""
-  for s in opt_state:
-    if isinstance(s, EmaState):
-      return s.ema
-  return None
+  state = opt_state.get("ema")
+  return None if state is None else state.ema

@@ -31,7 +31,8 @@ from dpjax.train import preemption as preemption_lib
 from dpjax.train import publish
 from dpjax.train import report
 from dpjax.train import secrets
-from dpjax.train import settings as settings_lib
+from dpjax.train import optim
+from dpjax.train import phase_plan
 from dpjax.train import state as state_lib
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
@@ -43,15 +44,15 @@ class _Run:
   def __init__(self, task: task_lib.Task, config, workdir: str):
     self.config, self.workdir, self.task = config, workdir, task
     self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    settings_lib.validate_train(config.train, jax.device_count())
+    optim.validate_train(config.train, jax.device_count())
     # Inserted canaries are part of N: the plans read their source.
     self.canaries = canaries_lib.insert(config, list(task.phases))
-    self.plans = settings_lib.resolve_phases(config, task.phases,
-                                             self.canaries)
+    self.plans = phase_plan.resolve_phases(config, task.phases,
+                                           self.canaries)
     # Small sources are read in full now: bad records fail the run before
     # it starts (or, with data.on_bad_record=skip, become zero rows).
     self.startup_bad = {} if config.eval_only else bad_records.validate_phases(
-        [(p.name, p.source, p.transforms) for p in self.plans],
+        [(p.name, p.source, p.phase.transforms) for p in self.plans],
         on_bad_record=config.data.on_bad_record,
         max_records=config.data.validate_max_records)
     # Bad records met in training: in memory and in the checkpoint, never
@@ -92,7 +93,7 @@ class _Run:
   describe = report.describe
 
 
-def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
+def _allowed_steps(run: _Run, phase: phase_plan.PhasePlan,
                    done: int) -> int:
   """Steps of `phase` that keep the ledger within the target epsilon."""
   remaining = phase.steps - done
@@ -102,7 +103,7 @@ def _allowed_steps(run: _Run, phase: settings_lib.PhasePlan,
 
   def eps(t):
     ledger = run.ledger.copy()
-    phase.record(ledger, done, t)
+    phase.mechanism.record(ledger, done, t)
     return ledger.epsilon()
   if eps(remaining) <= target:
     return remaining
@@ -143,12 +144,12 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 num_workers=config.train.num_workers)
-  if phase.make_batches is not None:
-    iterator = phase.make_batches(**kwargs)
+  if phase.phase.make_batches is not None:
+    iterator = phase.phase.make_batches(**kwargs)
   else:
     iterator = iter(pipeline.PoissonBatches(
-        transforms=phase.transforms, num_examples=phase.num_examples,
-        bands=phase.bands, **kwargs))
+        transforms=phase.phase.transforms, num_examples=phase.num_examples,
+        sampler=phase.sampler, **kwargs))
   if data_state is not None:
     iterator.set_state(data_state)
   # Training-data metrics: "private/" under DP (computed on private data,
@@ -170,7 +171,7 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
     phase_step += 1
     since += 1
     if phase.private:
-      phase.record(run.ledger, phase_step - 1, 1)
+      phase.mechanism.record(run.ledger, phase_step - 1, 1)
     gstep = int(state.step)
     last = phase_step == end
     if gstep % config.train.log_every == 0 or last:
@@ -181,8 +182,8 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
                                max(time.time() - t0, 1e-9))
       eps_key, m_eps = run.progress_epsilon()
       m[eps_key] = m_eps
-      if phase.monitor is not None:
-        m.update(phase.monitor(state.params, gstep))
+      if phase.phase.monitor is not None:
+        m.update(phase.phase.monitor(state.params, gstep))
       writer.write(gstep, m)
       writer.progress(gstep, {prefix + "loss": m[prefix + "loss"],
                               "ref_eps" if run.is_simulation else "eps": m_eps,
@@ -244,7 +245,7 @@ def _audit(run: _Run, params, workdir: str) -> dict:
   private = run.dp is not None and phase.private
   delta = run.config.audit.delta
   result, means = canaries_lib.audit(
-      run.canaries, phase, params, config=run.config, delta=delta,
+      run.canaries, phase.phase, params, config=run.config, delta=delta,
       epsilon=run.ledger.epsilon(delta) if private else float("inf"))
   logging.info("audit: empirical epsilon >= %.3f at %.0f%% confidence from "
                "%d canaries (accountant epsilon %.4g at delta %.3g)",

@@ -56,9 +56,8 @@ def describe(run) -> dict:
         secret_randomness=noise and sampling, secret_noise=noise,
         secret_sampling=sampling, delta_rule=dp.delta_rule,
         delta=dp.delta, accountant=dp.accountant,
-        mechanism=next(p for p in run.plans if p.private).mechanism,
-        bands=dp.bands, target_epsilon=dp.target_epsilon,
-        tan_simulation=dp.is_simulation)
+        **next(p for p in run.plans if p.private).mechanism.settings(),
+        target_epsilon=dp.target_epsilon, tan_simulation=dp.is_simulation)
     if dp.is_simulation:
       out.update(
           tan_reference_batch_size=dp.tan_reference_batch_size,

@@ -1,9 +1,11 @@
 """The TrainState of a run: fresh, on entering a phase, or to restore into.
 
 The noise key of a private phase lives in its step optimizer's state
-(`settings.PhasePlan.step_optimizer`), the sampling key in the TrainState;
+(`phase_plan.PhasePlan.step_optimizer`), the sampling key in the TrainState;
 both are secret (`secrets.run_key`) and kept only in the checkpoint.
 """
+
+import collections
 
 from etils import epath
 import jax
@@ -14,12 +16,12 @@ from dpjax.errors import ConfigError
 from dpjax.train import checkpoint as ckpt_lib
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import secrets
-from dpjax.train import settings as settings_lib
+from dpjax.train import phase_plan
 from dpjax.train import step as step_lib
 from dpjax.train import task as task_lib
 
 
-def init_opt(plan: settings_lib.PhasePlan, params, mesh, noise_key,
+def init_opt(plan: phase_plan.PhasePlan, params, mesh, noise_key,
               first_step: int):
   """The state of `plan.step_optimizer`, placed like the params (same shape
   -> same sharding; keys and counts replicated), so the jitted step never
@@ -41,7 +43,7 @@ def noise_key(config, mesh, secret: bool = True) -> jax.Array:
   return jax.device_put(jnp.asarray(key), mesh_lib.replicated(mesh))
 
 
-def init_state(task: task_lib.Task, plan: settings_lib.PhasePlan, config,
+def init_state(task: task_lib.Task, plan: phase_plan.PhasePlan, config,
                mesh, restoring: bool) -> step_lib.TrainState:
   """Fresh state for the first phase `plan` (keys drawn), or the structure
   of a saved one (`restoring`: no secret drawn; every leaf is then
@@ -64,17 +66,19 @@ def init_state(task: task_lib.Task, plan: settings_lib.PhasePlan, config,
                                   mesh_lib.replicated(mesh)))
 
 
-def enter_phase(plan: settings_lib.PhasePlan, state: step_lib.TrainState,
+def enter_phase(plan: phase_plan.PhasePlan, state: step_lib.TrainState,
                 config, mesh) -> step_lib.TrainState:
   """State on entering phase `plan` after an earlier one: its optimizer
   (and, for a private phase, a fresh noise key), keeping what the recipe's
   `reset_opt_state` keeps of the previous optimizer's state."""
   new = init_opt(plan, state.params, mesh,
                  noise_key(config, mesh, plan.private), int(state.step))
-  if plan.reset_opt_state is not None:
-    inner = plan.reset_opt_state(step_lib.inner_opt_state(state.opt_state),
+  reset = plan.phase.reset_opt_state
+  if reset is not None:
+    inner = reset(step_lib.inner_opt_state(state.opt_state),
                                  step_lib.inner_opt_state(new))
-    new = (new[0], inner, *new[2:])  # [2:]: the EMA (train.ema_decay).
+    new = collections.OrderedDict(new)  # named_chain's type and order.
+    new["optimizer"] = inner  # The noise and EMA: the new ones.
   return state._replace(opt_state=new)
 
 

@@ -34,9 +34,10 @@ class TrainState(NamedTuple):
   """Everything the step changes; checkpointed as one pytree.
 
   step: int32 global step (over all phases).
-  opt_state: the state of `phase_optimizer`: (head, optimizer) where the
-    head of a private phase is `privacy.AddNoiseState(count, rng_key)`, the
-    secret root of the DP noise (never logged).
+  opt_state: the state of `phase_optimizer`, by name: {"noise": head,
+    "optimizer": ..., ["ema": ...]}; the head of a private phase holds
+    the count and `rng_key`, the secret root of the DP noise (never
+    logged).
   sampling_key: uint32[2] secret root of Poisson batch selection and
     per-example randomness on private data (read on the host by the loop;
     never logged). Both keys are in the resumable checkpoint only.
@@ -94,48 +95,31 @@ def mean_of_sum() -> optax.GradientTransformationExtraArgs:
 
 
 def phase_optimizer(optimizer: optax.GradientTransformation, *,
-                    sum_fn=None, noise_multiplier: float = 0.0,
-                    expected_batch_size: float = 1.0, noise_key=None,
-                    first_step: int = 0, ema_decay: float = 0.0,
-                    ema_warmup: bool = True, bands: int = 1, blt=None
+                    noise: optax.GradientTransformation | None = None,
+                    ema_decay: float = 0.0, ema_warmup: bool = True
                     ) -> optax.GradientTransformation:
-  """`chain(head, optimizer[, ema])` of one phase; its state is
-  `TrainState.opt_state`.
+  """`named_chain(noise=head, optimizer=optimizer[, ema=...])` of one
+  phase; its state, `TrainState.opt_state`, is the dict of their states
+  by those names (read by name: `inner_opt_state`, `ema.ema_of`).
 
-  Private phases (`sum_fn` given, a `privacy.clipping.BoundedSum`): head =
-  `privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
-  seed=noise_key, initial_count=first_step)`, so step t's key is
-  fold_in(noise_key, t) for the global step t; with `bands` > 1,
-  `privacy.bandmf_noise` (the same draws, correlated over `bands` steps;
-  the sampler must then be b-cyclic); with `blt` = (strategy, phase
-  steps), `privacy.blt_noise` (the same draws, correlated over all steps;
-  b-cyclic sampler with b = `bands`). Public phases: head =
-  `mean_of_sum()`. `ema_decay` > 0 appends `train.ema.params_ema` (an
-  average of the new params; post-processing, no privacy cost).
+  Private phases: head = `noise`, the phase mechanism's noise transform
+  (`privacy.mechanisms.Mechanism.noise`, e.g. `privacy.add_noise(sum_fn,
+  sigma, q*N, seed=noise_key, initial_count=first_step)`: step t's key is
+  fold_in(noise_key, t) for the global step t). Public phases (`noise`
+  None): head = `mean_of_sum()`. `ema_decay` > 0 appends
+  `train.ema.params_ema` (an average of the new params; post-processing,
+  no privacy cost).
   """
-  if sum_fn is None:
-    head = mean_of_sum()
-  elif blt is not None:  # BLT: noise correlated over all steps.
-    strategy, steps = blt
-    head = privacy.blt_noise(sum_fn, noise_multiplier, expected_batch_size,
-                             strategy, steps, bands, seed=noise_key,
-                             initial_count=first_step)
-  elif bands > 1:  # BandMF: noise correlated over `bands` steps.
-    head = privacy.bandmf_noise(sum_fn, noise_multiplier, expected_batch_size,
-                                bands, seed=noise_key,
-                                initial_count=first_step)
-  else:
-    head = privacy.add_noise(sum_fn, noise_multiplier, expected_batch_size,
-                             seed=noise_key, initial_count=first_step)
+  parts = [("noise", mean_of_sum() if noise is None else noise),
+           ("optimizer", optimizer)]
   if ema_decay:
-    return optax.chain(head, optimizer,
-                       ema_lib.params_ema(ema_decay, ema_warmup))
-  return optax.chain(head, optimizer)
+    parts.append(("ema", ema_lib.params_ema(ema_decay, ema_warmup)))
+  return optax.named_chain(*parts)
 
 
 def inner_opt_state(opt_state):
   """The wrapped optimizer's part of a `phase_optimizer` state."""
-  return opt_state[1]
+  return opt_state["optimizer"]
 
 
 def nonprivate_sum_fn(loss_fn, inner_microbatch: int = 0):

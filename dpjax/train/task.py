@@ -7,7 +7,7 @@ clipping, one Gaussian draw per step, accounted in the ledger) or non-private
 
 Phases are immutable descriptions: what the loop resolves from the config
 (sigma, q, N after audit canaries, the clipped-sum function and its
-sensitivity) lives in `train.settings.PhasePlan`, never in the phase.
+sensitivity) lives in `train.phase_plan.PhasePlan`, never in the phase.
 """
 
 import dataclasses

@@ -55,11 +55,12 @@ def test_rows_are_the_poisson_sample_with_correct_masks():
 
 
 def test_cyclic_sampling_draws_only_the_steps_partition_at_rate_qb():
-  """bands=b: step t samples the indices of partition t mod b (each
+  """sampler Cyclic(b): step t samples the indices of partition t mod b (each
   index's own secret partition), each at rate q*b (the sampling
   privacy.bandmf's accounting assumes); expected batch q*N."""
   n, q, b, steps = 1000, 0.02, 4, 400
-  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=3, bands=b)
+  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=3,
+                               sampler=sampling.Cyclic(b))
   counts, sizes = np.zeros(n), []
   for t in range(steps):
     idx = loader.indices(t)
@@ -72,8 +73,9 @@ def test_cyclic_sampling_draws_only_the_steps_partition_at_rate_qb():
   assert abs(rate.mean() - q * b) < 0.005
   assert abs(np.mean(sizes) - q * n) < 1.5
   # The batches themselves come from it (rows = the loader's indices).
-  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=7, bands=b)
-  for batch in _batches(n=n, q=q, steps=3, bands=b):
+  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=7,
+                               sampler=sampling.Cyclic(b))
+  for batch in _batches(n=n, q=q, steps=3, sampler=sampling.Cyclic(b)):
     x = batch["example"]["x"].reshape(-1)[batch["mask"].reshape(-1) == 1]
     np.testing.assert_array_equal(x, loader.indices(int(batch["step"])))
 

@@ -51,7 +51,7 @@ class _Records:
 def _loader(bands: int):
   def draw(seed, step, n, q):
     return pipeline.StepLoader(_Records(n), (), q, 8, seed=seed,
-                               bands=bands).indices(step)
+                               sampler=sampling.Cyclic(bands)).indices(step)
   return draw
 
 
@@ -150,8 +150,8 @@ def test_canaries_are_sampled_like_any_record(bands):
   n, m, q = 40, 8, 0.05
   source = splits.Appended(_Records(n), [{"x": np.int64(-1 - j)}
                                          for j in range(m)])
-  loader = lambda seed: pipeline.StepLoader(source, (), q, 8, seed=seed,
-                                            bands=bands)
+  loader = lambda seed: pipeline.StepLoader(
+      source, (), q, 8, seed=seed, sampler=sampling.Cyclic(bands))
   x = _inclusion(lambda s, t, _n, _q: loader(s).indices(t), 0, n + m, q)
   positions = list(range(n - m, n + m))  # m records, then the m canaries.
   _assert_every_position_joins_with_probability(x, q, positions)

@@ -113,8 +113,12 @@ def test_white_box_audit_of_the_bandmf_step_is_sound_and_has_power():
   the noise is caught."""
   sigma, delta, m = 1.25, 1e-6, 200_000
   theory = privacy.epsilon(sigma, 1.0, 1, delta)
+  bandmf4 = privacy.mechanisms.bandmf.BandMF(
+      noise_multiplier=sigma, sampling_rate=1.0, steps=m // 1000,
+      num_examples=m, delta=delta, accountant="pld", bands=4)
   run = lambda err: privacy.audit.audit_gaussian_step(
-      1.0, sigma, m, delta=delta, seed=0, noise_scale_error=err, bands=4)
+      1.0, sigma, m, delta=delta, seed=0, noise_scale_error=err,
+      mechanism=bandmf4)
   correct = run(1.0)
   assert correct.theoretical_epsilon == pytest.approx(theory)
   assert 0.5 * theory < correct.empirical_epsilon <= theory

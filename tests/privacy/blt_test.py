@@ -189,7 +189,7 @@ def test_accounting_is_one_gaussian_mechanism():
 def test_bad_arguments_name_the_field():
   with pytest.raises(ValueError, match="config.privacy.blt_buffers=0"):
     blt.optimize(10, 1, 0)
-  with pytest.raises(ValueError, match="config.privacy.bands=11"):
+  with pytest.raises(ValueError, match="config.privacy.min_separation=11"):
     blt.optimize(10, 11, 2)
 
 
@@ -211,9 +211,12 @@ def test_white_box_audit_of_the_blt_step_is_sound_and_has_power():
   participation were alone), is caught."""
   sigma, delta, m, b, n = 1.25, 1e-6, 16000, 4, 16
   theory = privacy.epsilon(sigma, 1.0, 1, delta)
+  mechanism = privacy.mechanisms.blt.Blt(
+      noise_multiplier=sigma, sampling_rate=1.0, steps=n, num_examples=m,
+      delta=delta, accountant="pld", min_separation=b, blt_buffers=4)
   run = lambda err: privacy.audit.audit_gaussian_step(
-      1.0, sigma, m, delta=delta, seed=0, noise_scale_error=err, bands=b,
-      mechanism="blt", steps=n)
+      1.0, sigma, m, delta=delta, seed=0, noise_scale_error=err,
+      mechanism=mechanism)
   real = run(1.0)
   assert real.theoretical_epsilon == pytest.approx(theory)
   assert 0.5 * theory < real.empirical_epsilon <= theory  # 2.34 vs 3.80.

@@ -15,7 +15,7 @@ from dpjax.data import splits
 from dpjax.data import synthetic
 from dpjax.recipes import dp_continual
 from dpjax.train import metrics
-from dpjax.train import settings
+from dpjax.train import privacy_settings
 from dpjax.train import step as step_lib
 
 
@@ -153,15 +153,14 @@ def test_automatic_clipping_contribution_below_c_and_sensitivity_c():
   cfg = small_config(**{"privacy.clipping": "normalize",
                         "privacy.l2_clip_norm": c,
                         "privacy.noise_multiplier": sigma})
-  s = settings.privacy_from_config(cfg.privacy, num_examples=900,
-                                 batch_size=48, steps=2)
+  s = privacy_settings.from_config(cfg.privacy, num_examples=900,
+                                   batch_size=48, steps=2)
   assert (s.clipping, s.l2_clip_norm, s.noise_multiplier) == (
       "normalize", c, sigma)
   sum_fn = step_lib.private_sum_fn(loss, s.l2_clip_norm, clipping=s.clipping)
   assert (sum_fn.l2_sensitivity, sum_fn.unit) == (c, "example")
-  tx = step_lib.phase_optimizer(
-      optax.sgd(1.0), sum_fn=sum_fn, noise_multiplier=s.noise_multiplier,
-      expected_batch_size=b, noise_key=jax.random.PRNGKey(1))
+  tx = step_lib.phase_optimizer(optax.sgd(1.0), noise=privacy.add_noise(
+      sum_fn, s.noise_multiplier, b, seed=jax.random.PRNGKey(1)))
   params = {"w": jnp.zeros(20_000)}
   state = step_lib.TrainState(jnp.zeros((), jnp.int32), params,
                               tx.init(params), jax.random.PRNGKey(2))

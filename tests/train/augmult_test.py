@@ -16,7 +16,7 @@ from dpjax.data import transforms as transforms_lib
 from dpjax.models import vit
 from dpjax.train import augmult
 from dpjax.train import checkpoint as ckpt_lib
-from dpjax.train import settings
+from dpjax.train import phase_plan
 from dpjax.train import task as task_lib
 
 K, B, C = 3, 4, 0.05
@@ -104,7 +104,7 @@ def test_refused_with_the_canary_audit():
   config = dp_linear.get_config()
   config.train.augmult = 2
   with pytest.raises(errors.ConfigError, match="audit"):
-    settings.resolve_phases(config, [_phase()], canaries=object())
+    phase_plan.resolve_phases(config, [_phase()], canaries=object())
 
 
 def test_identical_copies_train_exactly_as_one(tmp_path):

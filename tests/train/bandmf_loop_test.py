@@ -10,7 +10,7 @@ from configs import dp_linear
 from dpjax import errors
 from dpjax import privacy
 from dpjax import recipes
-from dpjax.train import settings
+from dpjax.train import phase_plan
 
 
 def _config(**privacy_overrides):
@@ -38,17 +38,24 @@ def test_trains_with_correlated_noise_and_its_accounting(tmp_path):
 
 
 def test_ledger_entries_one_per_band():
-  plan = settings.resolve_phases(_config(), recipes.build(_config()).phases)[0]
-  assert plan.bands == 4
-  assert plan.ledger_rate == pytest.approx(4 * plan.sampling_rate)
-  assert [plan.records(0, t) for t in (1, 4, 5, 12)] == [1, 1, 2, 3]
-  assert plan.records(3, 2) == 1 and plan.records(5, 3) == 0
-  assert sum(plan.records(t, 1) for t in range(12)) == math.ceil(12 / 4)
+  plan = phase_plan.resolve_phases(_config(), recipes.build(_config()).phases)[0]
+  mechanism = plan.mechanism
+  assert mechanism.name == "bandmf" and mechanism.bands == 4
+  assert [mechanism.records(0, t) for t in (1, 4, 5, 12)] == [1, 1, 2, 3]
+  assert mechanism.records(3, 2) == 1 and mechanism.records(5, 3) == 0
+  assert sum(mechanism.records(t, 1) for t in range(12)) == math.ceil(12 / 4)
+  ledger = privacy.PrivacyLedger(plan.num_examples, plan.privacy.delta)
+  mechanism.record(ledger, 0, 12)  # At rate q*b.
+  assert ledger.entries == [dict(
+      noise_multiplier=plan.noise_multiplier,
+      sampling_rate=4 * plan.sampling_rate, sampling="poisson",
+      max_batch_size=None, count=3)]
 
 
 @pytest.mark.parametrize("overrides,field", [
     (dict(mechanism="dpsgd", bands=2), "privacy.bands=2"),
     (dict(mechanism="blt3"), "privacy.mechanism='blt3'"),
+    (dict(min_separation=2), "privacy.min_separation=2"),  # BLT's knob.
     (dict(bands=13), "privacy.bands=13"),
     (dict(bands=12), "privacy.bands=12"),  # batch 128 x 12 > N = 1500.
 ])

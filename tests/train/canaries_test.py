@@ -12,7 +12,7 @@ from configs import vip as vip_config
 from dpjax import privacy
 from dpjax import recipes
 from dpjax.train import canaries
-from dpjax.train import settings
+from dpjax.train import phase_plan
 
 
 def _config(num_canaries=20, **overrides):
@@ -34,7 +34,7 @@ def test_included_canaries_are_appended_members_of_the_private_data():
   base = phases[0].source
   inserted = canaries.insert(config, phases)
   assert phases[0].source is base  # The recipe's phase is not changed.
-  phase = settings.resolve_phases(config, phases, inserted)[
+  phase = phase_plan.resolve_phases(config, phases, inserted)[
       inserted.phase_index]
   inc = inserted.included
   assert inc.dtype == bool and 0 < inc.sum() < 20
@@ -115,7 +115,7 @@ def test_fedemb_canaries_are_whole_users():
   config = _fedemb_config()
   phases = list(recipes.get("dpfedemb").build(config).phases)
   inserted = canaries.insert(config, phases)
-  phase = settings.resolve_phases(config, phases, inserted)[
+  phase = phase_plan.resolve_phases(config, phases, inserted)[
       inserted.phase_index]
   n_in = int(inserted.included.sum())
   # One canary = one user of 4 images of two glyph identities, one label.
@@ -129,11 +129,11 @@ def test_fedemb_canaries_are_whole_users():
     np.testing.assert_array_equal(phase.source[idx[3]]["image"],
                                   rec["images"][3])
   # The loop's rounds sample canary users like any other user.
-  it = phase.make_batches(source=phase.source,
-                          sampling_rate=phase.sampling_rate,
-                          seed=0, start_step=0, num_steps=10,
-                          global_microbatch=8, process_index=0,
-                          process_count=1, num_workers=0)
+  it = phase.phase.make_batches(source=phase.source,
+                                sampling_rate=phase.sampling_rate,
+                                seed=0, start_step=0, num_steps=10,
+                                global_microbatch=8, process_index=0,
+                                process_count=1, num_workers=0)
   labels = np.concatenate([
       e["example"]["label"][e["example"]["example_mask"] > 0] for e in it])
   assert np.any(labels >= 1 << 30) and np.any(labels < 1 << 30)

@@ -22,7 +22,8 @@ def _run(tx, params, grads):
 def test_average_of_the_new_params(warmup):
   grads = [{"w": jnp.full(3, float(i + 1))} for i in range(4)]
   sgd = optax.sgd(0.5)
-  params, state = _run(optax.chain(sgd, ema_lib.params_ema(0.9, warmup)),
+  params, state = _run(optax.named_chain(
+      ("optimizer", sgd), ("ema", ema_lib.params_ema(0.9, warmup))),
                        {"w": jnp.zeros(3)}, grads)
   # Reference: the same SGD, averaged by hand with each update's decay.
   p, want = np.zeros(3), np.zeros(3)
@@ -32,7 +33,7 @@ def test_average_of_the_new_params(warmup):
     want = d * want + (1 - d) * p
   np.testing.assert_allclose(params["w"], p, rtol=1e-6)  # Updates unchanged.
   np.testing.assert_allclose(ema_lib.ema_of(state)["w"], want, rtol=1e-6)
-  assert int(state[1].count) == len(grads)
+  assert int(state["ema"].count) == len(grads)
 
 
 def test_phase_optimizer_chains_it_last_only_when_asked():
@@ -41,7 +42,7 @@ def test_phase_optimizer_chains_it_last_only_when_asked():
   assert ema_lib.ema_of(plain.init(params)) is None
   with_ema = step_lib.phase_optimizer(optax.sgd(0.1), ema_decay=0.99)
   state = with_ema.init(params)
-  assert isinstance(state[-1], ema_lib.EmaState)
+  assert isinstance(state["ema"], ema_lib.EmaState)
   np.testing.assert_array_equal(ema_lib.ema_of(state)["w"], params["w"])
 
 

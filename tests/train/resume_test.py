@@ -1,7 +1,8 @@
 """Preemption: SIGTERM -> finish the step, checkpoint, exit 0; rerun resumes.
 
 Runs keep their SECRET noise and sampling keys (the default: OS entropy;
-here with a parameter EMA and BandMF or BLT noise, whose state resumes too):
+here with a parameter EMA and BandMF or BLT noise, whose state resumes too,
+or truncated Poisson batches of a fixed size):
 the keys come back from the checkpoint, so a run resumed from a checkpoint of
 an uninterrupted run ends with exactly its parameters, optimizer state, keys
 and epsilon (Grain iterator position and privacy ledger come back from the
@@ -40,13 +41,18 @@ OVERRIDES = [
     "--config.data.num_examples=1000", "--config.data.eval_num_examples=8",
     "--config.privacy.noise_multiplier=1.0",
     # The EMA and the correlated noise's buffers resume bit for bit too.
-    "--config.train.ema_decay=0.9", "--config.privacy.bands=2",
+    "--config.train.ema_decay=0.9",
 ] + [f"--config.evals.{k}.log_steps=-1"  # off.
      for k in dpcap_config.get_config("tiny").evals]
 MECHANISMS = {  # BandMF (b=2), BLT (3 buffers, min separation 2).
-    "bandmf": ("--config.privacy.mechanism=bandmf",),
+    "bandmf": ("--config.privacy.mechanism=bandmf",
+               "--config.privacy.bands=2"),
     "blt": ("--config.privacy.mechanism=blt",
+            "--config.privacy.min_separation=2",
             "--config.privacy.blt_buffers=3"),
+    # Every step reads exactly 96 rows (3 microbatches): constant shape.
+    "truncated_poisson": ("--config.privacy.mechanism=truncated_poisson",
+                          "--config.privacy.max_batch_size=96"),
 }
 
 
@@ -134,6 +140,9 @@ def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
   entry = meta["ledger"]["entries"][0]
   if mechanism == "bandmf":  # One ledger entry per 2 steps (at rate 2q).
     assert entry["count"] == -(-steps[0] // 2)
+  elif mechanism == "truncated_poisson":  # One entry per step, truncated.
+    assert (entry["sampling"], entry["max_batch_size"], entry["count"]) == (
+        "truncated_poisson", 96, steps[0])
   else:  # BLT: one Gaussian entry, rho growing with every step.
     assert entry["kind"] == "gaussian" and entry["count"] == steps[0]
     assert 0 < entry["rho"] < 1.0

@@ -64,7 +64,7 @@ def _config(**privacy):
 def noise_key(state) -> np.ndarray:
   """The DP noise's root key in a restored state: the noise transform's
   `AddNoiseState.rng_key`, first in the step optimizer's state."""
-  return np.asarray(state["opt_state"][0]["rng_key"])
+  return np.asarray(state["opt_state"]["noise"]["rng_key"])
 
 
 def _final(workdir):

@@ -10,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from dpjax import privacy
 from dpjax.train import mesh as mesh_lib
 from dpjax.train import step as step_lib
 
@@ -25,8 +26,8 @@ def _tx(sigma=1.0, clip=1.0, expected=8.0, opt=None, seed=0):
   """The loop's sum function and step optimizer of a private phase."""
   sum_fn = step_lib.private_sum_fn(loss_fn, clip)
   return sum_fn, step_lib.phase_optimizer(
-      opt or optax.sgd(1.0), sum_fn=sum_fn, noise_multiplier=sigma,
-      expected_batch_size=expected, noise_key=jax.random.PRNGKey(seed))
+      opt or optax.sgd(1.0), noise=privacy.add_noise(
+          sum_fn, sigma, expected, seed=jax.random.PRNGKey(seed)))
 
 
 def _state(params, seed=0):
@@ -161,8 +162,8 @@ def test_loop_step_is_the_library_recipe_bit_for_bit():
   # The loop's path: its sum function, phase optimizer, jitted steps.
   loop_sum = step_lib.private_sum_fn(loss, 1.0)
   loop_tx = step_lib.phase_optimizer(
-      optax.adamw(1e-2), sum_fn=loop_sum, noise_multiplier=1.3,
-      expected_batch_size=10.0, noise_key=key)
+      optax.adamw(1e-2), noise=privacy.add_noise(loop_sum, 1.3, 10.0,
+                                                 seed=key))
   accumulate = jax.jit(functools.partial(step_lib.accumulate, loop_sum))
   apply = jax.jit(functools.partial(step_lib.apply, optimizer=loop_tx))
   state = step_lib.TrainState(jnp.zeros((), jnp.int32), params,
