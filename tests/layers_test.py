@@ -187,16 +187,5 @@ def test_a_cycle_is_caught():
   assert cycles(graph) == [["dpjax.a", "dpjax.b", "dpjax.c"]]
 
 
-# Private names still read across modules in files of the mechanism work
-# (issue #33); each goes when that file is rewritten. Nothing may be added.
-KNOWN_PRIVATE_USES = {
-    "dpjax.data.bad_records uses dpjax.data.pipeline._describe_error",
-    "dpjax.privacy.bandmf uses dpjax.privacy.noise._init_state",
-    "dpjax.privacy.blt uses dpjax.privacy.accounting._bisect_sigma",
-    "dpjax.privacy.blt uses dpjax.privacy.noise._init_state",
-    "dpjax.privacy.ledger uses dpjax.privacy.accounting._check",
-}
-
-
 def test_no_private_name_read_across_modules():
-  assert set(private_uses()) <= KNOWN_PRIVATE_USES
+  assert not private_uses()

@@ -43,7 +43,7 @@ def find_bad_records(source: Any, transforms: Sequence[Any] = (), *,
 
   def check(i):
     rec, code, err = rows.try_load(i, 0)
-    return None if rec is not None else (i, int(code), pipeline._describe_error(err))
+    return None if rec is not None else (i, int(code), pipeline.describe_error(err))
 
   n = len(source)
   threads = num_threads or min(8, os.cpu_count() or 1)

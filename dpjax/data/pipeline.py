@@ -116,7 +116,8 @@ def _code(error: Exception, default: str) -> int:
                      else default)
 
 
-def _describe_error(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
+  """One line naming a record's failure (its reason, else its type)."""
   if isinstance(error, BadRecord):
     return f"{error.reason}: {error}"
   return f"{type(error).__name__}: {error}"
@@ -140,7 +141,7 @@ def template_record(rows: RowLoader, num_examples: int) -> dict[str, Any]:
   raise DataValidationError(
       f"data: none of the first {i + 1} records of {rows.source!r} can be "
       f"used ({len(common)} like record {common[0][0]}: "
-      f"{_describe_error(common[0][1])}). This is the data's configuration, "
+      f"{describe_error(common[0][1])}). This is the data's configuration, "
       "not a few bad records: check data.source, data.fields and the image "
       "/ caption keys.")
 

@@ -40,7 +40,8 @@ _SAMPLINGS = ("poisson", "without_replacement", "truncated_poisson")
 _ACCOUNTANTS = ("pld", "rdp")
 
 
-def _check(accountant: str, sampling: str) -> None:
+def check_supported(accountant: str, sampling: str) -> None:
+  """Raises a ValueError for an unknown accountant or sampling scheme."""
   if accountant not in _ACCOUNTANTS:
     raise ValueError(f"accountant must be one of {_ACCOUNTANTS}, got "
                      f"{accountant!r}.")
@@ -69,7 +70,7 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
   Returns:
     ``SelfComposedDpEvent`` of one step's event, ``steps`` times.
   """
-  _check("pld", sampling)
+  check_supported("pld", sampling)
   if sampling == "poisson":
     step = dp_accounting.PoissonSampledDpEvent(
         sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
@@ -104,7 +105,7 @@ def _contains(event: dp_accounting.DpEvent, cls: type) -> bool:
 def make_accountant(accountant: str = "pld", replace_one: bool = False
                     ) -> dp_accounting.PrivacyAccountant:
   """A fresh dp_accounting accountant with this module's settings."""
-  _check(accountant, "poisson")
+  check_supported(accountant, "poisson")
   rel = (dp_accounting.NeighboringRelation.REPLACE_ONE if replace_one else
          dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
   if accountant == "rdp":
@@ -175,7 +176,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
   Returns:
     epsilon as a float (``inf`` when sigma == 0 and q, steps > 0).
   """
-  _check(accountant, sampling)
+  check_supported(accountant, sampling)
   if steps == 0 or sampling_rate == 0:
     return 0.0
   if noise_multiplier == 0:
@@ -224,11 +225,11 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float,
           value_discretization_interval=1e-2)
       acc.compose(dp_event(s, sampling_rate, steps, **event_kwargs))
       return float(acc.get_epsilon(delta))
-    start = _bisect_sigma(coarse, target_epsilon, 1.0, 1e-2)
-  return _bisect_sigma(eps, target_epsilon, start, rtol)
+    start = bisect_sigma(coarse, target_epsilon, 1.0, 1e-2)
+  return bisect_sigma(eps, target_epsilon, start, rtol)
 
 
-def _bisect_sigma(eps, target: float, start: float, rtol: float) -> float:
+def bisect_sigma(eps, target: float, start: float, rtol: float) -> float:
   """Smallest sigma (to rtol) with eps(sigma) <= target, from a guess."""
   hi = start
   while eps(hi) > target:

@@ -101,7 +101,7 @@ def bandmf_noise(sensitivity: noise_lib.Sensitivity, noise_multiplier: float,
   def init_fn(params):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(
         p.dtype, jnp.float32)), params)
-    base = noise_lib._init_state(seed, initial_count)  # pylint: disable=protected-access
+    base = noise_lib.init_state(seed, initial_count)
     return BandMFState(base.count, base.rng_key,
                        tuple(zeros for _ in range(bands - 1)))
 

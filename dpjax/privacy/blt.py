@@ -255,7 +255,7 @@ def blt_noise(sensitivity: noise_lib.Sensitivity, noise_multiplier: float,
         f"expected_batch_size must be > 0, got {expected_batch_size}.")
 
   def init_fn(params):
-    base = noise_lib._init_state(seed, initial_count)  # pylint: disable=protected-access
+    base = noise_lib.init_state(seed, initial_count)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     return BLTState(base.count, base.rng_key, tuple(zeros for _ in theta))
 
@@ -293,7 +293,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   """The smallest sigma (to rtol) whose `epsilon` is <= target_epsilon."""
   if target_epsilon <= 0:
     raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}.")
-  return accounting._bisect_sigma(  # pylint: disable=protected-access
+  return accounting.bisect_sigma(
       lambda s: epsilon(s, delta, accountant), target_epsilon, 1.0, rtol)
 
 

@@ -81,7 +81,7 @@ class PrivacyLedger:
         (delta = 1/N would allow releasing one record in the clear).
       accountant: "pld" or "rdp".
     """
-    accounting._check(accountant, "poisson")  # pylint: disable=protected-access
+    accounting.check_supported(accountant, "poisson")
     if num_examples <= 0:
       raise ValueError(f"num_examples must be > 0, got {num_examples}.")
     self.num_examples = int(num_examples)
@@ -124,7 +124,7 @@ class PrivacyLedger:
       sampling: "poisson", "truncated_poisson" or "without_replacement".
       max_batch_size: see ``accounting.dp_event``.
     """
-    accounting._check(self.accountant, sampling)  # pylint: disable=protected-access
+    accounting.check_supported(self.accountant, sampling)
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}.")
     if sampling == "truncated_poisson" and max_batch_size is None:
@@ -240,7 +240,7 @@ class PrivacyLedger:
     """A ledger with these entries that records independently (it shares
     the epsilon caches, which are keyed by the entries)."""
     other = copy.copy(self)
-    other._entries = [dataclasses.replace(e) for e in self._entries]  # pylint: disable=protected-access
+    other._entries = [dataclasses.replace(e) for e in self._entries]
     return other
 
   def would_exceed(self, target_epsilon: float, noise_multiplier: float,

@@ -143,7 +143,8 @@ def _root_key(seed: Seed) -> jax.Array:
   return jnp.asarray(seed, jnp.uint32)
 
 
-def _init_state(seed: Seed, count: int = 0) -> AddNoiseState:
+def init_state(seed: Seed, count: int = 0) -> AddNoiseState:
+  """The noise state at update `count`, keyed by `seed` (None: OS entropy)."""
   return AddNoiseState(count=jnp.asarray(count, jnp.int32),
                        rng_key=_root_key(seed))
 
@@ -210,7 +211,7 @@ def add_noise(sensitivity: Sensitivity, noise_multiplier: float,
 
   def init_fn(params):
     del params
-    return _init_state(seed, initial_count)
+    return init_state(seed, initial_count)
 
   def update_fn(updates, state, params=None):
     del params
@@ -256,7 +257,7 @@ def dp_aggregate(
 
   def init_fn(params):
     del params
-    return _init_state(seed)
+    return init_state(seed)
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
     del params, extra_args
