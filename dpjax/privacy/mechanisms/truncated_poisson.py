@@ -19,9 +19,9 @@ epsilon that of DP-SGD up to a hair; B near q N costs far more epsilon.
 import dataclasses
 
 from dpjax.privacy import accounting
-from dpjax.privacy import noise as noise_lib
 from dpjax.privacy import sampling
 from dpjax.privacy.mechanisms import base
+from dpjax.privacy.mechanisms import dpsgd
 
 _OVERFLOW = 1e-6  # Default B: P(a step's draw is truncated) <= this.
 
@@ -42,10 +42,13 @@ class TruncatedPoisson(sampling.Sampler):
 
 
 @dataclasses.dataclass(frozen=True)
-class TruncatedPoissonDpSgd(base.Mechanism):
-  """DP-SGD on truncated Poisson batches of B rows (module doc)."""
+class TruncatedPoissonDpSgd(dpsgd.DpSgd):
+  """DP-SGD (its noise) on truncated Poisson batches of B rows (module
+  doc)."""
   max_batch_size: int = 1
   name = "truncated_poisson"
+  poisson = False  # Rows of its own batches, not plain Poisson ones.
+  tan_simulation = False
   knobs = dict(max_batch_size=0)  # 0: max_batch_size_for(N, q, 1e-6).
   fields = dict(max_batch_size="privacy.max_batch_size")
 
@@ -70,11 +73,6 @@ class TruncatedPoissonDpSgd(base.Mechanism):
 
   def sampler(self) -> sampling.Sampler:
     return TruncatedPoisson(self.max_batch_size)
-
-  def noise(self, sum_fn, expected_batch_size, seed=None, initial_count=0):
-    return noise_lib.add_noise(sum_fn, self.noise_multiplier,
-                               expected_batch_size, seed=seed,
-                               initial_count=initial_count)
 
   def record(self, ledger, start, steps):
     del start
