@@ -202,3 +202,23 @@ def test_to_global_array_on_8_devices():
                                process_index=0, process_count=1)
   np.testing.assert_array_equal(next(iter(pb))["example"]["x"],
                                 b["example"]["x"])
+
+
+def test_a_sampler_with_fixed_rows_gives_every_step_the_same_shape():
+  """Truncated Poisson (`privacy.mechanisms.truncated_poisson`): every step
+  reads `rows` rows whatever the draw (padding masked), so a step's time
+  does not reveal its realised batch size; the real rows are the draw."""
+  from dpjax.privacy.mechanisms import truncated_poisson  # pylint: disable=g-import-not-at-top
+  n, q, rows = 400, 0.05, 32
+  sampler = truncated_poisson.TruncatedPoisson(rows)
+  loader = pipeline.StepLoader(IndexSource(n), (), q, 16, seed=5,
+                               sampler=sampler)
+  shapes, sizes = set(), set()
+  for t in range(12):
+    batch = loader(t)
+    shapes.add(batch["mask"].shape)
+    sizes.add(int(batch["mask"].sum()))
+    x = batch["example"]["x"].reshape(-1)[batch["mask"].reshape(-1) == 1]
+    np.testing.assert_array_equal(np.sort(x), loader.indices(t))
+    assert loader.indices(t).size <= rows
+  assert shapes == {(rows // 16, 16)} and len(sizes) > 1

@@ -1,8 +1,8 @@
 """Preemption: SIGTERM -> finish the step, checkpoint, exit 0; rerun resumes.
 
 Runs keep their SECRET noise and sampling keys (the default: OS entropy;
-here with a parameter EMA and BandMF or BLT noise, whose state resumes too,
-or truncated Poisson batches of a fixed size):
+here with a parameter EMA and BandMF or BLT noise, whose state resumes too;
+truncated Poisson's resume is tests/train/truncated_poisson_loop_test.py):
 the keys come back from the checkpoint, so a run resumed from a checkpoint of
 an uninterrupted run ends with exactly its parameters, optimizer state, keys
 and epsilon (Grain iterator position and privacy ledger come back from the
@@ -50,9 +50,6 @@ MECHANISMS = {  # BandMF (b=2), BLT (3 buffers, min separation 2).
     "blt": ("--config.privacy.mechanism=blt",
             "--config.privacy.min_separation=2",
             "--config.privacy.blt_buffers=3"),
-    # Every step reads exactly 96 rows (3 microbatches): constant shape.
-    "truncated_poisson": ("--config.privacy.mechanism=truncated_poisson",
-                          "--config.privacy.max_batch_size=96"),
 }
 
 
@@ -140,9 +137,6 @@ def test_sigterm_exits_0_and_resume_equals_uninterrupted_with_secret_keys(
   entry = meta["ledger"]["entries"][0]
   if mechanism == "bandmf":  # One ledger entry per 2 steps (at rate 2q).
     assert entry["count"] == -(-steps[0] // 2)
-  elif mechanism == "truncated_poisson":  # One entry per step, truncated.
-    assert (entry["sampling"], entry["max_batch_size"], entry["count"]) == (
-        "truncated_poisson", 96, steps[0])
   else:  # BLT: one Gaussian entry, rho growing with every step.
     assert entry["kind"] == "gaussian" and entry["count"] == steps[0]
     assert 0 < entry["rho"] < 1.0
