@@ -180,14 +180,15 @@ def _train_phase(run: _Run, index: int, state, phase_step: int,
       # anything derived from it) never leaves the step.
       m["examples_per_sec"] = (since * phase.batch_size /
                                max(time.time() - t0, 1e-9))
-      eps_key, m_eps = run.progress_epsilon()
-      m[eps_key] = m_eps
+      shown = {prefix + "loss": m[prefix + "loss"]}
+      if (tracked := run.progress_epsilon()) is not None:  # Private run.
+        m[tracked[0]] = tracked[1]
+        shown["ref_eps" if run.is_simulation else "eps"] = tracked[1]
+      shown["ex/s"] = m["examples_per_sec"]
       if phase.phase.monitor is not None:
         m.update(phase.phase.monitor(state.params, gstep))
       writer.write(gstep, m)
-      writer.progress(gstep, {prefix + "loss": m[prefix + "loss"],
-                              "ref_eps" if run.is_simulation else "eps": m_eps,
-                              "ex/s": m["examples_per_sec"]})
+      writer.progress(gstep, shown)
       t0, since = time.time(), 0
     if not (last and (stopped or index == len(run.task.phases) - 1)):
       t_eval = time.time()

@@ -5,10 +5,9 @@ Functions of the loop's `_Run` (its plans, ledger, privacy settings and
 (`as_run.py`): a resumed run reports the keys it actually used and each
 phase as it ran, and its epsilon is the ledger's at the delta it prints. A
 run without a private phase has no epsilon: None in results.json, "n/a" in
-the logs, inf in the metrics (never 0, which would read as perfect privacy).
+the logs, no epsilon in the metrics or progress bar (never 0, which would
+read as perfect privacy).
 """
-
-import math
 
 from dpjax import privacy
 
@@ -20,14 +19,14 @@ def epsilon_text(run) -> str:
   return f"epsilon {run.epsilon():.4g} (delta {run.dp.delta:.3g})"
 
 
-def progress_epsilon(run) -> tuple[str, float]:
-  """What the logs track: ("epsilon", the ledger's; inf for a non-private
-  run), or for a TAN simulation ("tan_reference_epsilon", that of the
+def progress_epsilon(run) -> tuple[str, float] | None:
+  """What the logs track: ("epsilon", the ledger's; None for a non-private
+  run: no epsilon to log), or for a TAN simulation ("tan_reference_epsilon", that of the
   simulated reference run (B, sigma) after as many steps). A simulation's
   own epsilon (hundreds) is meaningless, and PLD at its tiny sigma costs
   tens of seconds, so it is computed once, at the end."""
   if not run.private:
-    return "epsilon", math.inf
+    return None
   if not run.is_simulation:
     return "epsilon", run.epsilon()
   if not run.ledger.steps:

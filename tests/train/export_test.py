@@ -8,7 +8,6 @@ stays out of it.
 """
 
 import json
-import math
 import os
 
 import jax
@@ -100,5 +99,7 @@ def test_a_non_private_run_has_no_epsilon(tmp_path):
   assert results["train/private"] is False
   assert "secret_randomness" not in results and "delta" not in results
   assert _read(str(tmp_path), "results.json")["epsilon"] is None
-  eps = [v for _, v in metrics.read_csv(str(tmp_path))["epsilon"]]
-  assert eps and all(math.isinf(v) for v in eps)  # Logged: no guarantee.
+  # No epsilon column (TensorBoard warns on inf; 0 would read as perfect
+  # privacy): the metrics say nothing of a guarantee there is not.
+  logged = metrics.read_csv(str(tmp_path))
+  assert "nonprivate/loss" in logged and "epsilon" not in logged
