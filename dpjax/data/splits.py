@@ -40,6 +40,7 @@ import numpy as np
 
 from dpjax.data import BadRecord
 from dpjax.errors import ConfigError
+from dpjax.privacy import sampling
 
 KEY_FIELDS = ("key", "__key__")
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -128,14 +129,6 @@ def source_keys(source: Any) -> tuple[np.ndarray, np.ndarray]:
   return keys, readable
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-  """SplitMix64's finalizer (a bijection of uint64) on an array."""
-  with np.errstate(over="ignore"):
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def share_uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
   """float64 in [0, 1) per key: a keyed hash of (seed, key), vectorised.
 
@@ -147,7 +140,8 @@ def share_uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
   w = int.from_bytes(h.digest(), "little")
   s1, s2 = np.uint64(w), np.uint64((w * 0x9E3779B97F4A7C15) & _U64 | 1)
   with np.errstate(over="ignore"):
-    z = _mix64(_mix64(np.asarray(keys, np.uint64) ^ s1) + s2)
+    z = sampling.finalize64(
+        sampling.finalize64(np.asarray(keys, np.uint64) ^ s1) + s2)
   return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 

@@ -138,14 +138,18 @@ def mix(*keys) -> np.ndarray:
   independent uniform 64-bit draws (the keyed hash the per-record draws of
   ``dpjax.data`` and ``partition_of`` use).
   """
-  with np.errstate(over="ignore"):
-    h = np.uint64(0x9E3779B97F4A7C15)
-    for k in keys:
-      z = h ^ np.asarray(k).astype(np.uint64)
-      z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-      z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-      h = z ^ (z >> np.uint64(31))
+  h = np.uint64(0x9E3779B97F4A7C15)
+  for k in keys:
+    h = finalize64(h ^ np.asarray(k).astype(np.uint64))
   return h
+
+
+def finalize64(z: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser, a bijection of uint64 (array or scalar)."""
+  with np.errstate(over="ignore"):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def partition_of(seed: int, indices: np.ndarray, cycle: int) -> np.ndarray:
