@@ -22,6 +22,7 @@ import dataclasses
 import json
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
@@ -158,3 +159,22 @@ def metrics(result: privacy.audit.AuditResult, means: dict) -> dict:
   out.update({f"audit/{k}": v for k, v in result.counts.items()})
   out.update({f"audit/{k}": v for k, v in means.items()})
   return out
+
+
+def audit_run(run, params, workdir: str) -> dict:
+  """config.audit at the end of the loop's run `run`: scores the canaries,
+  writes audit.json (process 0), logs the bound; returns its metrics."""
+  phase = run.plans[run.canaries.phase_index]
+  private = run.dp is not None and phase.private
+  delta = run.config.audit.delta
+  result, means = audit(
+      run.canaries, phase.phase, params, config=run.config, delta=delta,
+      epsilon=run.ledger.epsilon(delta) if private else float("inf"))
+  logging.info("audit: empirical epsilon >= %.3f at %.0f%% confidence from "
+               "%d canaries (accountant epsilon %.4g at delta %.3g)",
+               result.empirical_epsilon, 100 * result.confidence,
+               len(run.canaries.records), result.theoretical_epsilon,
+               result.delta)
+  if jax.process_index() == 0:
+    write(workdir, result, means)
+  return metrics(result, means)

@@ -18,7 +18,6 @@ import jax
 import ml_collections
 
 from dpjax import privacy
-from dpjax import private_files
 from dpjax.data import bad_records
 from dpjax.data import pipeline
 from dpjax.train import as_run as as_run_lib
@@ -57,7 +56,7 @@ class _Run:
         max_records=config.data.validate_max_records)
     # Bad records met in training: in memory and in the checkpoint, never
     # logged per step (that would say when they were drawn); written once
-    # at the end (_write_bad_records).
+    # at the end (report.write_bad_records).
     self.bad = bad_records.BadRecordTally()
     private = [p for p in self.plans if p.private]
     self.dp = private[0].privacy if private else None
@@ -240,55 +239,6 @@ def _evaluate(run: _Run, state, writer, step: int,
   return out
 
 
-def _audit(run: _Run, params, workdir: str) -> dict:
-  """config.audit: scores the canaries, writes audit.json, logs the bound."""
-  phase = run.plans[run.canaries.phase_index]
-  private = run.dp is not None and phase.private
-  delta = run.config.audit.delta
-  result, means = canaries_lib.audit(
-      run.canaries, phase.phase, params, config=run.config, delta=delta,
-      epsilon=run.ledger.epsilon(delta) if private else float("inf"))
-  logging.info("audit: empirical epsilon >= %.3f at %.0f%% confidence from "
-               "%d canaries (accountant epsilon %.4g at delta %.3g)",
-               result.empirical_epsilon, 100 * result.confidence,
-               len(run.canaries.records), result.theoretical_epsilon,
-               result.delta)
-  if jax.process_index() == 0:
-    canaries_lib.write(workdir, result, means)
-  return canaries_lib.metrics(result, means)
-
-
-def _write_bad_records(run: _Run, workdir: str, writer, step: int) -> None:
-  """End of the run, every process: gathers the bad records met in
-  training, writes <workdir>/private_bad_records.json (derived from private
-  data: owner-only, 0600) and the aggregate private/bad_records
-  (nonprivate/ for public phases) to the metrics; this is the only place
-  they are reported, and the log line labels them like every private/
-  metric."""
-  phases = run.task.phases
-  bad = run.bad.allgather([p.name for p in phases])
-  if jax.process_index() != 0:
-    return
-  report = bad.report([(p.name, p.private, p.source) for p in run.plans],
-                      run.startup_bad)
-  private_files.write_private_text(
-      workdir.rstrip("/") + "/" + bad_records.BAD_RECORDS_FILE,
-      json.dumps(report, indent=1))
-  m = {}
-  for private, prefix in ((True, "private/"), (False, "nonprivate/")):
-    names = [p.name for p in phases if p.private == private]
-    if names:
-      m[prefix + "bad_records"] = bad.num_records(names)
-      if bad.num_records(names):
-        logging.info(
-            "%sbad_records=%d (%d draws)%s; listed in %s", prefix,
-            bad.num_records(names), bad.num_draws(names),
-            " (computed on private data without noise: NOT differentially "
-            "private, not for publication)" if private else "",
-            bad_records.BAD_RECORDS_FILE)
-  writer.write(step, m)
-
-
 def _finished(task: task_lib.Task, workdir: str) -> dict | None:
   """results.json of a run of `task` that already ended (all steps, or
   stopped at its epsilon budget), else None."""
@@ -391,7 +341,7 @@ def _run(task, config, workdir,
       writer.close()
       return dict(preempted=True, step=int(state.step))
     if not config.eval_only:
-      _write_bad_records(r, workdir, writer, int(state.step))
+      report.write_bad_records(r, workdir, writer, int(state.step))
     # Params alone, safe to publish; checkpoints/ keeps the secret keys.
     ckpt_lib.export_params(workdir, state.params)
     ema = ema_lib.ema_of(state.opt_state)
@@ -402,7 +352,7 @@ def _run(task, config, workdir,
                  stopped_at_budget=stopped)
   results.update(_evaluate(r, state, writer, int(state.step)))
   if r.canaries is not None:
-    results.update(_audit(r, state.params, workdir))
+    results.update(canaries_lib.audit_run(r, state.params, workdir))
   samples = (r.task.summary(state.params)
              if r.task.summary is not None and jax.process_index() == 0
              else None)

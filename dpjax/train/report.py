@@ -9,7 +9,14 @@ the logs, no epsilon in the metrics or progress bar (never 0, which would
 read as perfect privacy).
 """
 
+import json
+
+from absl import logging
+import jax
+
 from dpjax import privacy
+from dpjax import private_files
+from dpjax.data import bad_records
 
 
 def epsilon_text(run) -> str:
@@ -62,3 +69,34 @@ def describe(run) -> dict:
           tan_reference_batch_size=dp.tan_reference_batch_size,
           tan_reference_noise_multiplier=dp.tan_reference_noise_multiplier)
   return out
+
+
+def write_bad_records(run, workdir: str, writer, step: int) -> None:
+  """End of the run, every process: gathers the bad records met in
+  training, writes <workdir>/private_bad_records.json (derived from private
+  data: owner-only, 0600) and the aggregate private/bad_records
+  (nonprivate/ for public phases) to the metrics; this is the only place
+  they are reported, and the log line labels them like every private/
+  metric."""
+  phases = run.task.phases
+  bad = run.bad.allgather([p.name for p in phases])
+  if jax.process_index() != 0:
+    return
+  listing = bad.report([(p.name, p.private, p.source) for p in run.plans],
+                       run.startup_bad)
+  private_files.write_private_text(
+      workdir.rstrip("/") + "/" + bad_records.BAD_RECORDS_FILE,
+      json.dumps(listing, indent=1))
+  m = {}
+  for private, prefix in ((True, "private/"), (False, "nonprivate/")):
+    names = [p.name for p in phases if p.private == private]
+    if names:
+      m[prefix + "bad_records"] = bad.num_records(names)
+      if bad.num_records(names):
+        logging.info(
+            "%sbad_records=%d (%d draws)%s; listed in %s", prefix,
+            bad.num_records(names), bad.num_draws(names),
+            " (computed on private data without noise: NOT differentially "
+            "private, not for publication)" if private else "",
+            bad_records.BAD_RECORDS_FILE)
+  writer.write(step, m)

@@ -17,7 +17,7 @@ from dpjax import private_files
 from dpjax import recipes
 from dpjax.data import bad_records
 from dpjax.train import checkpoint as ckpt_lib
-from dpjax.train import loop
+from dpjax.train import report
 from dpjax.train import metrics
 
 UMASKS = [0o022, 0o000]
@@ -130,7 +130,7 @@ def test_bad_record_count_is_logged_as_a_private_value(private, tmp_path,
   try:
     writer = metrics.MetricWriter(str(tmp_path), total_steps=1)
     caplog.set_level(logging.INFO)
-    loop._write_bad_records(_fake_run(private), str(tmp_path), writer, 1)  # pylint: disable=protected-access
+    report.write_bad_records(_fake_run(private), str(tmp_path), writer, 1)  # pylint: disable=protected-access
     writer.close()
   finally:
     os.umask(old)
