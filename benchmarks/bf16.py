@@ -17,8 +17,8 @@ On a CPU bfloat16 matmuls are emulated, so the time ratio says nothing about an
 accelerator; the error does.
 
 Run from the repository root (by hand, a few minutes on 2 CPU cores):
-  PYTHONPATH=. /work/main/.venv/bin/python benchmarks/bf16.py
-  PYTHONPATH=. /work/main/.venv/bin/python benchmarks/bf16.py --models vit_narrow --reps 3
+  PYTHONPATH=. .venv/bin/python benchmarks/bf16.py
+  PYTHONPATH=. .venv/bin/python benchmarks/bf16.py --models vit_narrow --reps 3
 """
 
 import argparse

@@ -21,7 +21,7 @@ step (`memory_analysis()`), deterministic.
               place), then dot: privacy.rows.zero_rows   (dpjax after #24)
 
 Run from the repository root (by hand):
-  PYTHONPATH=. /work/main/.venv/bin/python benchmarks/clip_sum_variants.py
+  PYTHONPATH=. .venv/bin/python benchmarks/clip_sum_variants.py
   ... --width 96 --batch 64 --reps 5 --variants where,dot,dot_loop
 """
 

@@ -13,8 +13,8 @@ buffer assignment of each compiled function (arguments + outputs + temporaries
 for a single function; on GPU/TPU `device.memory_stats()` peaks are printed too.
 
 Run from the repository root (by hand, not in the test suite):
-  PYTHONPATH=. /work/venv/bin/python benchmarks/dp_overhead.py    # all settings
-  PYTHONPATH=. /work/venv/bin/python benchmarks/dp_overhead.py \
+  PYTHONPATH=. .venv/bin/python benchmarks/dp_overhead.py    # all settings
+  PYTHONPATH=. .venv/bin/python benchmarks/dp_overhead.py \
       --models vit_tiny --batches 64
   ... --methods nonprivate,ghost  --reps 7 --markdown
 """

@@ -20,7 +20,7 @@ v5p-128 from ``python -m dpjax.plan --config=configs/dpcap.py
 paper step needs for decoding and augmentation.
 
 Run (by hand, not in the test suite):
-  /work/main/.venv/bin/python benchmarks/input_pipeline.py
+  .venv/bin/python benchmarks/input_pipeline.py
   ... --dir=/data/laion-ar --batch=256 --steps=10 --workers=0,2
 """
 

@@ -34,8 +34,8 @@ Models (clip norm C = 1; the CE loss of a linear head on mean-pooled tokens):
 Run from the repository root (by hand; the default run takes 5-10 minutes on
 a 2-core CPU). With jax_privacy: a venv with `pip install -e '.[bench]'`;
 without it (its row then says "not installed"), any dpjax venv:
-  /work/venv-bench/bin/python benchmarks/peers.py
-  PYTHONPATH=. /work/main/.venv/bin/python benchmarks/peers.py \
+  .venv-bench/bin/python benchmarks/peers.py
+  PYTHONPATH=. .venv/bin/python benchmarks/peers.py \
       --models vit_narrow --reps 5 --variants nonprivate,plain_vmap,dpjax_vmap
 """
 

@@ -32,9 +32,9 @@ webdataset tars with .cls members: --format=webdataset --label_key=cls):
   (the same for validation -> /data/in21k-p-ar/val; data.num_examples = the
   train manifest's N)
 
-  python -m dpjax.main --config=configs/dp_continual.py --workdir=/tmp/cont
+  python -m dpjax.main --config=configs/dp_continual.py --workdir=runs/cont
   python -m dpjax.main --config=configs/dp_continual.py:tiny \
-      --workdir=/tmp/cont_tiny
+      --workdir=runs/cont_tiny
   # the comparison arms (same epsilon and total steps):
   ... :tiny --config.arm=private_only   (DP from scratch on the private share)
   ... :tiny --config.arm=public_only    (non-private on the public share)
@@ -51,7 +51,7 @@ expected batch 4, microbatches of 2), then the head's accuracy on 8 images
 (no tr(H) monitor, probe or fine-tuning):
 
   python -m dpjax.main --config=configs/dp_continual.py:paper,smoke \
-      --workdir=/tmp/s
+      --workdir=runs/s
 """
 
 import ml_collections

@@ -4,7 +4,7 @@ Logistic regression (64 pixels -> 10 classes) with DP-SGD on the 1,500
 private training images, epsilon 2 at delta N^-1.1; held-out accuracy on the
 other 297 (`dpjax/recipes/dp_linear.py`). Seconds on a CPU:
 
-  python -m dpjax.main --config=configs/dp_linear.py --workdir=/tmp/dp_linear
+  python -m dpjax.main --config=configs/dp_linear.py --workdir=runs/dp_linear
 
 It is the template for a new recipe (README, "Adding a recipe").
 """

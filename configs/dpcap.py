@@ -6,8 +6,8 @@ wd 0.005, lr 5.12e-4, 2,000 warm-up steps of a 10,000-step cosine truncated at
 5,708, mixed precision with f32 per-example norms, Poisson sampling,
 epsilon 8 at delta 1/N (PLD; the paper's RDP gives 8.05).
 
-  python -m dpjax.main --config=configs/dpcap.py --workdir=/tmp/dpcap
-  python -m dpjax.main --config=configs/dpcap.py:tiny --workdir=/tmp/dpcap_tiny
+  python -m dpjax.main --config=configs/dpcap.py --workdir=runs/dpcap
+  python -m dpjax.main --config=configs/dpcap.py:tiny --workdir=runs/dpcap_tiny
 
 `:tiny` trains on the embedded procedural shapes-and-captions data on a
 2-core CPU in about five minutes. `:tiny,tan=8` is a TAN simulation of the
@@ -22,7 +22,7 @@ one device) with the
 shapes vocabulary padded to 30,522 entries (`shapes:30522`; no download),
 then the held-out caption loss on 8 images: the paper preset executes.
 
-  python -m dpjax.main --config=configs/dpcap.py:paper,smoke --workdir=/tmp/s
+  python -m dpjax.main --config=configs/dpcap.py:paper,smoke --workdir=runs/s
 
 Data: the de-duplicated LAION image-text pairs as img2dataset webdataset
 shards, converted once (exact dedup by default; set data.num_examples to

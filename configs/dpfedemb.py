@@ -31,8 +31,8 @@ clipped to C/2 (C=2 here gives the paper's client clip 1.0) and the noise
 sigma*C is calibrated to the true per-user sensitivity (twice the paper's
 absolute noise at sigma = 0.62).
 
-  python -m dpjax.main --config=configs/dpfedemb.py --workdir=/tmp/fedemb
-  python -m dpjax.main --config=configs/dpfedemb.py:tiny --workdir=/tmp/fe
+  python -m dpjax.main --config=configs/dpfedemb.py --workdir=runs/fedemb
+  python -m dpjax.main --config=configs/dpfedemb.py:tiny --workdir=runs/fe
 
 `:tiny` runs on a 2-core CPU in minutes on the embedded synthetic
 identities (one identity per user, a DigiFace stand-in) with public
@@ -54,7 +54,7 @@ in a microbatch of 2 clients, the paper's local training), then recall on
 48 held-out images:
 
   python -m dpjax.main --config=configs/dpfedemb.py:paper,smoke \
-      --workdir=/tmp/s
+      --workdir=runs/s
 
 Meshes: a round's G = 256 / 8 = 32 virtual clients are its unit of
 parallel work (one client's local training runs on one device), so the

@@ -12,12 +12,12 @@ Paper preset (default): ViT-B/16 encoder + 512-d 4-block decoder, mask ratio
 lr = blr * B / 256, 1,000 warm-up steps then cosine, delta = 1/(2N) (RDP:
 epsilon 7.996 on LAION-233M), linear probe with the MAE protocol.
 
-  python -m dpjax.main --config=configs/vip.py --workdir=/tmp/vip
-  python -m dpjax.main --config=configs/vip.py:tiny --workdir=/tmp/vip_tiny
+  python -m dpjax.main --config=configs/vip.py --workdir=runs/vip
+  python -m dpjax.main --config=configs/vip.py:tiny --workdir=runs/vip_tiny
 
 Phase 2 only, from a phase-1 run (a FRESH workdir; init_checkpoint is read
 once, at the start):
-  ... --config.phases=dp --config.init_checkpoint=/tmp/vip_syn
+  ... --config.phases=dp --config.init_checkpoint=runs/vip_syn
 Phase 1 only (a Syn-ViP checkpoint): --config.phases=pretrain.
 Rerunning a "pretrain" workdir with --config.phases=pretrain,dp resumes into
 phase 2. DP-MAE from random init: --config.pretrain.steps=0.
@@ -30,7 +30,7 @@ the 512-d 4-block decoder, auto (ghost) clipping at C=0.1, float32) for ONE
 step of each phase on the embedded data (N=64 per phase, expected batch 4,
 microbatches of 2, one device), then the held-out MAE loss on 8 images:
 
-  python -m dpjax.main --config=configs/vip.py:paper,smoke --workdir=/tmp/s
+  python -m dpjax.main --config=configs/vip.py:paper,smoke --workdir=runs/s
 """
 
 import ml_collections

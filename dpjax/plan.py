@@ -12,7 +12,7 @@ step took to compile here (CPU XLA for the simulated devices: an indication
 of the jit cost at that size, not the accelerator compiler's time).
 
   python -m dpjax.plan --config=configs/dpcap.py:tiny --mesh=cpu:8
-  python -m dpjax.plan --config=configs/dpcap.py --mesh=v5p-128 --workdir=/tmp/p
+  python -m dpjax.plan --config=configs/dpcap.py --mesh=v5p-128 --workdir=runs/p
 
 --mesh names chips that need not be here: the steps are compiled for CPU on
 min(chips, 8) simulated devices with the per-device microbatch of the real

@@ -74,12 +74,12 @@ if [[ "${CREATE}" == 1 ]]; then
 fi
 
 if [[ "${SETUP}" == 1 ]]; then
-  tarball="/tmp/dpjax_src.tar.gz"
+  tarball="$(mktemp -u -t dpjax_src.XXXXXX).tar.gz"  # local temp file
   run tar -czf "${tarball}" -C "${REPO}" --exclude=.git --exclude='*.egg-info' .
-  run "${tpu[@]}" scp "${tarball}" "${TPU_NAME}:/tmp/dpjax_src.tar.gz" \
+  run "${tpu[@]}" scp "${tarball}" "${TPU_NAME}:dpjax_src.tar.gz" \
     "${common[@]}" --worker=all
   setup="mkdir -p ${REMOTE_DIR}"
-  setup+=" && tar -xzf /tmp/dpjax_src.tar.gz -C ${REMOTE_DIR}"
+  setup+=" && tar -xzf ~/dpjax_src.tar.gz -C ${REMOTE_DIR}"
   setup+=" && cd ${REMOTE_DIR}"
   setup+=" && ${PYTHON} -m pip install -q -e . \"jax[tpu]\" gcsfs"
   run "${tpu[@]}" ssh "${TPU_NAME}" "${common[@]}" --worker=all --command \

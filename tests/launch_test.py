@@ -47,7 +47,7 @@ def test_tpu_vm_resume_only_runs_and_honours_environment():
 def test_tpu_vm_refuses_a_local_workdir():
   out = subprocess.run(
       ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--dry-run", "t",
-       "z", "configs/dpcap.py", "/tmp/run"], capture_output=True, text=True)
+       "z", "configs/dpcap.py", "runs/run"], capture_output=True, text=True)
   assert out.returncode == 2 and "gs://" in out.stderr
 
 
@@ -67,16 +67,16 @@ def test_slurm_runs_one_task_per_node():
 
 
 def test_local_2proc_starts_two_coordinated_processes():
-  lines = _dry_run("local_2proc.sh", "configs/dpcap.py:tiny", "/tmp/w",
+  lines = _dry_run("local_2proc.sh", "configs/dpcap.py:tiny", "runs/w",
                    "--config.train.steps=3", PYTHON="python", PORT="12000")
   assert lines[-1] == "wait"
   for p, line in enumerate(lines[:2]):
     assert line == (
         "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4"
-        " python -m dpjax.main --config=configs/dpcap.py:tiny --workdir=/tmp/w"
+        " python -m dpjax.main --config=configs/dpcap.py:tiny --workdir=runs/w"
         " --coordinator_address=localhost:12000 --num_processes=2"
         f" --process_id={p} --config.train.steps=3"
-        f" > /tmp/w/logs/process_{p}.log 2>&1 &")
+        f" > runs/w/logs/process_{p}.log 2>&1 &")
 
 
 @pytest.mark.parametrize("environ,flags,want", [

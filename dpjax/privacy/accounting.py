@@ -1,6 +1,7 @@
 """Privacy accounting for DP-SGD with dp_accounting (PLD default, RDP too).
 
 Mechanisms (``sampling``):
+
 - "poisson": each example joins each step's batch independently with
   probability q (``sampling.poisson_sample``); ``PoissonSampledDpEvent`` of a
   ``GaussianDpEvent``; add/remove-one adjacency; PLD or RDP.

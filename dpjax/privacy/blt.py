@@ -16,7 +16,7 @@ Sensitivity: participations are >= b = `min_separation` steps apart
 in its own secret, uniform partition fixed for the phase, partition t mod b
 sampled at rate q b; the bound below holds for every fixed partition, so
 for the random one by joint convexity, as that docstring says). C >= 0 and
-c_k decreasing (k >= 1) make (C^T C)_ij >= 0, decreasing in |i - j| and in
+c_k decreasing (k >= 1) make (C^T C)_ij >= 0, decreasing in ``|i - j|`` and in
 max(i, j), so the worst set of participations
 in steps [0, t) is S_0 = {0, b, 2b, ...}: Delta_t = ||(C 1_{S_0})[:t]||_2
 (`prefix_sensitivity`; tested against a brute-force maximum). Proven for

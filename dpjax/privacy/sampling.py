@@ -184,6 +184,7 @@ def sample_cyclic_indices(seed: int, step: int, num_examples: int,
   Formal guarantee (add/remove-one, example level): the run is as private
   as b-cyclic Poisson sampling with a FIXED partition (what BandMF's and
   BLT's accounting assume: ``privacy.bandmf``, ``privacy.blt``):
+
   - The partition is independent of the data and of the other records.
   - Fix the other records' partitions: D and its neighbour D' differ in
     one record, whose partition is uniform and independent. The output
@@ -196,6 +197,7 @@ def sample_cyclic_indices(seed: int, step: int, num_examples: int,
     index of every record after a removed one changes nothing in
     distribution. (With p_i = i mod b, it changed every later record's
     partition: a distinguisher at the first step; hence the hash.)
+
   The seed must be secret (``secret_seed()``), as for ``sample_indices``.
 
   >>> idx = sample_cyclic_indices(0, step=5, num_examples=1000,

@@ -18,6 +18,7 @@ Sensitivity (add/remove one user):
     units to C/2, so that the per-user sensitivity is C in both cases and the
     Gaussian noise sigma*C of the DP step is calibrated to it (equivalently:
     noise calibrated for sensitivity 2C' with unit clip norm C' = C/2).
+
   Adding or removing one user must change only its own unit: each user's
   inclusion and unit must depend on that user alone (e.g. a secret keyed
   hash of (key, round, user id) into a number of units fixed by public

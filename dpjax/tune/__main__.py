@@ -1,6 +1,6 @@
 r"""Private hyper-parameter search: `python -m dpjax.tune`.
 
-  python -m dpjax.tune --config=configs/dp_linear.py --workdir=/tmp/tune \
+  python -m dpjax.tune --config=configs/dp_linear.py --workdir=runs/tune \
       --space=space.json --score=eval/accuracy/top1 --k_mean=4
 
 Random search (space file: dpjax/tune/space.py). The number of trials K is

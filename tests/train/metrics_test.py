@@ -26,7 +26,7 @@ def test_csv_round_trip(tmp_path):
 
 
 def test_bucket_workdirs_keep_metrics_local():
-  assert metrics.local_dir("/tmp/run") == "/tmp/run"
+  assert metrics.local_dir("runs/run") == "runs/run"
   assert metrics.local_dir("gs://bucket/run") == "runs/metrics/bucket/run"
 
 

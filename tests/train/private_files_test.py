@@ -111,7 +111,7 @@ def test_a_real_run_keeps_its_secrets_owner_only(umask, tmp_path):
 
 def test_bucket_paths_are_left_to_the_bucket():
   assert not private_files.is_local("gs://bucket/run/checkpoints")
-  assert private_files.is_local("/tmp/run/checkpoints")
+  assert private_files.is_local("runs/run/checkpoints")
 
 
 def _fake_run(private: bool) -> types.SimpleNamespace:
