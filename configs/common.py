@@ -194,7 +194,7 @@ def mesh_block() -> ml_collections.ConfigDict:
   ))
 
 
-# The :paper presets' memory plan (README, Paper scale): ghost / book-
+# The :paper presets' memory plan (docs/paper_scale.md): ghost / book-
 # keeping clipping ("auto": the same clipped sum as "vmap", no per-example
 # gradient in memory), parameters and optimizer state sharded over 8
 # devices, and a lax.scan over chunks of `inner` examples per device. It

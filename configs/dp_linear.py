@@ -6,7 +6,7 @@ other 297 (`dpjax/recipes/dp_linear.py`). Seconds on a CPU:
 
   python -m dpjax.main --config=configs/dp_linear.py --workdir=runs/dp_linear
 
-It is the template for a new recipe (README, "Adding a recipe").
+It is the template for a new recipe (docs/extending.md, "Adding a recipe").
 """
 
 import ml_collections

@@ -136,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # per-patch MLP stem is what puts shape into the pooled encoder features
     # (with the paper's linear patch stem the decoder reads shape but a
     # linear probe barely does); a second decoder block measured no better
-    # and costs time (README, DP-Cap).
+    # and costs time (docs/results.md, DP-Cap).
     c.model.update(dict(stem="hmlp", encoder_depth=2, decoder_depth=1))
     c.data.update(dict(
         source="synthetic:shapes", num_examples=50_000, image_size=32,
@@ -155,7 +155,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         log_every=10, num_workers=0))
     # A 2x decoder lr: at this budget the one-block decoder otherwise
     # learns which word goes with which shape (colour binding, ARO) too
-    # slowly; the encoder's probes do not suffer (README, DP-Cap).
+    # slowly; the encoder's probes do not suffer (docs/results.md, DP-Cap).
     c.train.decoder_lr_scale = 2.0
     c.data.update(dict(probe_source="", probe_train_split="probe",
                        probe_test_split="test", probe_labels="shape,color"))

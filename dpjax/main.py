@@ -28,7 +28,7 @@ ml_collections' "did you mean" hint, a value of the wrong type: caught where
 the flags are parsed, `errors.flags_parser`), an invalid config field (the
 message names the field, the value and the fix; a library's ValueError
 about a value is one where the config is resolved), or bad data found by
-start-up validation (every problem in one message; see README, Data).
+start-up validation (every problem in one message; see docs/data.md).
 """
 
 import logging as py_logging

@@ -206,7 +206,7 @@ def plan(config, mesh_spec: str | None = None, *, mfu: float = 0.4,
     chip: overrides the chip of `mesh_spec` (tests: a tiny HBM).
 
   Returns:
-    A JSON-able dict (see README, Paper scale); "fits" False when a phase
+    A JSON-able dict (see docs/paper_scale.md); "fits" False when a phase
     needs more memory per device than the chip has ("problems" names the
     knobs), in which case `main` exits 3. Compiled numbers are cached per
     (config, mesh), so re-planning for another chip or MFU is cheap.

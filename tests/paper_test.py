@@ -32,7 +32,7 @@ from dpjax.train import stand_in
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# recipe: (epsilon of the :paper plan, as in the README's Paper scale
+# recipe: (epsilon of the :paper plan, as in docs/paper_scale.md
 # table; an evaluation metric the smoke run reports).
 PAPER = {
     "dpcap": (7.34, "eval/caption/heldout_loss"),

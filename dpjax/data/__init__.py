@@ -5,7 +5,7 @@ Import submodules: ``from dpjax.data import pipeline, sources, synthetic,
 tokenizer, transforms, bad_records``.
 
 Bad records (a file that is missing or does not decode, a caption with no
-tokens) are handled in two places (README, Data): small sources are checked
+tokens) are handled in two places (docs/data.md): small sources are checked
 in full before training (``bad_records.validate_phases``, which raises
 ``DataValidationError`` listing every problem); during training a record
 that fails to load (``BadRecord``, or an ``OSError`` while reading or

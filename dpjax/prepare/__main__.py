@@ -49,7 +49,7 @@ _JPEG_QUALITY = flags.DEFINE_integer(
     "jpeg_quality", 0, "JPEG quality when re-encoding; > 0 also re-encodes "
     f"unresized images (0: {prepare_stage.DEFAULT_JPEG_QUALITY} if resized).")
 _DEDUP = flags.DEFINE_enum("dedup", "exact", list(prepare_plan.DEDUP_MODES),
-                           "Duplicate removal (a privacy measure: README).")
+                           "Duplicate removal (a privacy measure: docs/data.md).")
 _HAMMING = flags.DEFINE_integer(
     "hamming_threshold", 4, "--dedup=near: max differing dHash bits (of 64).")
 _CAPTION_KEY = flags.DEFINE_string(

@@ -7,7 +7,7 @@ what `dpjax.main`, the notebooks and the tests call.
 
 Adding a recipe: a config file in configs/, a module here with `build`, one
 line in `RECIPES`, and a test, all under one name: configs/<name>.py sets
-`config.recipe = "<name>"`, run by dpjax/recipes/<name>.py (see README,
+`config.recipe = "<name>"`, run by dpjax/recipes/<name>.py (see docs/extending.md,
 "Adding a recipe").
 """
 

@@ -88,9 +88,9 @@ def test_different_seeds_give_independent_splits():
 
 
 def test_share_uniforms_and_record_keys_are_pinned():
-  """The split itself is fixed: the README's DP continual numbers (191 public
+  """The split itself is fixed: the DP continual numbers of docs/results.md (191 public
   / 19,809 private records of :tiny at split_seed 0) were measured with it,
-  so any change to the hash (e.g. sharing privacy.sampling.mix) fails here."""
+  so any change to the hash fails here."""
   keys = np.array([0, 1, 2**63, 2**64 - 1, 123456789], np.uint64)
   np.testing.assert_array_equal(splits.share_uniforms(keys, 0), [
       0.28997552592030584, 0.808190057632825, 0.36561711670983665,

@@ -10,7 +10,7 @@ description, its resume signature and the validation of its config knobs.
 The training loop, step, input pipeline, ledger and plan call these
 methods and never branch on a mechanism's name: a new mechanism is one
 file in this package plus its name in `mechanisms.NAMES`
-(README, "Adding a mechanism").
+(docs/mechanisms.md, "Adding a mechanism").
 
 Knobs are fields of `config.privacy` (configs/common.py:privacy_block);
 a mechanism reads them from any mapping with `.get` (this layer never
