@@ -47,6 +47,7 @@ space (not only the drawn runs). Callers pass that pointwise maximum
 """
 
 import dataclasses
+import logging as py_logging
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -242,12 +243,16 @@ def rdp_curve(event: dp_accounting.DpEvent,
               orders: Sequence[float] = ORDERS) -> np.ndarray:
   """RDP of `event` at `orders` (add/remove-one; dp_accounting)."""
   acc = dp_accounting.rdp.RdpAccountant(list(orders))
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # "failed to converge": order -> inf.
+  # "failed to converge" (that order becomes inf) is logged through absl:
+  # silence it, then restore absl's logger level exactly (set_verbosity
+  # would leave a level set where there was none).
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(py_logging.ERROR)
   try:
     acc.compose(event)
   finally:
-    logging.set_verbosity(verbosity)
+    absl_logger.setLevel(level)
   return np.asarray(acc._rdp, np.float64)  # pylint: disable=protected-access
 
 
