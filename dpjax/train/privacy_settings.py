@@ -49,7 +49,7 @@ def _fail(field: str, value, fix: str):
 
 
 def from_config(cfg: ml_collections.ConfigDict, *, num_examples: int,
-                        batch_size: int, steps: int) -> PrivacySettings:
+                batch_size: int, steps: int) -> PrivacySettings:
   """Resolves delta, the mechanism (`privacy.mechanisms.resolve`: its
   knobs) and sigma (given, calibrated by the mechanism, or TAN-scaled).
 
