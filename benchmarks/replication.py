@@ -50,10 +50,20 @@ class Test:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
+  """`arms`: arm -> extra dpjax.main flags; a first flag `--config=...`
+  replaces `config` for that arm. Arms of one config with the same name are
+  the same runs in every claim (they share their workdirs)."""
   statement: str
   config: str
-  arms: dict[str, tuple[str, ...]]  # arm -> extra dpjax.main flags.
+  arms: dict[str, tuple[str, ...]]
   tests: tuple[Test, ...]
+
+  def command(self, arm: str) -> tuple[str, tuple[str, ...]]:
+    """(config, flags) of `arm`."""
+    flags = self.arms[arm]
+    if flags and flags[0].startswith("--config="):
+      return flags[0].split("=", 1)[1], flags[1:]
+    return self.config, flags
 
 
 CLAIMS = {
@@ -92,6 +102,34 @@ CLAIMS = {
               "eval/few_shot_1shape_color/1shot_acc"),
          Test("DP-Cap", 0.2, "eval/zero_shot/acc"),
          Test("DP-Cap", 0.5, "eval/aro/swap_color_acc"))),
+    "dpcap_vs_vip": Claim(
+        "At the same epsilon (8), images, steps and batch, the DP-Cap "
+        "encoder beats a DP-MAE (ViP) encoder trained from scratch by "
+        "linear probe (shape and colour, all held-out images).",
+        "configs/dpcap.py:tiny",
+        {"DP-Cap": (),
+         "DP-MAE on the same images": (
+             "--config=configs/vip.py:tiny", "--config.pretrain.steps=0",
+             "--config.data.num_examples=50000", "--config.train.steps=400",
+             "--config.data.probe_train_examples=4000",
+             "--config.data.probe_test_examples=2000",
+             "--config.data.eval_num_examples=2000")},
+        (Test("DP-Cap", "DP-MAE on the same images",
+              "eval/linear_probe/shape_acc"),
+         Test("DP-Cap", "DP-MAE on the same images",
+              "eval/linear_probe/color_acc"))),
+    "dpcap_batch": Claim(
+        "At the same epsilon (8) and steps, a 4x larger expected batch "
+        "(512 vs 128, sigma recalibrated) lowers DP-Cap's held-out caption "
+        "loss (the TAN argument for large batches).",
+        "configs/dpcap.py:tiny",
+        {"DP-Cap": (),
+         "DP-Cap, batch 128": ("--config.train.batch_size=128",
+                               "--config.train.microbatch_size=128")},
+        (Test("DP-Cap", "DP-Cap, batch 128", "eval/caption/heldout_loss",
+              higher_is_better=False),
+         Test("DP-Cap", "DP-Cap, batch 128",
+              "eval/linear_probe_1shape/shape_acc", decisive=False))),
     "vip": Claim(
         "The synthetic warm start + DP-MAE (epsilon 8) beats DP-MAE from "
         "scratch and the warm start alone, by linear probe.",
@@ -112,15 +150,22 @@ CLAIMS = {
 }
 
 
+def arm_dir(claim: str, arm: str, seed: int, workdir: str) -> str:
+  """<workdir>/<config file stem>/<arm>/seed<seed>."""
+  config, _ = CLAIMS[claim].command(arm)
+  stem = os.path.basename(config.split(":")[0]).removesuffix(".py")
+  return os.path.join(workdir, stem, arm.replace(" ", "_").replace(">", ""),
+                      f"seed{seed}")
+
+
 def run_arm(claim: str, arm: str, seed: int, workdir: str) -> dict:
   """One arm at one seed through the real entry point; its results.json."""
-  wd = os.path.join(workdir, claim, arm.replace(" ", "_").replace(">", ""),
-                    f"seed{seed}")
+  wd = arm_dir(claim, arm, seed, workdir)
   path = os.path.join(wd, "results.json")
   if not os.path.exists(path):
-    c = CLAIMS[claim]
-    cmd = [sys.executable, "-m", "dpjax.main", f"--config={c.config}",
-           f"--workdir={wd}", f"--config.seed={seed}", *c.arms[arm]]
+    config, flags = CLAIMS[claim].command(arm)
+    cmd = [sys.executable, "-m", "dpjax.main", f"--config={config}",
+           f"--workdir={wd}", f"--config.seed={seed}", *flags]
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
     os.makedirs(wd, exist_ok=True)
     with open(os.path.join(wd, "replication.log"), "a") as log:
@@ -158,12 +203,14 @@ def score(claim: str, runs: dict[str, list[dict]]) -> dict:
   decisive = [r["verdict"] for r in rows if r["decisive"]]
   overall = ("holds" if all(v == "holds" for v in decisive) else
              "partly" if "holds" in decisive else "does not hold")
-  arms = {arm: {k: [r.get(k) for r in rs] for k in
-                ("epsilon", "dp/noise_multiplier")} for arm, rs in runs.items()}
+  keys = ["epsilon", "dp/noise_multiplier"] + sorted(
+      {t.metric for t in CLAIMS[claim].tests})
+  values = {arm: {k: [r.get(k) for r in rs] for k in keys
+                  if any(k in r for r in rs)} for arm, rs in runs.items()}
   return {"statement": CLAIMS[claim].statement,
           "config": CLAIMS[claim].config,
           "arms": {a: list(f) for a, f in CLAIMS[claim].arms.items()},
-          "privacy": arms, "tests": rows, "verdict": overall}
+          "values": values, "tests": rows, "verdict": overall}
 
 
 def markdown(card: dict) -> str:
@@ -179,6 +226,43 @@ def markdown(card: dict) -> str:
           f"{t['b_mean']:.3f} +- {t['b_se']:.3f} | {t['seeds']} | "
           f"{t['verdict']} |")
   return "\n".join(lines)
+
+
+def load(path: str = "benchmarks/replication.json") -> dict:
+  """The committed scorecard (claim -> score())."""
+  with open(path) as f:
+    return json.load(f)
+
+
+def plot(claim: str, card: dict | None = None):
+  """One panel per metric of `claim`: each arm's mean +- s.e. (bars), its
+  seeds (dots) and any constant it is tested against (dashed); the title
+  carries the verdicts. Prints the claim's scorecard rows."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  c = (card or load())[claim]
+  metrics = list(dict.fromkeys(t["metric"] for t in c["tests"]))
+  fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                           figsize=(3.6 * len(metrics), 3.2))
+  for ax, m in zip(axes[0], metrics):
+    arms = [a for a in c["values"] if m in c["values"][a]]
+    for i, arm in enumerate(arms):
+      xs = c["values"][arm][m]
+      mean, se = mean_se(xs)
+      ax.bar(i, mean, yerr=se, capsize=4, color=f"C{i}", alpha=0.6)
+      ax.plot([i] * len(xs), xs, "k.", ms=4)
+    tests = [t for t in c["tests"] if t["metric"] == m]
+    for t in tests:
+      if not isinstance(t["b"], str):
+        ax.axhline(t["b"], ls="--", c="k", lw=1)
+    ax.set_xticks(range(len(arms)), arms, rotation=15, fontsize=8)
+    ax.set_title(m.split("/", 1)[1] + "\n" + "; ".join(
+        f"vs {t['b'] if isinstance(t['b'], str) else t['b']}: {t['verdict']}"
+        for t in tests), fontsize=8)
+  fig.suptitle(f"{claim}: {c['verdict']} ({len(c['seeds'])} seeds)",
+               fontsize=9)
+  fig.tight_layout()
+  plt.show()
+  print(markdown({claim: c}))
 
 
 def main():
@@ -201,8 +285,7 @@ def main():
       runs[arm] = []
       for s in seeds:
         if args.report_only and not os.path.exists(os.path.join(
-            args.workdir, claim, arm.replace(" ", "_").replace(">", ""),
-            f"seed{s}", "results.json")):
+            arm_dir(claim, arm, s, args.workdir), "results.json")):
           continue
         runs[arm].append(run_arm(claim, arm, s, args.workdir))
     if all(len(r) >= 2 for r in runs.values()):
