@@ -256,6 +256,12 @@ def rdp_curve(event: dp_accounting.DpEvent,
   return np.asarray(acc._rdp, np.float64)  # pylint: disable=protected-access
 
 
+def supports_rdp(event: dp_accounting.DpEvent) -> bool:
+  """Whether dp_accounting's RdpAccountant has an RDP bound for `event`
+  (not for truncated Poisson sampling: PLD only)."""
+  return dp_accounting.rdp.RdpAccountant(list(ORDERS)).supports(event)
+
+
 def dpsgd_rdp(noise_multiplier: float, sampling_rate: float, steps: int,
               orders: Sequence[float] = ORDERS) -> np.ndarray:
   """RDP curve of `steps` Poisson-subsampled Gaussian steps."""
@@ -301,6 +307,9 @@ def results_events(results: Mapping[str, Any]) -> list[dp_accounting.DpEvent]:
     return []
   mechanism, bands = results.get("mechanism", "dpsgd"), int(
       results.get("bands", 1))
+  if mechanism not in ("dpsgd", "bandmf", "blt"):
+    raise ValueError(f"results.json of mechanism {mechanism!r}: no RDP "
+                     "curve is read for it (truncated Poisson: PLD only).")
   events = []
   for key, private in results.items():
     if not key.endswith("/private") or private is not True:

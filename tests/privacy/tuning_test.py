@@ -183,6 +183,9 @@ def test_results_rdp_reads_phases_and_segments_as_run():
                 **{"dp/noise_multiplier": 1.0, "dp/sampling_rate": 0.01})
   np.testing.assert_allclose(tuning.results_rdp(bandmf),
                              tuning.dpsgd_rdp(1.0, 0.04, 25), rtol=1e-9)
+  # Truncated Poisson is not DP-SGD's event, and has no RDP curve.
+  with pytest.raises(ValueError, match="truncated_poisson"):
+    tuning.results_rdp(dict(results, mechanism="truncated_poisson"))
 
 
 def test_calibrate_trial_epsilon_meets_the_search_target():
