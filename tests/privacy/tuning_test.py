@@ -193,6 +193,10 @@ def test_calibrate_trial_epsilon_meets_the_search_target():
   curve = lambda e: _gaussian_rdp(4.0 / e)  # Grows with e.
   search = lambda e: tuning.search_epsilon(ORDERS, curve(e), dist,
                                            DELTA)["epsilon"]
-  e = tuning.calibrate_trial_epsilon(4.0, DELTA, dist, curve, rtol=1e-2)
-  assert search(e) <= 4.0 < search(e * 1.05)
-  assert e < 4.0
+  calls = []
+  counted = lambda e: calls.append(e) or curve(e)
+  for rtol in (1e-2, 1e-3):
+    calls.clear()
+    e = tuning.calibrate_trial_epsilon(4.0, DELTA, dist, counted, rtol=rtol)
+    assert (1 - rtol) * 4.0 <= search(e) <= 4.0 < search(e * 1.05)
+    assert e < 4.0 and len(calls) <= 8  # Each call calibrates: seconds.
