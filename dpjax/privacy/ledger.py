@@ -185,11 +185,7 @@ class PrivacyLedger:
     if any(e.noise_multiplier == 0 for e in dpsgd) or rho == math.inf:
       return math.inf
     if self.accountant == "rdp":
-      events = [self._event(e) for e in dpsgd]
-      if rho:
-        events.append(dp_accounting.GaussianDpEvent(rho ** -0.5))
-      return accounting.event_epsilon(
-          dp_accounting.ComposedDpEvent(events), delta, "rdp")
+      return accounting.event_epsilon(self.dp_event(), delta, "rdp")
     pld = self._pld(dpsgd) if dpsgd else None
     if rho:
       # As dp_accounting's PLDAccountant builds a GaussianDpEvent's PLD.
@@ -200,6 +196,15 @@ class PrivacyLedger:
               dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE))
       pld = gauss if pld is None else pld.compose(gauss)
     return pld.get_epsilon_for_delta(delta)
+
+  def dp_event(self) -> dp_accounting.ComposedDpEvent:
+    """The dp_accounting event of everything recorded: each DP-SGD entry's
+    event, then the Gaussian entries as one GaussianDpEvent(rho^-1/2) (what
+    `epsilon` accounts; tuning reads its RDP curve from it)."""
+    events = [self._event(e) for e in self._dpsgd]
+    if self.rho:
+      events.append(dp_accounting.GaussianDpEvent(self.rho ** -0.5))
+    return dp_accounting.ComposedDpEvent(events)
 
   def _event(self, e: _Entry):
     return accounting.dp_event(e.noise_multiplier, e.sampling_rate, e.count,

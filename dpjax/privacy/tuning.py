@@ -256,6 +256,12 @@ def rdp_curve(event: dp_accounting.DpEvent,
   return np.asarray(acc._rdp, np.float64)  # pylint: disable=protected-access
 
 
+def supports_rdp(event: dp_accounting.DpEvent) -> bool:
+  """Whether dp_accounting's RdpAccountant has an RDP bound for `event`
+  (not for truncated Poisson sampling: PLD only)."""
+  return dp_accounting.rdp.RdpAccountant(list(ORDERS)).supports(event)
+
+
 def dpsgd_rdp(noise_multiplier: float, sampling_rate: float, steps: int,
               orders: Sequence[float] = ORDERS) -> np.ndarray:
   """RDP curve of `steps` Poisson-subsampled Gaussian steps."""
@@ -301,6 +307,9 @@ def results_events(results: Mapping[str, Any]) -> list[dp_accounting.DpEvent]:
     return []
   mechanism, bands = results.get("mechanism", "dpsgd"), int(
       results.get("bands", 1))
+  if mechanism not in ("dpsgd", "bandmf", "blt"):
+    raise ValueError(f"results.json of mechanism {mechanism!r}: no RDP "
+                     "curve is read for it (truncated Poisson: PLD only).")
   events = []
   for key, private in results.items():
     if not key.endswith("/private") or private is not True:
@@ -343,29 +352,45 @@ def calibrate_trial_epsilon(target_epsilon: float, delta: float,
                             trial_rdp_for: Callable[[float], np.ndarray],
                             orders: Sequence[float] = ORDERS,
                             rtol: float = 1e-3) -> float:
-  """Largest per-run epsilon e (to rtol) whose search epsilon is <= target.
+  """Largest per-run epsilon e whose search epsilon is <= target, to rtol.
 
   `trial_rdp_for(e)` is the RDP curve of one run calibrated to epsilon e
-  (the worst over the space). Bisection in e: the search epsilon grows with
-  each run's RDP, which grows with e.
+  (the worst over the space; each call calibrates sigma: seconds). The
+  search epsilon grows with e, nearly linearly: regula falsi (Illinois) on
+  a bracket [lo, hi] with search epsilon(lo) <= target < (hi), until
+  (1 - rtol) target <= search epsilon(lo) or hi - lo <= rtol lo (a few
+  calls). Returns lo: its search epsilon is <= target by construction.
   """
   if target_epsilon <= 0:
     raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}.")
-  f = lambda e: search_epsilon(orders, trial_rdp_for(e), dist,
-                               delta)["epsilon"]
+  g = lambda e: search_epsilon(orders, trial_rdp_for(e), dist,
+                               delta)["epsilon"] - target_epsilon
   hi = target_epsilon
-  if f(hi) <= target_epsilon:
+  g_hi = g(hi)
+  if g_hi <= 0:
     return hi
   lo = hi / 2
-  while f(lo) > target_epsilon:
-    hi, lo = lo, lo / 2
+  g_lo = g(lo)
+  while g_lo > 0:
+    hi, g_hi, lo = lo, g_lo, lo / 2
     if lo < 1e-3:
       raise ValueError(f"search target_epsilon {target_epsilon} is "
                        f"unreachable with K ~ {dist.describe()}.")
-  while hi - lo > rtol * lo:
-    mid = 0.5 * (lo + hi)
-    if f(mid) <= target_epsilon:
-      lo = mid
+    g_lo = g(lo)
+  # Regula falsi through (lo, w_lo), (hi, w_hi): the true values, except
+  # that an end kept twice in a row has its value halved (Illinois).
+  w_lo, w_hi, kept = g_lo, g_hi, 0
+  while hi - lo > rtol * lo and g_lo < -rtol * target_epsilon:
+    width = hi - lo
+    mid = lo - w_lo * width / (w_hi - w_lo)
+    mid = min(max(mid, lo + 0.01 * width), hi - 0.01 * width)
+    g_mid = g(mid)
+    if g_mid <= 0:
+      lo, g_lo, w_lo = mid, g_mid, g_mid
+      w_hi = w_hi / 2 if kept == -1 else w_hi
+      kept = -1
     else:
-      hi = mid
+      hi, g_hi, w_hi = mid, g_mid, g_mid
+      w_lo = w_lo / 2 if kept == 1 else w_lo
+      kept = 1
   return lo

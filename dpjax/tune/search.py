@@ -6,10 +6,14 @@ from OS entropy (never config.seed) and are kept owner-only in
 secret keys); the per-trial RDP curve is the pointwise max over the trials
 as run (their results.json) and, when sigma, q or T are searched or
 calibrated, over every combination of those fields' choices (the space's
-support), predicted and checked against the trials that ran.
+support), predicted and checked against the trials that ran. The
+prediction is the registered mechanism's own (privacy/mechanisms): each
+private phase resolved as the loop resolves it records its whole phase in a
+ledger (`Mechanism.record`), whose dp_accounting event gives the RDP curve;
+a mechanism accounted by PLD only (truncated Poisson) has none and is
+refused before any trial runs.
 """
 
-import functools
 import json
 import math
 import os
@@ -23,6 +27,7 @@ from dpjax import errors
 from dpjax import privacy
 from dpjax import private_files
 from dpjax import recipes
+from dpjax.train import phase_plan
 from dpjax.privacy import tuning
 from dpjax.tune import space as tune_space
 
@@ -56,58 +61,97 @@ def _distribution(spec: Mapping[str, Any]) -> tuning.Distribution:
                              f"({dict(spec)}): {e}") from None
 
 
-def _private_phases(config) -> list[tuple[int, int, int]]:
-  """(N, expected batch, steps) of each private phase of `config`."""
-  return [(p.num_examples, p.batch_size, p.steps)
-          for p in recipes.build(config).phases if p.private]
-
-
-class _Predictor:
-  """RDP curve of a trial with given values, before it runs (DP-SGD):
-  sigma as the loop resolves it (given, or calibrated to the trial's
-  target epsilon for each private phase), composed over the phases."""
+class Predictor:
+  """RDP curve of a trial with given values, before it runs: its private
+  phases' mechanisms resolved as the loop resolves them
+  (`phase_plan.resolve_phases`: delta, knobs, sigma given or calibrated by
+  the mechanism to the trial's target epsilon), each recording its whole
+  phase in a ledger (`Mechanism.record`), whose event gives the curve."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config, self._phases = config, {}
-    p = config.privacy
-    if p.get("mechanism", "dpsgd") != "dpsgd" or p.tan_reference_batch_size:
-      raise errors.ConfigError(
-          "--space/--target_epsilon: searching sigma, q or T (or calibrating "
-          "the search) is accounted for privacy.mechanism='dpsgd' without "
-          "TAN simulation only")
+    self.config, self._curves = config, {}
     if config.get("audit") and config.audit.num_canaries:
-      raise errors.ConfigError("dpjax.tune: config.audit.num_canaries must be "
-                               "0 (canaries change N)")
+      raise errors.config_error("audit.num_canaries",
+                                config.audit.num_canaries,
+                                "dpjax.tune needs 0 (canaries change N)")
+
+  def _config(self, values: Mapping[str, Any], target: float | None):
+    cfg = tune_space.apply(self.config, {k: v for k, v in values.items()
+                                          if k in tune_space.PRIVACY_FIELDS})
+    if target is not None:
+      cfg.privacy.target_epsilon = float(target)
+    return cfg
 
   def curve(self, values: Mapping[str, Any], target: float | None
             ) -> np.ndarray:
-    cfg = tune_space.apply(self.config, {k: v for k, v in values.items()
-                                          if k in tune_space.PRIVACY_FIELDS})
-    key = json.dumps(cfg.train.to_dict(), sort_keys=True, default=str)
-    if key not in self._phases:
-      self._phases[key] = _private_phases(cfg)
-    p = cfg.privacy
-    target = p.target_epsilon if target is None else target
-    out = np.zeros(len(tuning.ORDERS))
-    for n, batch, steps in self._phases[key]:
-      delta = p.delta if p.delta > 0 else float(n) ** -1.1
-      q = batch / n
-      sigma = p.noise_multiplier if p.noise_multiplier > 0 else (
-          _calibrated(target, q, steps, delta, p.accountant))
-      out = out + tuning.dpsgd_rdp(sigma, q, steps)
-    return out
+    """The trial's RDP curve at tuning.ORDERS (cached: calibration takes
+    seconds)."""
+    cfg = self._config(values, target)
+    key = json.dumps([cfg.train.to_dict(), cfg.privacy.to_dict()],
+                     sort_keys=True, default=str)
+    if key not in self._curves:
+      self._curves[key] = tuning.rdp_curve(_ledger(cfg).dp_event())
+    return self._curves[key]
 
   def worst(self, space, target: float | None) -> np.ndarray:
     return tuning.worst_rdp([self.curve(c, target) for c in
                              tune_space.privacy_combinations(space)])
 
 
-@functools.lru_cache(maxsize=256)
-def _calibrated(target: float, q: float, steps: int, delta: float,
-                accountant: str) -> float:
-  """sigma as the loop calibrates it (DP-SGD; seconds each, so cached)."""
-  return privacy.calibrate_noise_multiplier(target, q, steps, delta,
-                                            accountant=accountant)
+def check_accountable(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError (field, value, fix) unless the trials of `config`
+  are DP runs whose ledger has an RDP curve (the bound needs one). Cheap:
+  sigma is a placeholder (the kind of event does not depend on it)."""
+  if config.privacy.tan_reference_batch_size:
+    raise errors.config_error(
+        "privacy.tan_reference_batch_size",
+        config.privacy.tan_reference_batch_size, "a TAN simulation is not "
+        "DP: search with --tan, or set 0 for an accounted search")
+  if not tuning.supports_rdp(_ledger(_uncalibrated(config)).dp_event()):
+    mechanism = config.privacy.get("mechanism", "dpsgd")
+    raise errors.config_error(
+        "privacy.mechanism", mechanism, f"dpjax.tune's bound (Papernot & "
+        f"Steinke) needs each trial's RDP curve, and {mechanism!r} is "
+        "accounted by PLD only (dp_accounting has no RDP bound for it); "
+        'tune with "dpsgd" or another mechanism with an RDP curve '
+        "(docs/tuning.md)")
+
+
+def _plans(config) -> list:
+  """The private phases' plans, as the loop resolves them."""
+  if not config.privacy.enabled:
+    raise errors.config_error(
+        "privacy.enabled", False, "the trials would train without DP: a "
+        "search of them has no epsilon; set True")
+  plans = [p for p in phase_plan.resolve_phases(
+      config, recipes.build(config).phases) if p.private]
+  if not plans:
+    raise errors.config_error("recipe", config.recipe, "it has no private "
+                              "phase: there is nothing to account")
+  return plans
+
+
+def _uncalibrated(config):
+  """`config` with sigma 1 where it would be calibrated: for what does not
+  depend on sigma (delta, the kind of event), without the calibration."""
+  out = config.copy_and_resolve_references()
+  if out.privacy.noise_multiplier <= 0:
+    out.privacy.noise_multiplier = 1.0
+  return out
+
+
+def _ledger(config) -> privacy.PrivacyLedger:
+  """A ledger holding every private phase of `config` in full, as the
+  loop's ledger would at the end of the run (loop.py: N and delta of the
+  first private phase)."""
+  plans = _plans(config)
+  dp = plans[0].privacy
+  ledger = privacy.PrivacyLedger(plans[0].num_examples, dp.delta,
+                                 dp.accountant)
+  for plan in plans:
+    mechanism = plan.privacy.mechanism
+    mechanism.record(ledger, 0, mechanism.steps)
+  return ledger
 
 
 def _trial_config(config, values, trial_target, tan_batch_size):
@@ -139,6 +183,8 @@ def _state(config, workdir, space, k_spec, target_epsilon, tan):
     return state
   dist = _distribution(k_spec)
   tune_space.validate(space, config)
+  if not tan:
+    check_accountable(config)
   trial_target = None
   if target_epsilon is not None and not tan:
     if "privacy.target_epsilon" in space or "privacy.noise_multiplier" in \
@@ -147,7 +193,7 @@ def _state(config, workdir, space, k_spec, target_epsilon, tan):
           "--target_epsilon calibrates each trial's sigma: leave "
           "privacy.noise_multiplier (< 0) and privacy.target_epsilon out of "
           "the space")
-    predictor = _Predictor(config)
+    predictor = Predictor(config)
     delta = _delta(config)
     trial_target = tuning.calibrate_trial_epsilon(
         target_epsilon, delta, dist, lambda e: predictor.worst(space, e))
@@ -164,9 +210,7 @@ def _state(config, workdir, space, k_spec, target_epsilon, tan):
 
 def _delta(config) -> float:
   """delta of the (first) private phase, as the loop sets it."""
-  if config.privacy.delta > 0:
-    return float(config.privacy.delta)
-  return float(_private_phases(config)[0][0]) ** -1.1
+  return _plans(_uncalibrated(config))[0].privacy.delta
 
 
 def _run_trials(config, workdir, state, tan_batch_size, stop_after):
@@ -208,10 +252,13 @@ def _accounting(config, space, state, results) -> dict[str, Any]:
   """The search's epsilon (privacy/tuning.py) from the trials as run and,
   when sigma, q or T are searched or calibrated, every combination."""
   dist = _distribution(state["started"]["k"])
+  if any(r.get("epsilon") is None for r in results):
+    raise RuntimeError("dpjax.tune: a trial ran without DP (its results.json "
+                       "has no epsilon): the search has no epsilon")
   curves = [tuning.results_rdp(r) for r in results]
   combos = tune_space.privacy_combinations(space)
   if combos != [{}] or state["trial_target_epsilon"] is not None:
-    predictor = _Predictor(config)
+    predictor = Predictor(config)
     target = state["trial_target_epsilon"]
     for r, values, curve in zip(results, state["trials"], curves):
       if r.get("stopped_at_budget"):

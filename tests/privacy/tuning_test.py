@@ -183,6 +183,9 @@ def test_results_rdp_reads_phases_and_segments_as_run():
                 **{"dp/noise_multiplier": 1.0, "dp/sampling_rate": 0.01})
   np.testing.assert_allclose(tuning.results_rdp(bandmf),
                              tuning.dpsgd_rdp(1.0, 0.04, 25), rtol=1e-9)
+  # Truncated Poisson is not DP-SGD's event, and has no RDP curve.
+  with pytest.raises(ValueError, match="truncated_poisson"):
+    tuning.results_rdp(dict(results, mechanism="truncated_poisson"))
 
 
 def test_calibrate_trial_epsilon_meets_the_search_target():
@@ -190,6 +193,10 @@ def test_calibrate_trial_epsilon_meets_the_search_target():
   curve = lambda e: _gaussian_rdp(4.0 / e)  # Grows with e.
   search = lambda e: tuning.search_epsilon(ORDERS, curve(e), dist,
                                            DELTA)["epsilon"]
-  e = tuning.calibrate_trial_epsilon(4.0, DELTA, dist, curve, rtol=1e-2)
-  assert search(e) <= 4.0 < search(e * 1.05)
-  assert e < 4.0
+  calls = []
+  counted = lambda e: calls.append(e) or curve(e)
+  for rtol in (1e-2, 1e-3):
+    calls.clear()
+    e = tuning.calibrate_trial_epsilon(4.0, DELTA, dist, counted, rtol=rtol)
+    assert (1 - rtol) * 4.0 <= search(e) <= 4.0 < search(e * 1.05)
+    assert e < 4.0 and len(calls) <= 8  # Each call calibrates: seconds.
