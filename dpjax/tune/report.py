@@ -74,14 +74,13 @@ def plot(path: str, out: Mapping[str, Any], space: Mapping[str, Any]) -> bool:
   """Score against each searched field (owner-only PNG); False if
   matplotlib is missing."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    # A bare Figure: pyplot's global backend (a notebook's) stays as it is.
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
   except ImportError:
     return False
   searched = tune_space.fields(space)
-  fig, axes = plt.subplots(1, len(searched), squeeze=False,
-                           figsize=(4 * len(searched), 3.2))
+  fig = figure.Figure(figsize=(4 * len(searched), 3.2))
+  axes = fig.subplots(1, len(searched), squeeze=False)
   best = out["released_trial"]
   for ax, (field, spec) in zip(axes[0], searched.items()):
     xs = [t["values"][field] for t in out["trials"]]
@@ -98,7 +97,6 @@ def plot(path: str, out: Mapping[str, Any], space: Mapping[str, Any]) -> bool:
   with private_files.open_private(path):
     pass  # Created owner-only; savefig keeps the mode.
   fig.savefig(path)
-  plt.close(fig)
   return True
 
 

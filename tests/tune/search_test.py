@@ -4,6 +4,7 @@ import json
 import os
 import stat
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -66,7 +67,9 @@ def test_search_is_killed_resumed_and_accounted(tmp_path, monkeypatch):
   assert _mode(os.path.join(workdir, "trials")) == 0o700
   assert not os.path.exists(os.path.join(workdir, "tune"))
 
+  matplotlib.use("pdf")  # A caller's (a notebook's) backend...
   out = tune_run.search(_config(), workdir, SPACE, **kwargs)  # Resumes.
+  assert matplotlib.get_backend() == "pdf"  # ...is left as it was.
   assert len(runs) == 2 and runs[1].endswith("/1")  # Trial 0 not rerun.
   with open(state) as f:
     values = json.load(f)["trials"]
