@@ -213,17 +213,21 @@ def score(claim: str, runs: dict[str, list[dict]]) -> dict:
           "values": values, "tests": rows, "verdict": overall}
 
 
-def markdown(card: dict) -> str:
+def markdown(card: dict, decisive_only: bool = False) -> str:
+  """The scorecard as a markdown table, one row per test."""
   lines = ["| claim | A vs B | metric | A mean +- s.e. | B mean +- s.e. | "
            "seeds | holds? |", "|---|---|---|---|---|---|---|"]
   for name, c in card.items():
     for t in c["tests"]:
+      if decisive_only and not t["decisive"]:
+        continue
       b = t["b"] if isinstance(t["b"], str) else f"chance {t['b']:g}"
       tag = "" if t["decisive"] else " (secondary)"
       lines.append(
           f"| {name} | {t['a']} vs {b} | `{t['metric']}`{tag} | "
           f"{t['a_mean']:.3f} +- {t['a_se']:.3f} | "
-          f"{t['b_mean']:.3f} +- {t['b_se']:.3f} | {t['seeds']} | "
+          + (f"{t['b_mean']:.3f} +- {t['b_se']:.3f}" if isinstance(t["b"], str)
+             else f"{t['b_mean']:.3f} (fixed)") + f" | {t['seeds']} | "
           f"{t['verdict']} |")
   return "\n".join(lines)
 

@@ -2,6 +2,11 @@
 
   python notebooks/run_all.py          # every notebooks/*.ipynb, in order
   python notebooks/run_all.py 00 05    # those whose name starts with 00 / 05
+  python notebooks/run_all.py --tag=scorecard 03   # only the tagged cells
+
+--tag executes only the cells tagged so (self-contained cells, e.g. the
+scorecard plots, which read benchmarks/replication.json) in a fresh kernel
+and keeps every other cell's committed outputs.
 
 Full runs: DPJAX_NOTEBOOK_FAST (the test suite's half-step mode) is unset.
 Each notebook runs in a fresh python3 kernel on this interpreter, from the
@@ -69,14 +74,27 @@ def clean_outputs(nb: nbformat.NotebookNode) -> None:
     cell.metadata.pop("execution", None)
 
 
-def run(path: pathlib.Path, timeout: int) -> float:
-  """Executes one notebook and writes it back; returns the seconds taken."""
+def run(path: pathlib.Path, timeout: int, tag: str = "") -> float:
+  """Executes one notebook (or only its cells tagged `tag`) and writes it
+  back; returns the seconds taken."""
   nb = nbformat.read(path, as_version=4)
+  cells = [c for c in nb.cells if not tag or (
+      c.cell_type == "code" and tag in c.metadata.get("tags", []))]
+  if not cells:
+    sys.exit(f"{path.name}: no cell tagged {tag!r}")
+  part = nbformat.v4.new_notebook(cells=cells, metadata=nb.metadata)
   client = nbclient.NotebookClient(
-      nb, timeout=timeout, kernel_name="python3", record_timing=False,
+      part, timeout=timeout, kernel_name="python3", record_timing=False,
       resources={"metadata": {"path": str(ROOT)}})
   t0 = time.time()
   client.execute()
+  for cell, done in zip(cells, part.cells):
+    if cell.cell_type == "code":
+      cell.outputs = done.outputs
+  # Numbered as one top-to-bottom run would number them (the tagged cells
+  # are self-contained, so their outputs are the same either way).
+  for i, c in enumerate((c for c in nb.cells if c.cell_type == "code"), 1):
+    c.execution_count = i
   clean_outputs(nb)
   nb.metadata = nbformat.from_dict(METADATA)
   nbformat.validate(nb)
@@ -90,6 +108,8 @@ def main():
                       help="notebook name prefixes (default: all)")
   parser.add_argument("--timeout", type=int, default=3600,
                       help="seconds per cell")
+  parser.add_argument("--tag", default="",
+                      help="execute only the code cells with this tag")
   args = parser.parse_args()
   paths = sorted(NOTEBOOKS.glob("*.ipynb"))
   if args.prefixes:
@@ -104,7 +124,7 @@ def main():
                         os.environ.get("PATH", ""))
   for path in paths:
     print(f"{path.name} ...", flush=True)
-    print(f"{path.name}: {run(path, args.timeout):.0f}s, "
+    print(f"{path.name}: {run(path, args.timeout, args.tag):.0f}s, "
           f"{path.stat().st_size / 1024:.0f} KiB", flush=True)
 
 
