@@ -1,6 +1,7 @@
 """The replication scorecard's decision rule and the claims it declares."""
 
 import math
+import pathlib
 
 import pytest
 
@@ -68,3 +69,23 @@ def test_an_arm_shared_between_claims_is_the_same_run():
       assert seen.setdefault(where, claim.command(arm)) == claim.command(arm)
   assert (replication.arm_dir("dpcap", "DP-Cap", 0, "w")
           == replication.arm_dir("dpcap_vs_vip", "DP-Cap", 0, "w"))
+
+
+def test_the_committed_scorecard_is_what_the_docs_show():
+  """benchmarks/replication.json (the runs) -> the README's table (decisive
+  tests), the results page's (all tests) and the notebooks' plots."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  card = replication.load(str(root / "benchmarks" / "replication.json"))
+  assert set(card) == set(replication.CLAIMS), "a declared claim has no row"
+  for name, c in card.items():
+    assert c["statement"] == replication.CLAIMS[name].statement
+    assert all(t["seeds"] >= 3 for t in c["tests"]), name
+    rows = {(t["a"], t["b"], t["metric"]) for t in c["tests"]}
+    assert rows == {(t.a, t.b, t.metric)
+                    for t in replication.CLAIMS[name].tests}, name
+  readme = (root / "README.md").read_text()
+  assert replication.markdown(card, decisive_only=True) in readme
+  assert replication.markdown(card) in (root / "docs" / "results.md").read_text()
+  for nb in sorted((root / "notebooks").glob("0[1-4]_*.ipynb")):
+    src = nb.read_text()
+    assert "replication.plot(" in src and '"scorecard"' in src, nb.name
